@@ -1,0 +1,11 @@
+// Prepended to every shader in this folder.
+
+// Invocations per workgroup; each adapter gets its own value (lavapipe runs a
+// workgroup as 8-wide SIMD, real GPUs want 64-256).
+override WG: u32 = 64u;
+
+// Dispatches larger than 65,535 workgroups are split over a 2-D grid
+// (gpu::grid); this rebuilds the flat invocation index.
+fn linear_index(gid: vec3<u32>, num_workgroups: vec3<u32>) -> u32 {
+    return gid.x + gid.y * num_workgroups.x * WG;
+}

@@ -1,0 +1,263 @@
+//! The wgpu runtime: adapter choice, a device with the adapter's own limits,
+//! buffer helpers, readback and the compute-pipeline cache.
+
+mod pipelines;
+
+pub use pipelines::{PipelineCache, Shader};
+
+use anyhow::{bail, Context, Result};
+use std::sync::{Arc, Mutex};
+
+/// Which wgpu backend to use; `Auto` lets wgpu (and `WGPU_BACKEND`) decide.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendChoice {
+    #[default]
+    Auto,
+    Vulkan,
+    Metal,
+    Dx12,
+    Gl,
+}
+
+impl BackendChoice {
+    fn backends(self) -> wgpu::Backends {
+        match self {
+            BackendChoice::Auto => wgpu::Backends::from_env().unwrap_or(wgpu::Backends::PRIMARY),
+            BackendChoice::Vulkan => wgpu::Backends::VULKAN,
+            BackendChoice::Metal => wgpu::Backends::METAL,
+            BackendChoice::Dx12 => wgpu::Backends::DX12,
+            BackendChoice::Gl => wgpu::Backends::GL,
+        }
+    }
+}
+
+/// How the user asked for an adapter: `--backend` and `--adapter`, with
+/// wgpu's `WGPU_BACKEND` / `WGPU_ADAPTER_NAME` as fallbacks.
+#[derive(Clone, Debug, Default)]
+pub struct AdapterRequest {
+    pub backend: BackendChoice,
+    pub name_contains: Option<String>,
+}
+
+/// One adapter as `d2l-wgpu devices` lists it.
+pub struct AdapterSummary {
+    pub info: wgpu::AdapterInfo,
+    pub limits: wgpu::Limits,
+    pub features: wgpu::Features,
+}
+
+/// The device everything runs on, plus what we learnt about its adapter.
+pub struct Gpu {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub info: wgpu::AdapterInfo,
+    pub limits: wgpu::Limits,
+    pub pipelines: PipelineCache,
+    pub tuning: Tuning,
+    errors: Arc<Mutex<Vec<String>>>,
+}
+
+/// Kernel shape parameters chosen per adapter.
+#[derive(Clone, Copy, Debug)]
+pub struct Tuning {
+    /// Invocations per workgroup (the `WG` override constant).
+    pub workgroup: u32,
+}
+
+impl Tuning {
+    fn for_adapter(info: &wgpu::AdapterInfo) -> Tuning {
+        // CPU adapters (lavapipe) run a workgroup as one 8-wide SIMD loop:
+        // small workgroups keep every lane busy; GPUs want wider groups.
+        let workgroup = match info.device_type {
+            wgpu::DeviceType::Cpu => 8,
+            _ => 64,
+        };
+        Tuning { workgroup }
+    }
+}
+
+fn instance(backends: wgpu::Backends) -> wgpu::Instance {
+    wgpu::Instance::new(wgpu::InstanceDescriptor {
+        backends,
+        ..wgpu::InstanceDescriptor::new_without_display_handle_from_env()
+    })
+}
+
+/// Every adapter of every native backend, for `d2l-wgpu devices`.
+pub fn list_adapters() -> Vec<AdapterSummary> {
+    let adapters = pollster::block_on(instance(wgpu::Backends::all()).enumerate_adapters(wgpu::Backends::all()));
+    adapters
+        .into_iter()
+        .map(|a| AdapterSummary {
+            info: a.get_info(),
+            limits: a.limits(),
+            features: a.features(),
+        })
+        .collect()
+}
+
+fn no_adapter_error(backends: wgpu::Backends, name: Option<&str>) -> anyhow::Error {
+    let wanted = match name {
+        Some(n) => format!(" whose name contains {n:?}"),
+        None => String::new(),
+    };
+    anyhow::anyhow!(
+        "no GPU adapter{wanted} found (backends tried: {backends:?}).\n\
+         `d2l-wgpu devices` lists the adapters wgpu can see. On a Linux machine without a GPU, \
+         install a software Vulkan driver: `apt-get install mesa-vulkan-drivers` (lavapipe)."
+    )
+}
+
+impl Gpu {
+    pub fn new(request: &AdapterRequest) -> Result<Gpu> {
+        let backends = request.backend.backends();
+        let instance = instance(backends);
+        let name = request
+            .name_contains
+            .clone()
+            .or_else(|| std::env::var("WGPU_ADAPTER_NAME").ok());
+        let adapter = match &name {
+            Some(name) => {
+                let needle = name.to_lowercase();
+                pollster::block_on(instance.enumerate_adapters(backends))
+                    .into_iter()
+                    .find(|a| a.get_info().name.to_lowercase().contains(&needle))
+                    .ok_or_else(|| no_adapter_error(backends, Some(name)))?
+            }
+            None => pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions {
+                power_preference: wgpu::PowerPreference::from_env()
+                    .unwrap_or(wgpu::PowerPreference::HighPerformance),
+                ..Default::default()
+            }))
+            .map_err(|_| no_adapter_error(backends, None))?,
+        };
+        let info = adapter.get_info();
+        // The adapter's own limits, not wgpu's conservative defaults: lavapipe
+        // allows 128 MiB per storage binding where the default is 128 MiB too,
+        // but real GPUs allow far more, and buffers may be up to 2 GiB.
+        let limits = adapter.limits();
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("d2l-wgpu"),
+            required_features: wgpu::Features::empty(),
+            required_limits: limits.clone(),
+            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            memory_hints: wgpu::MemoryHints::Performance,
+            trace: wgpu::Trace::Off,
+        }))
+        .with_context(|| format!("could not open a device on adapter {:?}", info.name))?;
+        let errors = Arc::new(Mutex::new(Vec::new()));
+        let sink = errors.clone();
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            sink.lock().unwrap().push(e.to_string());
+        }));
+        log::info!(
+            "adapter {:?} ({:?}, {:?}), max storage binding {} B, max buffer {} B",
+            info.name,
+            info.backend,
+            info.device_type,
+            limits.max_storage_buffer_binding_size,
+            limits.max_buffer_size
+        );
+        Ok(Gpu {
+            device,
+            queue,
+            tuning: Tuning::for_adapter(&info),
+            info,
+            limits,
+            pipelines: PipelineCache::default(),
+            errors,
+        })
+    }
+
+    /// Fails with the first GPU error wgpu reported since the last check.
+    pub fn check_errors(&self) -> Result<()> {
+        let mut errors = self.errors.lock().unwrap();
+        if errors.is_empty() {
+            return Ok(());
+        }
+        let first = errors.remove(0);
+        errors.clear();
+        bail!("GPU error: {first}")
+    }
+
+    pub fn storage_buffer(&self, label: &str, bytes: u64) -> Result<wgpu::Buffer> {
+        if bytes > self.limits.max_buffer_size {
+            bail!(
+                "buffer {label:?} needs {bytes} bytes but the adapter allows at most {} per buffer; \
+                 try a smaller --batch-size or --resize",
+                self.limits.max_buffer_size
+            );
+        }
+        Ok(self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: bytes.max(4).next_multiple_of(4),
+            usage: wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_DST
+                | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        }))
+    }
+
+    pub fn uniform_buffer(&self, label: &str, contents: &[u8]) -> wgpu::Buffer {
+        let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: (contents.len() as u64).next_multiple_of(16),
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        self.queue.write_buffer(&buffer, 0, contents);
+        buffer
+    }
+
+    /// Copies `size` bytes at `offset` of `buffer` back to the CPU, waiting for
+    /// all submitted work.
+    pub fn read_bytes(&self, buffer: &wgpu::Buffer, offset: u64, size: u64) -> Result<Vec<u8>> {
+        let padded = size.next_multiple_of(4);
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("readback"),
+            size: padded,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut encoder = self.device.create_command_encoder(&Default::default());
+        encoder.copy_buffer_to_buffer(buffer, offset, &staging, 0, padded);
+        self.queue.submit([encoder.finish()]);
+        let (tx, rx) = std::sync::mpsc::channel();
+        staging.map_async(wgpu::MapMode::Read, .., move |r| {
+            let _ = tx.send(r);
+        });
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .context("waiting for the GPU")?;
+        rx.recv()
+            .context("readback callback never ran")?
+            .context("mapping a readback buffer")?;
+        self.check_errors()?;
+        let bytes = staging.get_mapped_range(..).context("reading a mapped buffer")?.to_vec();
+        Ok(bytes[..size as usize].to_vec())
+    }
+
+    pub fn read_f32(&self, buffer: &wgpu::Buffer, offset: u64, len: usize) -> Result<Vec<f32>> {
+        let bytes = self.read_bytes(buffer, offset, 4 * len as u64)?;
+        Ok(bytemuck::cast_slice(&bytes).to_vec())
+    }
+
+    /// Waits until the GPU has finished everything submitted so far.
+    pub fn wait(&self) -> Result<()> {
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .context("waiting for the GPU")?;
+        self.check_errors()
+    }
+}
+
+/// Splits `workgroups` into a grid no dimension of which exceeds the
+/// 65,535 limit; shaders rebuild the linear index with `linear_index()`.
+pub fn grid(workgroups: u32) -> [u32; 3] {
+    const MAX: u32 = 65_535;
+    if workgroups <= MAX {
+        [workgroups.max(1), 1, 1]
+    } else {
+        [MAX, workgroups.div_ceil(MAX), 1]
+    }
+}

@@ -1,0 +1,314 @@
+//! Turns a graph into a `Plan`: every tensor gets its bytes, every node its
+//! pipelines, uniforms and bind groups, all created once. Running a step
+//! replays the recorded dispatches in one compute pass and one submit.
+
+use super::{DType, Graph, Storage, TensorId};
+use crate::gpu::{grid, Gpu, Shader};
+use crate::graph::ParamStore;
+use anyhow::{bail, Context, Result};
+use std::collections::HashMap;
+
+/// A byte range of a buffer, bound as one shader storage array.
+#[derive(Clone, Debug)]
+pub struct Binding {
+    pub buffer: wgpu::Buffer,
+    pub offset: u64,
+    pub size: u64,
+}
+
+impl Binding {
+    pub fn whole(buffer: &wgpu::Buffer) -> Binding {
+        Binding {
+            buffer: buffer.clone(),
+            offset: 0,
+            size: buffer.size(),
+        }
+    }
+
+    fn resource(&self) -> wgpu::BindingResource<'_> {
+        wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+            buffer: &self.buffer,
+            offset: self.offset,
+            size: wgpu::BufferSize::new(self.size.max(4).next_multiple_of(4)),
+        })
+    }
+}
+
+/// Buffers a graph's `External` tensors are bound to, by key.
+pub type Externals = HashMap<&'static str, Binding>;
+
+/// One recorded compute dispatch.
+pub struct Dispatch {
+    pub label: String,
+    pipeline: wgpu::ComputePipeline,
+    bind_group: wgpu::BindGroup,
+    workgroups: [u32; 3],
+}
+
+/// What an op sees while it plans: tensor shapes and bindings, scratch
+/// memory, and `dispatch` to record its kernels.
+pub struct PlanContext<'a> {
+    pub gpu: &'a Gpu,
+    pub graph: &'a Graph,
+    bindings: Vec<Option<Binding>>,
+    dispatches: Vec<Dispatch>,
+    scratch: Vec<wgpu::Buffer>,
+    label: String,
+}
+
+impl PlanContext<'_> {
+    pub fn shape(&self, t: TensorId) -> &[usize] {
+        self.graph.shape(t)
+    }
+
+    pub fn binding(&self, t: TensorId) -> &Binding {
+        self.bindings[t.0]
+            .as_ref()
+            .expect("every tensor is bound before ops are planned")
+    }
+
+    /// A private buffer for an op's intermediate results (split-K partial sums).
+    pub fn scratch(&mut self, bytes: u64) -> Result<Binding> {
+        let buffer = self.gpu.storage_buffer(&format!("{} scratch", self.label), bytes)?;
+        let binding = Binding::whole(&buffer);
+        self.scratch.push(buffer);
+        Ok(binding)
+    }
+
+    /// Records `entry` of `shader` over `invocations` threads, with `params`
+    /// as the uniform at binding 0 and `storage` at the given binding slots.
+    pub fn dispatch<P: bytemuck::Pod>(
+        &mut self,
+        shader: Shader,
+        entry: &'static str,
+        params: &P,
+        storage: &[(u32, &Binding)],
+        invocations: usize,
+    ) -> Result<()> {
+        let workgroup = self.gpu.tuning.workgroup;
+        let workgroups = u32::try_from(invocations.div_ceil(workgroup as usize))
+            .ok()
+            .filter(|&w| w <= 65_535 * 65_535)
+            .with_context(|| format!("{}: {invocations} invocations is more than one dispatch can take", self.label))?;
+        self.dispatch_workgroups(shader, entry, workgroup, params, storage, grid(workgroups));
+        Ok(())
+    }
+
+    /// Records `entry` as exactly one workgroup (tree reductions).
+    pub fn dispatch_single<P: bytemuck::Pod>(
+        &mut self,
+        shader: Shader,
+        entry: &'static str,
+        params: &P,
+        storage: &[(u32, &Binding)],
+    ) {
+        let workgroup = self.gpu.tuning.workgroup;
+        self.dispatch_workgroups(shader, entry, workgroup, params, storage, [1, 1, 1]);
+    }
+
+    fn dispatch_workgroups<P: bytemuck::Pod>(
+        &mut self,
+        shader: Shader,
+        entry: &'static str,
+        workgroup: u32,
+        params: &P,
+        storage: &[(u32, &Binding)],
+        workgroups: [u32; 3],
+    ) {
+        let device = &self.gpu.device;
+        let pipeline = self.gpu.pipelines.get(device, shader, entry, workgroup);
+        let uniform = self
+            .gpu
+            .uniform_buffer(&format!("{} params", self.label), bytemuck::bytes_of(params));
+        let mut entries = vec![wgpu::BindGroupEntry {
+            binding: 0,
+            resource: uniform.as_entire_binding(),
+        }];
+        entries.extend(storage.iter().map(|(slot, b)| wgpu::BindGroupEntry {
+            binding: *slot,
+            resource: b.resource(),
+        }));
+        let bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some(&self.label),
+            layout: &pipeline.get_bind_group_layout(0),
+            entries: &entries,
+        });
+        self.dispatches.push(Dispatch {
+            label: format!("{} [{entry}]", self.label),
+            pipeline,
+            bind_group,
+            workgroups,
+        });
+    }
+}
+
+/// A graph made ready to run: bound memory and recorded dispatches.
+pub struct Plan {
+    dispatches: Vec<Dispatch>,
+    bindings: Vec<Option<Binding>>,
+    _buffers: Vec<wgpu::Buffer>,
+    /// Bytes of activation memory this plan allocated.
+    pub activation_bytes: u64,
+}
+
+/// Gives every activation tensor a buffer of its own. wgpu tracks read and
+/// write usage per buffer, so a dispatch may not read one range of a buffer
+/// while writing another: tensors cannot share one arena.
+fn allocate_activations(gpu: &Gpu, graph: &Graph, producer: &[String]) -> Result<(Vec<Option<Binding>>, Vec<wgpu::Buffer>, u64)> {
+    let max_binding = gpu.limits.max_storage_buffer_binding_size;
+    let mut bindings = vec![None; graph.tensors.len()];
+    let mut buffers = Vec::new();
+    let mut total = 0;
+    for (i, t) in graph.tensors.iter().enumerate() {
+        if t.storage != Storage::Activation {
+            continue;
+        }
+        let size = t.bytes().max(4).next_multiple_of(4);
+        if size > max_binding {
+            bail!(
+                "{}: its output {:?} needs {size} bytes, more than the adapter's largest storage binding ({max_binding} bytes); \
+                 try a smaller --batch-size or --resize",
+                producer[i],
+                t.shape
+            );
+        }
+        let buffer = gpu.storage_buffer(&producer[i], size)?;
+        bindings[i] = Some(Binding::whole(&buffer));
+        buffers.push(buffer);
+        total += size;
+    }
+    Ok((bindings, buffers, total))
+}
+
+impl Plan {
+    pub fn new(gpu: &Gpu, graph: &Graph, params: &ParamStore, externals: &Externals) -> Result<Plan> {
+        for (spec, stored) in graph.params.iter().zip(&params.specs) {
+            if spec.name != stored.name || spec.shape != stored.shape {
+                bail!(
+                    "graph parameter {} {:?} does not match the store's {} {:?}",
+                    spec.name,
+                    spec.shape,
+                    stored.name,
+                    stored.shape
+                );
+            }
+        }
+        if graph.params.len() != params.specs.len() {
+            bail!("graph has {} parameters, the store {}", graph.params.len(), params.specs.len());
+        }
+        let mut producer: Vec<String> = vec!["input".to_string(); graph.tensors.len()];
+        for node in &graph.nodes {
+            for &t in &node.outputs {
+                producer[t.0] = node.op.describe();
+            }
+        }
+        let (mut bindings, buffers, activation_bytes) = allocate_activations(gpu, graph, &producer)?;
+        for (i, t) in graph.tensors.iter().enumerate() {
+            bindings[i] = match &t.storage {
+                Storage::Activation | Storage::View(_) => continue,
+                Storage::Parameter(p) => Some(params.value_binding(*p)),
+                Storage::Gradient(p) => Some(params.grad_binding(*p)),
+                Storage::External(key) => {
+                    let b = externals
+                        .get(key)
+                        .with_context(|| format!("no buffer given for external tensor {key:?}"))?;
+                    Some(b.clone())
+                }
+            };
+        }
+        for i in 0..graph.tensors.len() {
+            if let Storage::View(_) = graph.tensors[i].storage {
+                let root = graph.storage_root(TensorId(i));
+                let mut b = bindings[root.0].clone().context("view of an unbound tensor")?;
+                b.size = graph.tensors[i].bytes().max(4);
+                bindings[i] = Some(b);
+            }
+        }
+        let mut ctx = PlanContext {
+            gpu,
+            graph,
+            bindings,
+            dispatches: Vec::new(),
+            scratch: Vec::new(),
+            label: String::new(),
+        };
+        for node in &graph.nodes {
+            ctx.label = node.op.describe();
+            node.op
+                .plan(&mut ctx, &node.inputs, &node.outputs)
+                .with_context(|| format!("planning {}", ctx.label))?;
+        }
+        gpu.check_errors().context("creating the plan's pipelines and bind groups")?;
+        let mut all_buffers = buffers;
+        all_buffers.extend(ctx.scratch);
+        log::info!(
+            "plan: {} nodes, {} dispatches, {} bytes of activations",
+            graph.nodes.len(),
+            ctx.dispatches.len(),
+            activation_bytes
+        );
+        Ok(Plan {
+            dispatches: ctx.dispatches,
+            bindings: ctx.bindings,
+            _buffers: all_buffers,
+            activation_bytes,
+        })
+    }
+
+    pub fn dispatch_count(&self) -> usize {
+        self.dispatches.len()
+    }
+
+    pub fn binding(&self, t: TensorId) -> &Binding {
+        self.bindings[t.0].as_ref().expect("planned tensors are bound")
+    }
+
+    /// Records every dispatch into `pass`.
+    pub fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
+        for d in &self.dispatches {
+            pass.set_pipeline(&d.pipeline);
+            pass.set_bind_group(0, &d.bind_group, &[]);
+            let [x, y, z] = d.workgroups;
+            pass.dispatch_workgroups(x, y, z);
+        }
+    }
+
+    /// One step: one command encoder, one compute pass, one submit.
+    pub fn run(&self, gpu: &Gpu) -> wgpu::SubmissionIndex {
+        let mut encoder = gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("step") });
+        {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("step"),
+                timestamp_writes: None,
+            });
+            self.record(&mut pass);
+        }
+        gpu.queue.submit([encoder.finish()])
+    }
+
+    pub fn write_f32(&self, gpu: &Gpu, graph: &Graph, t: TensorId, values: &[f32]) -> Result<()> {
+        let tensor = graph.tensor(t);
+        if tensor.dtype != DType::F32 || tensor.len() != values.len() {
+            bail!("tensor {:?} has shape {:?}, got {} values", t, tensor.shape, values.len());
+        }
+        let b = self.binding(t);
+        gpu.queue.write_buffer(&b.buffer, b.offset, bytemuck::cast_slice(values));
+        Ok(())
+    }
+
+    pub fn write_u32(&self, gpu: &Gpu, t: TensorId, values: &[u32]) {
+        let b = self.binding(t);
+        gpu.queue.write_buffer(&b.buffer, b.offset, bytemuck::cast_slice(values));
+    }
+
+    pub fn read_f32(&self, gpu: &Gpu, graph: &Graph, t: TensorId) -> Result<Vec<f32>> {
+        let b = self.binding(t);
+        gpu.read_f32(&b.buffer, b.offset, graph.tensor(t).len())
+    }
+
+    pub fn read_u32(&self, gpu: &Gpu, graph: &Graph, t: TensorId) -> Result<Vec<u32>> {
+        let b = self.binding(t);
+        let bytes = gpu.read_bytes(&b.buffer, b.offset, 4 * graph.tensor(t).len() as u64)?;
+        Ok(bytemuck::cast_slice(&bytes).to_vec())
+    }
+}

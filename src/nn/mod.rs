@@ -1,0 +1,176 @@
+//! Layer builders in the shape of `torch.nn`: each adds its nodes and its
+//! parameters (named like PyTorch's `state_dict` keys) to a graph.
+
+use crate::graph::{Graph, Init, TensorId};
+use crate::ops;
+use anyhow::{Context, Result};
+
+/// A layer or block. `prefix` is its `state_dict` path, e.g. `"3."`.
+pub trait Module {
+    fn forward(&self, g: &mut Graph, x: TensorId, prefix: &str) -> Result<TensorId>;
+
+    /// The PyTorch class name, as d2l's `layer_summary` prints it.
+    fn class_name(&self) -> &'static str;
+}
+
+/// `nn.Sequential`: children named `0`, `1`, ... in order.
+#[derive(Default)]
+pub struct Sequential {
+    layers: Vec<Box<dyn Module>>,
+}
+
+impl Sequential {
+    pub fn new() -> Sequential {
+        Sequential::default()
+    }
+
+    pub fn add(mut self, layer: impl Module + 'static) -> Sequential {
+        self.layers.push(Box::new(layer));
+        self
+    }
+}
+
+impl Module for Sequential {
+    fn forward(&self, g: &mut Graph, mut x: TensorId, prefix: &str) -> Result<TensorId> {
+        for (i, layer) in self.layers.iter().enumerate() {
+            let name = format!("{prefix}{i}");
+            x = layer
+                .forward(g, x, &format!("{name}."))
+                .with_context(|| format!("layer {name} ({}) with input {:?}", layer.class_name(), g.shape(x)))?;
+        }
+        Ok(x)
+    }
+
+    fn class_name(&self) -> &'static str {
+        "Sequential"
+    }
+}
+
+/// `nn.LazyConv2d(out_channels, kernel_size, stride, padding)`: the input
+/// channel count comes from the input, as in d2l.
+pub struct Conv2d {
+    out_channels: usize,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+}
+
+impl Conv2d {
+    pub fn new(out_channels: usize, kernel: usize) -> Conv2d {
+        Conv2d {
+            out_channels,
+            kernel,
+            stride: 1,
+            padding: 0,
+        }
+    }
+
+    pub fn stride(self, stride: usize) -> Conv2d {
+        Conv2d { stride, ..self }
+    }
+
+    pub fn padding(self, padding: usize) -> Conv2d {
+        Conv2d { padding, ..self }
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, g: &mut Graph, x: TensorId, prefix: &str) -> Result<TensorId> {
+        let in_channels = g.shape(x)[1];
+        let (k, out) = (self.kernel, self.out_channels);
+        let weight = g.param(format!("{prefix}weight"), vec![out, in_channels, k, k], Init::XavierUniform);
+        let bias = g.param(format!("{prefix}bias"), vec![out], Init::Zeros);
+        let conv = ops::Conv2d {
+            stride: (self.stride, self.stride),
+            padding: (self.padding, self.padding),
+        };
+        g.apply1(conv, &[x, weight, bias])
+    }
+
+    fn class_name(&self) -> &'static str {
+        "Conv2d"
+    }
+}
+
+/// `nn.LazyLinear(out_features)`.
+pub struct Linear {
+    out_features: usize,
+}
+
+impl Linear {
+    pub fn new(out_features: usize) -> Linear {
+        Linear { out_features }
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, g: &mut Graph, x: TensorId, prefix: &str) -> Result<TensorId> {
+        let in_features = g.shape(x)[1];
+        let weight = g.param(format!("{prefix}weight"), vec![self.out_features, in_features], Init::XavierUniform);
+        let bias = g.param(format!("{prefix}bias"), vec![self.out_features], Init::Zeros);
+        g.apply1(ops::Linear, &[x, weight, bias])
+    }
+
+    fn class_name(&self) -> &'static str {
+        "Linear"
+    }
+}
+
+/// `nn.Sigmoid()`.
+pub struct Sigmoid;
+
+impl Module for Sigmoid {
+    fn forward(&self, g: &mut Graph, x: TensorId, _prefix: &str) -> Result<TensorId> {
+        g.apply1(ops::Sigmoid, &[x])
+    }
+
+    fn class_name(&self) -> &'static str {
+        "Sigmoid"
+    }
+}
+
+/// `nn.ReLU()`.
+pub struct ReLU;
+
+impl Module for ReLU {
+    fn forward(&self, g: &mut Graph, x: TensorId, _prefix: &str) -> Result<TensorId> {
+        g.apply1(ops::Relu, &[x])
+    }
+
+    fn class_name(&self) -> &'static str {
+        "ReLU"
+    }
+}
+
+/// `nn.AvgPool2d(kernel_size, stride)`.
+pub struct AvgPool2d(pub ops::AvgPool2d);
+
+impl AvgPool2d {
+    pub fn new(kernel: usize, stride: usize) -> AvgPool2d {
+        AvgPool2d(ops::AvgPool2d::new(kernel, stride))
+    }
+}
+
+impl Module for AvgPool2d {
+    fn forward(&self, g: &mut Graph, x: TensorId, _prefix: &str) -> Result<TensorId> {
+        g.apply1(self.0, &[x])
+    }
+
+    fn class_name(&self) -> &'static str {
+        "AvgPool2d"
+    }
+}
+
+/// `nn.Flatten()`.
+pub struct Flatten;
+
+impl Module for Flatten {
+    fn forward(&self, g: &mut Graph, x: TensorId, _prefix: &str) -> Result<TensorId> {
+        let flatten = ops::Reshape::flatten(g.shape(x));
+        g.apply1(flatten, &[x])
+    }
+
+    fn class_name(&self) -> &'static str {
+        "Flatten"
+    }
+}

@@ -1,0 +1,271 @@
+//! 2-D convolution (`nn.Conv2d`): NCHW input, weight `[c_out, c_in, kh, kw]`,
+//! bias `[c_out]`. Forward, data gradient and filter gradient are each an
+//! implicit GEMM in `shaders/conv2d.wgsl`; the bias gradient is a channel sum.
+
+use super::reduce::{split_count, sum_splits, ReduceParams};
+use super::{expect_rank, ChannelSum, CpuTensor};
+use crate::gpu::Shader;
+use crate::graph::{DType, Graph, Op, PlanContext, Shape, Tensor, TensorId};
+use anyhow::{bail, Result};
+
+/// Output channels (or filter taps) and pixels per invocation: TC and TP in the shader.
+const TILE: usize = 4;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Conv2d {
+    pub stride: (usize, usize),
+    pub padding: (usize, usize),
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct ConvParams {
+    batch: u32,
+    c_in: u32,
+    h: u32,
+    w: u32,
+    c_out: u32,
+    kh: u32,
+    kw: u32,
+    ho: u32,
+    wo: u32,
+    stride_h: u32,
+    stride_w: u32,
+    pad_h: u32,
+    pad_w: u32,
+    splits: u32,
+    chunk: u32,
+    _pad: u32,
+}
+
+impl Conv2d {
+    /// PyTorch's output size: floor((in + 2 pad - kernel) / stride) + 1.
+    pub fn output_size(&self, input: (usize, usize), kernel: (usize, usize)) -> Result<(usize, usize)> {
+        let (h, w) = input;
+        let (kh, kw) = kernel;
+        let (ph, pw) = self.padding;
+        if h + 2 * ph < kh || w + 2 * pw < kw {
+            bail!("a {kh}x{kw} kernel does not fit a {h}x{w} input with padding {ph}x{pw}");
+        }
+        Ok(((h + 2 * ph - kh) / self.stride.0 + 1, (w + 2 * pw - kw) / self.stride.1 + 1))
+    }
+
+    /// Uniform parameters for input `[n, c_in, h, w]` and weight `[c_out, c_in, kh, kw]`.
+    fn params(&self, x: &[usize], weight: &[usize]) -> ConvParams {
+        let (ho, wo) = self
+            .output_size((x[2], x[3]), (weight[2], weight[3]))
+            .expect("shapes were checked when the node was added");
+        let u = |v: usize| v as u32;
+        ConvParams {
+            batch: u(x[0]),
+            c_in: u(x[1]),
+            h: u(x[2]),
+            w: u(x[3]),
+            c_out: u(weight[0]),
+            kh: u(weight[2]),
+            kw: u(weight[3]),
+            ho: u(ho),
+            wo: u(wo),
+            stride_h: u(self.stride.0),
+            stride_w: u(self.stride.1),
+            pad_h: u(self.padding.0),
+            pad_w: u(self.padding.1),
+            splits: 1,
+            chunk: 0,
+            _pad: 0,
+        }
+    }
+
+    /// CPU reference: `y = conv2d(x, weight, bias, stride, padding)`.
+    pub fn cpu_forward(&self, x: &CpuTensor, weight: &CpuTensor, bias: &[f32]) -> CpuTensor {
+        let p = self.params(&x.shape, &weight.shape);
+        let (n, ci, co) = (p.batch as usize, p.c_in as usize, p.c_out as usize);
+        let mut y = CpuTensor::zeros(&[n, co, p.ho as usize, p.wo as usize]);
+        for img in 0..n {
+            for o in 0..co {
+                for oy in 0..p.ho as usize {
+                    for ox in 0..p.wo as usize {
+                        let mut sum = bias[o] as f64;
+                        self.for_each_tap(&p, oy, ox, |c, ky, kx, iy, ix| {
+                            sum += (weight.data[((o * ci + c) * p.kh as usize + ky) * p.kw as usize + kx]
+                                * x.data[((img * ci + c) * p.h as usize + iy) * p.w as usize + ix])
+                                as f64;
+                        });
+                        y.data[((img * co + o) * p.ho as usize + oy) * p.wo as usize + ox] = sum as f32;
+                    }
+                }
+            }
+        }
+        y
+    }
+
+    /// CPU reference for the gradients `(dx, dweight, dbias)` given `dy`.
+    pub fn cpu_backward(&self, x: &CpuTensor, weight: &CpuTensor, dy: &CpuTensor) -> (CpuTensor, CpuTensor, Vec<f32>) {
+        let p = self.params(&x.shape, &weight.shape);
+        let (n, ci, co) = (p.batch as usize, p.c_in as usize, p.c_out as usize);
+        let mut dx = CpuTensor::zeros(&x.shape);
+        let mut dw = CpuTensor::zeros(&weight.shape);
+        let mut db = vec![0.0f32; co];
+        for img in 0..n {
+            for o in 0..co {
+                for oy in 0..p.ho as usize {
+                    for ox in 0..p.wo as usize {
+                        let g = dy.data[((img * co + o) * p.ho as usize + oy) * p.wo as usize + ox];
+                        db[o] += g;
+                        self.for_each_tap(&p, oy, ox, |c, ky, kx, iy, ix| {
+                            let wi = ((o * ci + c) * p.kh as usize + ky) * p.kw as usize + kx;
+                            let xi = ((img * ci + c) * p.h as usize + iy) * p.w as usize + ix;
+                            dx.data[xi] += g * weight.data[wi];
+                            dw.data[wi] += g * x.data[xi];
+                        });
+                    }
+                }
+            }
+        }
+        (dx, dw, db)
+    }
+
+    /// Calls `f(c, ky, kx, iy, ix)` for every tap of output (oy, ox) that
+    /// lands inside the input.
+    fn for_each_tap(&self, p: &ConvParams, oy: usize, ox: usize, mut f: impl FnMut(usize, usize, usize, usize, usize)) {
+        for c in 0..p.c_in as usize {
+            for ky in 0..p.kh as usize {
+                for kx in 0..p.kw as usize {
+                    let iy = (oy * self.stride.0 + ky) as isize - self.padding.0 as isize;
+                    let ix = (ox * self.stride.1 + kx) as isize - self.padding.1 as isize;
+                    if iy >= 0 && ix >= 0 && (iy as usize) < p.h as usize && (ix as usize) < p.w as usize {
+                        f(c, ky, kx, iy as usize, ix as usize);
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Op for Conv2d {
+    fn describe(&self) -> String {
+        format!("conv2d stride {:?} padding {:?}", self.stride, self.padding)
+    }
+
+    fn infer(&self, inputs: &[&Tensor]) -> Result<Vec<(Shape, DType)>> {
+        let [x, weight, bias] = inputs else { bail!("conv2d takes x, weight and bias") };
+        expect_rank(x, 4, "conv2d input")?;
+        expect_rank(weight, 4, "conv2d weight")?;
+        let (xs, ws) = (&x.shape, &weight.shape);
+        if xs[1] != ws[1] {
+            bail!("conv2d weight {ws:?} expects {} input channels, the input {xs:?} has {}", ws[1], xs[1]);
+        }
+        if bias.shape != [ws[0]] {
+            bail!("conv2d bias {:?} does not match {} output channels", bias.shape, ws[0]);
+        }
+        let (ho, wo) = self.output_size((xs[2], xs[3]), (ws[2], ws[3]))?;
+        Ok(vec![(vec![xs[0], ws[0], ho, wo], DType::F32)])
+    }
+
+    fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
+        let p = self.params(ctx.shape(inputs[0]), ctx.shape(inputs[1]));
+        let pixels = (p.batch * p.ho * p.wo) as usize;
+        let invocations = pixels.div_ceil(TILE) * (p.c_out as usize).div_ceil(TILE);
+        let (x, w, b, y) = (
+            ctx.binding(inputs[0]).clone(),
+            ctx.binding(inputs[1]).clone(),
+            ctx.binding(inputs[2]).clone(),
+            ctx.binding(outputs[0]).clone(),
+        );
+        ctx.dispatch(Shader::Conv2d, "forward", &p, &[(1, &x), (2, &w), (3, &b), (4, &y)], invocations)
+    }
+
+    fn backward(
+        &self,
+        g: &mut Graph,
+        inputs: &[TensorId],
+        _outputs: &[TensorId],
+        output_grads: &[Option<TensorId>],
+        needs: &[bool],
+    ) -> Result<Vec<Option<TensorId>>> {
+        let dy = output_grads[0].expect("autodiff only asks for gradients it has");
+        let (x, weight) = (inputs[0], inputs[1]);
+        let xs = g.shape(x).to_vec();
+        let ws = g.shape(weight).to_vec();
+        let dx = if needs[0] {
+            Some(g.apply1(Conv2dBackwardData { conv: *self, input: xs }, &[dy, weight])?)
+        } else {
+            None
+        };
+        let dw = if needs[1] {
+            Some(g.apply1(Conv2dBackwardFilter { conv: *self, kernel: (ws[2], ws[3]) }, &[x, dy])?)
+        } else {
+            None
+        };
+        let db = if needs[2] { Some(g.apply1(ChannelSum, &[dy])?) } else { None };
+        Ok(vec![dx, dw, db])
+    }
+}
+
+/// dx from dy and the weight. Keeps the input shape, which the output shape
+/// alone does not determine (floor division).
+#[derive(Debug)]
+pub struct Conv2dBackwardData {
+    pub conv: Conv2d,
+    pub input: Shape,
+}
+
+impl Op for Conv2dBackwardData {
+    fn describe(&self) -> String {
+        format!("{} backward data", self.conv.describe())
+    }
+
+    fn infer(&self, _inputs: &[&Tensor]) -> Result<Vec<(Shape, DType)>> {
+        Ok(vec![(self.input.clone(), DType::F32)])
+    }
+
+    fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
+        let p = self.conv.params(&self.input, ctx.shape(inputs[1]));
+        let pixels = (p.batch * p.h * p.w) as usize;
+        let invocations = pixels.div_ceil(TILE) * (p.c_in as usize).div_ceil(TILE);
+        let (dy, w, dx) = (
+            ctx.binding(inputs[0]).clone(),
+            ctx.binding(inputs[1]).clone(),
+            ctx.binding(outputs[0]).clone(),
+        );
+        ctx.dispatch(Shader::Conv2d, "backward_data", &p, &[(2, &w), (5, &dy), (6, &dx)], invocations)
+    }
+}
+
+/// dweight from x and dy: split over batch and positions, then the splits summed.
+#[derive(Debug)]
+pub struct Conv2dBackwardFilter {
+    pub conv: Conv2d,
+    pub kernel: (usize, usize),
+}
+
+impl Op for Conv2dBackwardFilter {
+    fn describe(&self) -> String {
+        format!("{} backward filter", self.conv.describe())
+    }
+
+    fn infer(&self, inputs: &[&Tensor]) -> Result<Vec<(Shape, DType)>> {
+        let (x, dy) = (&inputs[0].shape, &inputs[1].shape);
+        Ok(vec![(vec![dy[1], x[1], self.kernel.0, self.kernel.1], DType::F32)])
+    }
+
+    fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
+        let ws = ctx.shape(outputs[0]).to_vec();
+        let mut p = self.conv.params(ctx.shape(inputs[0]), &ws);
+        let taps = (p.c_in * p.kh * p.kw) as usize;
+        let tiles = taps.div_ceil(TILE) * (p.c_out as usize).div_ceil(TILE);
+        let positions = (p.batch * p.ho * p.wo) as usize;
+        let len = ws.iter().product::<usize>();
+        let splits = split_count(positions, tiles, len, ctx.gpu);
+        p.splits = splits as u32;
+        p.chunk = positions.div_ceil(splits) as u32;
+        let partial = ctx.scratch(4 * (splits * len) as u64)?;
+        let (x, dy, dw) = (
+            ctx.binding(inputs[0]).clone(),
+            ctx.binding(inputs[1]).clone(),
+            ctx.binding(outputs[0]).clone(),
+        );
+        ctx.dispatch(Shader::Conv2d, "backward_filter", &p, &[(1, &x), (5, &dy), (7, &partial)], tiles * splits)?;
+        sum_splits(ctx, &ReduceParams::sum_splits(len, splits), &partial, &dw)
+    }
+}

@@ -1,0 +1,102 @@
+//! Deterministic sums over batch and positions (bias gradients, and later
+//! batch-norm statistics): per-split partial sums, then the splits added in
+//! a fixed order. No float atomics, so every run sums in the same order.
+
+use super::CpuTensor;
+use crate::gpu::{Gpu, Shader};
+use crate::graph::{Binding, DType, Op, PlanContext, Shape, Tensor, TensorId};
+use anyhow::{bail, Result};
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+pub(super) struct ReduceParams {
+    batch: u32,
+    channels: u32,
+    spatial: u32,
+    splits: u32,
+    chunk: u32,
+    len: u32,
+    _pad: [u32; 2],
+}
+
+impl ReduceParams {
+    pub(super) fn sum_splits(len: usize, splits: usize) -> ReduceParams {
+        ReduceParams {
+            batch: 0,
+            channels: 0,
+            spatial: 0,
+            splits: splits as u32,
+            chunk: 0,
+            len: len as u32,
+            _pad: [0; 2],
+        }
+    }
+}
+
+/// How many pieces to cut a sum of `k` terms into when only `tiles`
+/// invocations would otherwise run: enough to fill the GPU, each piece at
+/// least 64 terms, and the partial sums (`splits * len` floats) within a
+/// quarter of the largest storage binding.
+pub(super) fn split_count(k: usize, tiles: usize, len: usize, gpu: &Gpu) -> usize {
+    const TARGET_INVOCATIONS: usize = 16_384;
+    let by_occupancy = TARGET_INVOCATIONS.div_ceil(tiles.max(1));
+    let by_length = k.div_ceil(64);
+    let by_memory = (gpu.limits.max_storage_buffer_binding_size as usize / 4 / 4) / len.max(1);
+    by_occupancy.min(by_length).min(by_memory).max(1)
+}
+
+/// Records `total[i] = sum_s partial[s * len + i]`.
+pub(super) fn sum_splits(ctx: &mut PlanContext, p: &ReduceParams, partial: &Binding, total: &Binding) -> Result<()> {
+    ctx.dispatch(Shader::Reduce, "sum_splits", p, &[(2, partial), (3, total)], p.len as usize)
+}
+
+/// `x.sum(dim=(0, 2, 3))` for NCHW (or `dim=0` for (N, C)): one value per channel.
+#[derive(Debug)]
+pub struct ChannelSum;
+
+impl ChannelSum {
+    pub fn cpu(x: &CpuTensor) -> Vec<f32> {
+        let (n, c) = (x.shape[0], x.shape[1]);
+        let spatial = x.data.len() / (n * c);
+        let mut out = vec![0.0f32; c];
+        for (i, v) in x.data.iter().enumerate() {
+            out[(i / spatial) % c] += v;
+        }
+        out
+    }
+}
+
+impl Op for ChannelSum {
+    fn describe(&self) -> String {
+        "channel sum".into()
+    }
+
+    fn infer(&self, inputs: &[&Tensor]) -> Result<Vec<(Shape, DType)>> {
+        let x = &inputs[0].shape;
+        if x.len() < 2 {
+            bail!("channel sum needs a batch and a channel dimension, got {x:?}");
+        }
+        Ok(vec![(vec![x[1]], DType::F32)])
+    }
+
+    fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
+        let shape = ctx.shape(inputs[0]).to_vec();
+        let (batch, channels) = (shape[0], shape[1]);
+        let spatial: usize = shape[2..].iter().product();
+        let terms = batch * spatial;
+        let splits = split_count(terms, channels, channels, ctx.gpu);
+        let p = ReduceParams {
+            batch: batch as u32,
+            channels: channels as u32,
+            spatial: spatial as u32,
+            splits: splits as u32,
+            chunk: terms.div_ceil(splits) as u32,
+            len: channels as u32,
+            _pad: [0; 2],
+        };
+        let partial = ctx.scratch(4 * (splits * channels) as u64)?;
+        let (x, out) = (ctx.binding(inputs[0]).clone(), ctx.binding(outputs[0]).clone());
+        ctx.dispatch(Shader::Reduce, "channel_sums", &p, &[(1, &x), (2, &partial)], splits * channels)?;
+        sum_splits(ctx, &p, &partial, &out)
+    }
+}

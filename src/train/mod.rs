@@ -1,0 +1,303 @@
+//! The training loop of d2l's `train_ch6`: SGD on mini-batches, per-epoch
+//! training loss and accuracy, then test accuracy in evaluation mode.
+
+pub mod init;
+pub mod rng;
+
+use crate::data::{Dataset, FashionMnist};
+use crate::gpu::Gpu;
+use crate::graph::{autodiff, Binding, DType, Externals, Graph, ParamStore, Plan};
+use crate::models::ModelSpec;
+use crate::nn::Module;
+use crate::ops::{AccumulateMetrics, GatherResize, SgdStep, SoftmaxCrossEntropy};
+use anyhow::{bail, Context, Result};
+use rng::Rng;
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// Number of steps the CPU may queue ahead of the GPU.
+const STEPS_IN_FLIGHT: usize = 2;
+
+/// A dataset uploaded to the GPU once: u8 pixels (four per word) and u32 labels.
+pub struct GpuDataset {
+    pixels: wgpu::Buffer,
+    labels: wgpu::Buffer,
+    pub len: usize,
+    pub height: usize,
+    pub width: usize,
+}
+
+impl GpuDataset {
+    pub fn upload(gpu: &Gpu, data: &Dataset) -> Result<GpuDataset> {
+        let bytes = data.images.len() as u64;
+        if bytes > gpu.limits.max_storage_buffer_binding_size {
+            bail!(
+                "the dataset's {bytes} bytes of pixels exceed the adapter's largest storage binding ({} bytes)",
+                gpu.limits.max_storage_buffer_binding_size
+            );
+        }
+        let pixels = gpu.storage_buffer("dataset pixels", bytes)?;
+        let mut padded = data.images.clone();
+        padded.resize(bytes.next_multiple_of(4) as usize, 0);
+        gpu.queue.write_buffer(&pixels, 0, &padded);
+        let labels = gpu.storage_buffer("dataset labels", 4 * data.len() as u64)?;
+        let wide: Vec<u32> = data.labels.iter().map(|&l| l as u32).collect();
+        gpu.queue.write_buffer(&labels, 0, bytemuck::cast_slice(&wide));
+        Ok(GpuDataset {
+            pixels,
+            labels,
+            len: data.len(),
+            height: data.height,
+            width: data.width,
+        })
+    }
+
+    /// Binds the `pixels` and `labels` tensors of a step graph to this dataset.
+    pub fn bind(&self, externals: &mut Externals) {
+        externals.insert("pixels", Binding::whole(&self.pixels));
+        externals.insert("labels", Binding::whole(&self.labels));
+    }
+}
+
+/// What a step graph does after the forward pass.
+#[derive(Clone, Copy, Debug)]
+pub enum StepKind {
+    /// Loss, backward pass and an SGD update of `param_floats` flat parameters.
+    Train { lr: f32, param_floats: usize },
+    /// Loss and accuracy only, in evaluation mode.
+    Eval,
+}
+
+/// The graph of one step on a batch: gather and resize the batch on the GPU,
+/// run the model, add loss and accuracy to the metrics, and when training
+/// backpropagate and update the parameters.
+pub fn step_graph(model: &dyn Module, data: &GpuDataset, batch: usize, resize: usize, kind: StepKind) -> Result<Graph> {
+    let mut g = Graph::new(matches!(kind, StepKind::Train { .. }));
+    let pixels = g.external("pixels", vec![data.len, data.height, data.width], DType::U8);
+    let all_labels = g.external("labels", vec![data.len], DType::U32);
+    let indices = g.external("indices", vec![batch], DType::U32);
+    let batch_data = g.apply(GatherResize { size: resize }, &[pixels, all_labels, indices])?;
+    let (x, labels) = (batch_data[0], batch_data[1]);
+    let logits = model.forward(&mut g, x, "")?;
+    let with_grad = matches!(kind, StepKind::Train { .. });
+    let loss = g.apply(SoftmaxCrossEntropy { with_grad }, &[logits, labels])?;
+    let metrics = g.external("metrics", vec![4], DType::U32);
+    g.apply_into(AccumulateMetrics, &[loss[0], loss[1]], &[metrics]);
+    if let StepKind::Train { lr, param_floats } = kind {
+        autodiff::backward(&mut g, &[(logits, loss[2])])?;
+        let grads = g.external("gradients", vec![param_floats], DType::F32);
+        let params = g.external("parameters", vec![param_floats], DType::F32);
+        g.apply_into(SgdStep { lr }, &[grads], &[params]);
+    }
+    Ok(g)
+}
+
+/// Running sums one set of steps adds to: `[loss_sum, correct, seen, 0]`.
+struct Metrics {
+    buffer: wgpu::Buffer,
+}
+
+impl Metrics {
+    fn new(gpu: &Gpu, label: &str) -> Result<Metrics> {
+        Ok(Metrics {
+            buffer: gpu.storage_buffer(label, 16)?,
+        })
+    }
+
+    fn reset(&self, gpu: &Gpu) {
+        gpu.queue.write_buffer(&self.buffer, 0, &[0u8; 16]);
+    }
+
+    /// (mean loss, accuracy); waits for the GPU.
+    fn read(&self, gpu: &Gpu) -> Result<(f64, f64)> {
+        let bytes = gpu.read_bytes(&self.buffer, 0, 16)?;
+        let words: &[u32] = bytemuck::cast_slice(&bytes);
+        let seen = f64::from(words[2].max(1));
+        Ok((f64::from(f32::from_bits(words[0])) / seen, f64::from(words[1]) / seen))
+    }
+}
+
+/// A planned step for one batch size, with the buffer its indices go to.
+struct StepPlan {
+    plan: Plan,
+    indices: wgpu::Buffer,
+}
+
+/// Plans for full batches and, when the dataset does not divide evenly, for
+/// the last smaller batch (d2l's DataLoader keeps it).
+struct Steps {
+    full: StepPlan,
+    last: Option<StepPlan>,
+    batch: usize,
+}
+
+impl Steps {
+    fn new(
+        gpu: &Gpu,
+        cfg: &Setup<'_>,
+        data: &GpuDataset,
+        metrics: &Metrics,
+        params: &ParamStore,
+        kind: StepKind,
+    ) -> Result<Steps> {
+        let batch = cfg.batch_size.min(data.len);
+        let plan_for = |size: usize| -> Result<StepPlan> {
+            let graph = step_graph(cfg.model, data, size, cfg.resize, kind)?;
+            let indices = gpu.storage_buffer("batch indices", 4 * size as u64)?;
+            let mut externals = Externals::new();
+            data.bind(&mut externals);
+            externals.insert("indices", Binding::whole(&indices));
+            externals.insert("metrics", Binding::whole(&metrics.buffer));
+            externals.insert("parameters", Binding::whole(&params.values));
+            externals.insert("gradients", Binding::whole(&params.grads));
+            Ok(StepPlan {
+                plan: Plan::new(gpu, &graph, params, &externals)?,
+                indices,
+            })
+        };
+        let remainder = data.len % batch;
+        Ok(Steps {
+            full: plan_for(batch)?,
+            last: if remainder > 0 { Some(plan_for(remainder)?) } else { None },
+            batch,
+        })
+    }
+
+    /// Runs one step per batch of `order`, keeping at most
+    /// `STEPS_IN_FLIGHT` submissions queued, and returns once all are queued.
+    fn run_epoch(&self, gpu: &Gpu, order: &[u32]) -> Result<()> {
+        let mut in_flight = VecDeque::new();
+        for chunk in order.chunks(self.batch) {
+            let step = if chunk.len() == self.batch { &self.full } else { self.last.as_ref().context("no plan for the last batch")? };
+            gpu.queue.write_buffer(&step.indices, 0, bytemuck::cast_slice(chunk));
+            in_flight.push_back(step.plan.run(gpu));
+            if in_flight.len() > STEPS_IN_FLIGHT {
+                gpu.check_errors()?;
+                let oldest = in_flight.pop_front().expect("queue is not empty");
+                gpu.device
+                    .poll(wgpu::PollType::Wait {
+                        submission_index: Some(oldest),
+                        timeout: None,
+                    })
+                    .context("waiting for the GPU")?;
+            }
+        }
+        gpu.check_errors()
+    }
+}
+
+/// Everything a training run needs to know.
+pub struct TrainConfig {
+    pub model: &'static ModelSpec,
+    pub epochs: usize,
+    pub lr: f32,
+    pub batch_size: usize,
+    pub resize: usize,
+    pub seed: u64,
+    pub data_dir: PathBuf,
+    /// Use only the first N training / test images.
+    pub limit_train: Option<usize>,
+    pub limit_test: Option<usize>,
+}
+
+struct Setup<'a> {
+    model: &'a dyn Module,
+    batch_size: usize,
+    resize: usize,
+}
+
+/// One epoch's figures, as d2l's `train_ch6` reports them.
+#[derive(Clone, Debug)]
+pub struct EpochReport {
+    pub epoch: usize,
+    pub train_loss: f64,
+    pub train_acc: f64,
+    pub test_loss: f64,
+    pub test_acc: f64,
+    /// Training examples per second (evaluation time excluded, as in d2l).
+    pub examples_per_sec: f64,
+    pub seconds: f64,
+}
+
+impl EpochReport {
+    pub fn line(&self, device: &str) -> String {
+        format!(
+            "epoch {}, loss {:.3}, train acc {:.3}, test acc {:.3}, {:.1} examples/sec on {device}",
+            self.epoch, self.train_loss, self.train_acc, self.test_acc, self.examples_per_sec
+        )
+    }
+}
+
+/// Trains `cfg.model` from d2l's initialisation and calls `on_epoch` after
+/// every epoch.
+pub fn train(gpu: &Gpu, cfg: &TrainConfig, mut on_epoch: impl FnMut(&EpochReport)) -> Result<Vec<EpochReport>> {
+    if cfg.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    let mut data = FashionMnist::load(&cfg.data_dir)?;
+    if let Some(n) = cfg.limit_train {
+        data.train.truncate(n);
+    }
+    if let Some(n) = cfg.limit_test {
+        data.test.truncate(n);
+    }
+    let train_data = GpuDataset::upload(gpu, &data.train)?;
+    let test_data = GpuDataset::upload(gpu, &data.test)?;
+    let model = (cfg.model.build)();
+    let setup = Setup {
+        model: &model,
+        batch_size: cfg.batch_size,
+        resize: cfg.resize,
+    };
+
+    let probe = step_graph(&model, &test_data, 1, cfg.resize, StepKind::Eval)?;
+    let params = ParamStore::new(gpu, &probe.params)?;
+    let mut rng = Rng::new(cfg.seed);
+    for (i, spec) in params.specs.iter().enumerate() {
+        params.write(gpu, i, &init::initial_values(spec, &mut rng))?;
+    }
+    let train_metrics = Metrics::new(gpu, "train metrics")?;
+    let test_metrics = Metrics::new(gpu, "test metrics")?;
+    let train_kind = StepKind::Train {
+        lr: cfg.lr,
+        param_floats: (params.bytes / 4) as usize,
+    };
+    let train_steps = Steps::new(gpu, &setup, &train_data, &train_metrics, &params, train_kind)?;
+    let test_steps = Steps::new(gpu, &setup, &test_data, &test_metrics, &params, StepKind::Eval)?;
+
+    let mut shuffle_rng = Rng::new(cfg.seed ^ 0x5eed_5eed_5eed_5eed);
+    let mut order: Vec<u32> = (0..train_data.len as u32).collect();
+    let test_order: Vec<u32> = (0..test_data.len as u32).collect();
+    let mut reports = Vec::new();
+    for epoch in 1..=cfg.epochs {
+        let start = Instant::now();
+        shuffle_rng.shuffle(&mut order);
+        train_metrics.reset(gpu);
+        train_steps.run_epoch(gpu, &order)?;
+        let (train_loss, train_acc) = train_metrics.read(gpu)?;
+        let train_seconds = start.elapsed().as_secs_f64();
+        if !train_loss.is_finite() {
+            bail!(
+                "epoch {epoch}: the training loss is {train_loss}; training diverged. Try a lower --lr (now {})",
+                cfg.lr
+            );
+        }
+
+        test_metrics.reset(gpu);
+        test_steps.run_epoch(gpu, &test_order)?;
+        let (test_loss, test_acc) = test_metrics.read(gpu)?;
+        let report = EpochReport {
+            epoch,
+            train_loss,
+            train_acc,
+            test_loss,
+            test_acc,
+            examples_per_sec: train_data.len as f64 / train_seconds,
+            seconds: start.elapsed().as_secs_f64(),
+        };
+        on_epoch(&report);
+        reports.push(report);
+    }
+    Ok(reports)
+}

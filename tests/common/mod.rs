@@ -1,0 +1,157 @@
+//! Shared test helpers: the GPU (tests fail loudly without one), PyTorch
+//! golden files, tolerance checks and a runner for single ops.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use d2l_wgpu::gpu::{AdapterRequest, Gpu};
+use d2l_wgpu::graph::{autodiff, DType, Externals, Graph, Init, Op, ParamStore, Plan};
+use d2l_wgpu::ops::CpuTensor;
+use d2l_wgpu::train::rng::Rng;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+pub fn gpu() -> Gpu {
+    std::env::set_var("XDG_RUNTIME_DIR", "/tmp");
+    match Gpu::new(&AdapterRequest::default()) {
+        Ok(gpu) => gpu,
+        Err(e) => panic!("these tests need a GPU adapter (lavapipe is enough): {e:#}"),
+    }
+}
+
+pub fn golden_path(relative: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(relative)
+}
+
+/// One safetensors file written by PyTorch.
+pub struct Golden {
+    bytes: Vec<u8>,
+    pub name: String,
+}
+
+impl Golden {
+    pub fn load(relative: &str) -> Golden {
+        let path = golden_path(relative);
+        let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        Golden {
+            bytes,
+            name: relative.to_string(),
+        }
+    }
+
+    fn view(&self, key: &str) -> safetensors::tensor::TensorView<'_> {
+        safetensors::SafeTensors::deserialize(&self.bytes)
+            .unwrap()
+            .tensor(key)
+            .unwrap_or_else(|e| panic!("{}: no tensor {key}: {e}", self.name))
+    }
+
+    pub fn has(&self, key: &str) -> bool {
+        safetensors::SafeTensors::deserialize(&self.bytes).unwrap().tensor(key).is_ok()
+    }
+
+    pub fn keys(&self) -> Vec<String> {
+        safetensors::SafeTensors::deserialize(&self.bytes).unwrap().names().into_iter().map(String::from).collect()
+    }
+
+    pub fn f32(&self, key: &str) -> CpuTensor {
+        let v = self.view(key);
+        assert_eq!(v.dtype(), safetensors::Dtype::F32, "{key}");
+        let data = v.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+        CpuTensor::new(v.shape(), data)
+    }
+
+    pub fn i64(&self, key: &str) -> Vec<i64> {
+        let v = self.view(key);
+        assert_eq!(v.dtype(), safetensors::Dtype::I64, "{key}");
+        v.data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect()
+    }
+
+    pub fn u8(&self, key: &str) -> (Vec<usize>, Vec<u8>) {
+        let v = self.view(key);
+        assert_eq!(v.dtype(), safetensors::Dtype::U8, "{key}");
+        (v.shape().to_vec(), v.data().to_vec())
+    }
+
+    pub fn meta(&self, key: &str) -> String {
+        let (_, m) = safetensors::SafeTensors::read_metadata(&self.bytes).unwrap();
+        let map: &HashMap<String, String> = m.metadata().as_ref().expect("metadata");
+        map.get(key).unwrap_or_else(|| panic!("{}: no metadata {key}", self.name)).clone()
+    }
+
+    pub fn meta_usize(&self, key: &str) -> usize {
+        self.meta(key).parse().unwrap()
+    }
+}
+
+/// Asserts `|got - want| <= atol + rtol * |want|` elementwise, naming the
+/// worst element when it fails.
+pub fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let mut worst = (0usize, 0.0f32);
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let excess = (g - w).abs() - (atol + rtol * w.abs());
+        if !(excess <= worst.1) || g.is_nan() {
+            worst = (i, if g.is_nan() { f32::INFINITY } else { excess });
+        }
+    }
+    let (i, excess) = worst;
+    assert!(
+        excess <= 0.0,
+        "{what}: element {i} is {} but should be {} (tolerance {atol} + {rtol}*|want|)",
+        got[i],
+        want[i]
+    );
+}
+
+/// The single-op tolerance the golden README suggests.
+pub fn assert_op_close(what: &str, got: &[f32], want: &[f32]) {
+    assert_close(what, got, want, 1e-4, 1e-3);
+}
+
+pub fn random(shape: &[usize], rng: &mut Rng) -> CpuTensor {
+    let n = shape.iter().product();
+    CpuTensor::new(shape, (0..n).map(|_| 2.0 * rng.next_f32() - 1.0).collect())
+}
+
+/// Output and input gradients of one op run on the GPU.
+pub struct OpResult {
+    pub output: Vec<f32>,
+    pub input_grads: Vec<Vec<f32>>,
+}
+
+/// Runs `op` on the GPU through the real graph path: every input is a
+/// parameter (so autodiff asks for its gradient), the output gradient is
+/// seeded with `dy`, and the plan runs one step.
+pub fn run_op(gpu: &Gpu, op: impl Op + 'static, inputs: &[&CpuTensor], dy: &CpuTensor) -> OpResult {
+    let mut g = Graph::new(true);
+    let ids: Vec<_> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, t)| g.param(format!("input{i}"), t.shape.clone(), Init::Zeros))
+        .collect();
+    let y = g.apply1(op, &ids).expect("op accepts the inputs");
+    assert_eq!(g.shape(y), dy.shape.as_slice(), "dy shape");
+    let dy_id = g.input(dy.shape.clone(), DType::F32);
+    autodiff::backward(&mut g, &[(y, dy_id)]).expect("backward graph");
+    let store = ParamStore::new(gpu, &g.params).unwrap();
+    for (i, t) in inputs.iter().enumerate() {
+        store.write(gpu, i, &t.data).unwrap();
+    }
+    let plan = Plan::new(gpu, &g, &store, &Externals::new()).expect("plan");
+    plan.write_f32(gpu, &g, dy_id, &dy.data).unwrap();
+    plan.run(gpu);
+    OpResult {
+        output: plan.read_f32(gpu, &g, y).unwrap(),
+        input_grads: (0..inputs.len()).map(|i| store.read_grad(gpu, i).unwrap()).collect(),
+    }
+}
+
+/// The golden model files' parameter formula (tests/golden/README.md).
+pub fn golden_init(len: usize, salt: i64, offset: i64, scale: f32) -> Vec<f32> {
+    (0..len as u64)
+        .map(|i| {
+            let h = ((i + 1).wrapping_mul(2_654_435_761).wrapping_add((salt as u64).wrapping_mul(40_503))) & 0xffff_ffff;
+            let q = ((h * 255) >> 32) as i64 - 127 + offset;
+            q as f32 * scale
+        })
+        .collect()
+}

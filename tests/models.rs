@@ -1,0 +1,154 @@
+//! Whole models against one PyTorch training step (tests/golden/models):
+//! the same initial weights (the README's integer formula, keyed by PyTorch
+//! `state_dict` names), the same four images, then logits, loss and every
+//! parameter gradient compared.
+
+mod common;
+
+use common::{assert_close, gpu, golden_init, Golden};
+use d2l_wgpu::data::Dataset;
+use d2l_wgpu::gpu::Gpu;
+use d2l_wgpu::graph::{autodiff, Binding, DType, Externals, Graph, ParamStore, Plan};
+use d2l_wgpu::models;
+use d2l_wgpu::nn::Module;
+use d2l_wgpu::ops::SoftmaxCrossEntropy;
+use d2l_wgpu::train::{step_graph, GpuDataset, StepKind};
+
+/// Whole-model tolerance from the golden README: 2e-3 of the largest value.
+fn assert_model_close(what: &str, got: &[f32], want: &[f32]) {
+    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    assert_close(what, got, want, 2e-3 * scale.max(1e-6), 0.0);
+}
+
+/// Writes the golden initial value of every parameter, checking that the
+/// model's parameter names are exactly PyTorch's.
+fn load_golden_init(gpu: &Gpu, gold: &Golden, store: &ParamStore) {
+    let ours: Vec<&str> = store.specs.iter().map(|s| s.name.as_str()).collect();
+    let mut theirs: Vec<String> = gold
+        .keys()
+        .into_iter()
+        .filter_map(|k| k.strip_prefix("init.")?.strip_suffix(".salt").map(String::from))
+        .collect();
+    theirs.sort();
+    let mut sorted = ours.clone();
+    sorted.sort();
+    assert_eq!(sorted, theirs, "{}: parameter names differ from PyTorch's state_dict keys", gold.name);
+    for (i, spec) in store.specs.iter().enumerate() {
+        let key = &spec.name;
+        let len = spec.shape.iter().product();
+        let salt = gold.i64(&format!("init.{key}.salt"))[0];
+        let offset = gold.i64(&format!("init.{key}.offset"))[0];
+        let scale = gold.f32(&format!("init.{key}.scale")).data[0];
+        store.write(gpu, i, &golden_init(len, salt, offset, scale)).unwrap();
+    }
+}
+
+/// Compares every parameter gradient: in full, or at the sampled indices
+/// the golden file stores for large parameters.
+fn check_gradients(gold: &Golden, store: &ParamStore, grads: &[Vec<f32>]) {
+    for (spec, grad) in store.specs.iter().zip(grads) {
+        let key = format!("grad.{}", spec.name);
+        if gold.has(&key) {
+            assert_model_close(&format!("{} {key}", gold.name), grad, &gold.f32(&key).data);
+        } else {
+            let idx = gold.i64(&format!("{key}.idx"));
+            let want = gold.f32(&format!("{key}.val")).data;
+            let got: Vec<f32> = idx.iter().map(|&i| grad[i as usize]).collect();
+            assert_model_close(&format!("{} {key} (sampled)", gold.name), &got, &want);
+        }
+    }
+}
+
+fn labels(gold: &Golden) -> Vec<u32> {
+    gold.i64("labels").iter().map(|&l| l as u32).collect()
+}
+
+/// One training forward and backward from the golden input tensor.
+fn check_forward_backward(gpu: &Gpu, model_name: &str) {
+    let gold = Golden::load(&format!("models/{model_name}.safetensors"));
+    let model = (models::find(model_name).unwrap().build)();
+    let input = gold.f32("input");
+    let labels = labels(&gold);
+
+    let mut g = Graph::new(true);
+    let x = g.input(input.shape.clone(), DType::F32);
+    let y = g.input(vec![labels.len()], DType::U32);
+    let logits = model.forward(&mut g, x, "").unwrap();
+    let loss = g.apply(SoftmaxCrossEntropy { with_grad: true }, &[logits, y]).unwrap();
+    autodiff::backward(&mut g, &[(logits, loss[2])]).unwrap();
+
+    let store = ParamStore::new(gpu, &g.params).unwrap();
+    load_golden_init(gpu, &gold, &store);
+    let plan = Plan::new(gpu, &g, &store, &Externals::new()).unwrap();
+    plan.write_f32(gpu, &g, x, &input.data).unwrap();
+    plan.write_u32(gpu, y, &labels);
+    plan.run(gpu);
+
+    let name = &gold.name;
+    assert_model_close(&format!("{name} logits"), &plan.read_f32(gpu, &g, logits).unwrap(), &gold.f32("logits").data);
+    let losses = plan.read_f32(gpu, &g, loss[0]).unwrap();
+    let mean = losses.iter().sum::<f32>() / losses.len() as f32;
+    assert_close(&format!("{name} loss"), &[mean], &gold.f32("loss").data, 1e-4, 1e-3);
+    let grads: Vec<Vec<f32>> = (0..store.specs.len()).map(|i| store.read_grad(gpu, i).unwrap()).collect();
+    check_gradients(&gold, &store, &grads);
+}
+
+/// The training step the trainer runs (GPU gather and resize from the u8
+/// images, forward, loss, backward, SGD) leaves `init - lr * grad`.
+fn check_training_step(gpu: &Gpu, model_name: &str) {
+    let gold = Golden::load(&format!("models/{model_name}.safetensors"));
+    let spec = models::find(model_name).unwrap();
+    let model = (spec.build)();
+    let (shape, pixels) = gold.u8("input_u8");
+    let dataset = Dataset {
+        images: pixels,
+        labels: labels(&gold).iter().map(|&l| l as u8).collect(),
+        height: shape[2],
+        width: shape[3],
+    };
+    let data = GpuDataset::upload(gpu, &dataset).unwrap();
+    let batch = shape[0];
+    let probe = step_graph(&model, &data, batch, spec.resize, StepKind::Eval).unwrap();
+    let store = ParamStore::new(gpu, &probe.params).unwrap();
+    load_golden_init(gpu, &gold, &store);
+    let before: Vec<Vec<f32>> = (0..store.specs.len()).map(|i| store.read(gpu, i).unwrap()).collect();
+
+    let lr = 0.5;
+    let kind = StepKind::Train {
+        lr,
+        param_floats: (store.bytes / 4) as usize,
+    };
+    let g = step_graph(&model, &data, batch, spec.resize, kind).unwrap();
+    let indices = gpu.storage_buffer("indices", 4 * batch as u64).unwrap();
+    let metrics = gpu.storage_buffer("metrics", 16).unwrap();
+    let mut externals = Externals::new();
+    data.bind(&mut externals);
+    externals.insert("indices", Binding::whole(&indices));
+    externals.insert("metrics", Binding::whole(&metrics));
+    externals.insert("parameters", Binding::whole(&store.values));
+    externals.insert("gradients", Binding::whole(&store.grads));
+    let plan = Plan::new(gpu, &g, &store, &externals).unwrap();
+    gpu.queue.write_buffer(&indices, 0, bytemuck::cast_slice(&(0..batch as u32).collect::<Vec<_>>()));
+    plan.run(gpu);
+
+    let stepped: Vec<Vec<f32>> = (0..store.specs.len())
+        .map(|i| {
+            let after = store.read(gpu, i).unwrap();
+            // Recover the gradient the step applied: (before - after) / lr.
+            before[i].iter().zip(&after).map(|(b, a)| (b - a) / lr).collect()
+        })
+        .collect();
+    check_gradients(&gold, &store, &stepped);
+
+    let words: Vec<u32> = bytemuck::cast_slice(&gpu.read_bytes(&metrics, 0, 16).unwrap()).to_vec();
+    let mean_loss = f32::from_bits(words[0]) / words[2] as f32;
+    assert_eq!(words[2] as usize, batch, "metrics count the batch");
+    assert_close(&format!("{} metrics loss", gold.name), &[mean_loss], &gold.f32("loss").data, 1e-4, 1e-3);
+}
+
+#[test]
+fn lenet_matches_pytorch_training_step() {
+    let gpu = gpu();
+    check_forward_backward(&gpu, "lenet");
+    check_training_step(&gpu, "lenet");
+}

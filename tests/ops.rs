@@ -1,0 +1,366 @@
+//! Every op, forward and backward, on the GPU against its CPU reference on
+//! awkward shapes, and against the PyTorch goldens in tests/golden/ops.
+
+mod common;
+
+use common::{assert_close, assert_op_close, gpu, random, run_op, Golden};
+use d2l_wgpu::data::Dataset;
+use d2l_wgpu::graph::{DType, Externals, Graph, Init, ParamStore, Plan};
+use d2l_wgpu::ops::{
+    AvgPool2d, ChannelSum, Conv2d, GatherResize, Linear, Relu, SgdStep, Sigmoid, SoftmaxCrossEntropy,
+};
+use d2l_wgpu::train::rng::Rng;
+use d2l_wgpu::train::GpuDataset;
+
+fn golden_ops(prefix: &str) -> Vec<String> {
+    let dir = common::golden_path("ops");
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with(prefix))
+        .map(|n| format!("ops/{n}"))
+        .collect();
+    names.sort();
+    assert!(!names.is_empty(), "no goldens named {prefix}*");
+    names
+}
+
+/// `y = F.conv2d(x, weight, bias, stride, padding)` and `y.backward(dy)`:
+/// y, x.grad, weight.grad, bias.grad against PyTorch for every conv golden.
+#[test]
+fn conv2d_matches_pytorch() {
+    let gpu = gpu();
+    for name in golden_ops("conv_") {
+        let gold = Golden::load(&name);
+        let (s, p) = (gold.meta_usize("stride"), gold.meta_usize("padding"));
+        let conv = Conv2d {
+            stride: (s, s),
+            padding: (p, p),
+        };
+        let (x, w, b, dy) = (gold.f32("x"), gold.f32("weight"), gold.f32("bias"), gold.f32("dy"));
+        let r = run_op(&gpu, conv, &[&x, &w, &b], &dy);
+        assert_op_close(&format!("{name} y"), &r.output, &gold.f32("y").data);
+        assert_op_close(&format!("{name} dx"), &r.input_grads[0], &gold.f32("dx").data);
+        assert_op_close(&format!("{name} dweight"), &r.input_grads[1], &gold.f32("dweight").data);
+        assert_op_close(&format!("{name} dbias"), &r.input_grads[2], &gold.f32("dbias").data);
+
+        let y_cpu = conv.cpu_forward(&x, &w, &b.data);
+        let (dx, dw, db) = conv.cpu_backward(&x, &w, &dy);
+        assert_op_close(&format!("{name} cpu y"), &y_cpu.data, &gold.f32("y").data);
+        assert_op_close(&format!("{name} cpu dx"), &dx.data, &gold.f32("dx").data);
+        assert_op_close(&format!("{name} cpu dweight"), &dw.data, &gold.f32("dweight").data);
+        assert_op_close(&format!("{name} cpu dbias"), &db, &gold.f32("dbias").data);
+    }
+}
+
+/// Batch 1, odd sizes, channel counts that do not fill a register tile,
+/// non-square inputs and kernels, stride > 1 with padding.
+#[test]
+fn conv2d_matches_cpu_on_awkward_shapes() {
+    let gpu = gpu();
+    let mut rng = Rng::new(7);
+    // (x shape, weight shape, stride, padding)
+    let cases: [([usize; 4], [usize; 4], (usize, usize), (usize, usize)); 6] = [
+        ([1, 1, 5, 5], [1, 1, 3, 3], (1, 1), (0, 0)),
+        ([1, 3, 7, 9], [5, 3, 3, 3], (2, 2), (1, 1)),
+        ([2, 5, 9, 17], [7, 5, 4, 4], (3, 3), (2, 2)),
+        ([3, 2, 8, 6], [6, 2, 3, 2], (2, 1), (1, 0)),
+        ([1, 6, 11, 11], [9, 6, 1, 1], (2, 2), (0, 0)),
+        ([2, 4, 6, 5], [3, 4, 5, 5], (1, 1), (2, 2)),
+    ];
+    for (xs, ws, stride, padding) in cases {
+        let conv = Conv2d { stride, padding };
+        let x = random(&xs, &mut rng);
+        let w = random(&ws, &mut rng);
+        let b = random(&[ws[0]], &mut rng);
+        let y = conv.cpu_forward(&x, &w, &b.data);
+        let dy = random(&y.shape, &mut rng);
+        let (dx, dw, db) = conv.cpu_backward(&x, &w, &dy);
+        let r = run_op(&gpu, conv, &[&x, &w, &b], &dy);
+        let case = format!("conv x{xs:?} w{ws:?} stride {stride:?} padding {padding:?}");
+        assert_op_close(&format!("{case} y"), &r.output, &y.data);
+        assert_op_close(&format!("{case} dx"), &r.input_grads[0], &dx.data);
+        assert_op_close(&format!("{case} dweight"), &r.input_grads[1], &dw.data);
+        assert_op_close(&format!("{case} dbias"), &r.input_grads[2], &db);
+    }
+}
+
+/// A convolution whose forward and backward-data dispatches need more than
+/// 65,535 workgroups in one dimension (a 2-D grid), and whose filter
+/// gradient sums over a million terms. Sized from the adapter's workgroup.
+#[test]
+fn conv2d_beyond_one_grid_dimension() {
+    let gpu = gpu();
+    let mut rng = Rng::new(11);
+    let conv = Conv2d {
+        stride: (1, 1),
+        padding: (1, 1),
+    };
+    // Both dispatches run (pixels / 4) * 2 invocations (8 and 5 channels).
+    let pixels_needed = 65_536 * gpu.tuning.workgroup as usize * 2;
+    let batch = pixels_needed.div_ceil(40 * 40) + 1;
+    let x = random(&[batch, 5, 40, 40], &mut rng);
+    let w = random(&[8, 5, 3, 3], &mut rng);
+    let b = random(&[8], &mut rng);
+    let y = conv.cpu_forward(&x, &w, &b.data);
+    let dy = random(&y.shape, &mut rng);
+    let (dx, dw, db) = conv.cpu_backward(&x, &w, &dy);
+    let r = run_op(&gpu, conv, &[&x, &w, &b], &dy);
+    assert_op_close("large conv y", &r.output, &y.data);
+    assert_op_close("large conv dx", &r.input_grads[0], &dx.data);
+    // Sums of ~10^6 products of values in [-1, 1]: f32 rounding grows with sqrt(terms).
+    assert_close("large conv dweight", &r.input_grads[1], &dw.data, 2e-2, 1e-3);
+    assert_close("large conv dbias", &r.input_grads[2], &db, 2e-2, 1e-3);
+}
+
+/// `F.linear(x, weight, bias)` and its gradients against PyTorch.
+#[test]
+fn linear_matches_pytorch() {
+    let gpu = gpu();
+    for name in golden_ops("linear_") {
+        let gold = Golden::load(&name);
+        let (x, w, b, dy) = (gold.f32("x"), gold.f32("weight"), gold.f32("bias"), gold.f32("dy"));
+        let r = run_op(&gpu, Linear, &[&x, &w, &b], &dy);
+        assert_op_close(&format!("{name} y"), &r.output, &gold.f32("y").data);
+        assert_op_close(&format!("{name} dx"), &r.input_grads[0], &gold.f32("dx").data);
+        assert_op_close(&format!("{name} dweight"), &r.input_grads[1], &gold.f32("dweight").data);
+        assert_op_close(&format!("{name} dbias"), &r.input_grads[2], &gold.f32("dbias").data);
+        let (dx, dw, db) = Linear::cpu_backward(&x, &w, &dy);
+        assert_op_close(&format!("{name} cpu y"), &Linear::cpu_forward(&x, &w, &b.data).data, &gold.f32("y").data);
+        assert_op_close(&format!("{name} cpu dx"), &dx.data, &gold.f32("dx").data);
+        assert_op_close(&format!("{name} cpu dweight"), &dw.data, &gold.f32("dweight").data);
+        assert_op_close(&format!("{name} cpu dbias"), &db, &gold.f32("dbias").data);
+    }
+}
+
+#[test]
+fn linear_matches_cpu_on_awkward_shapes() {
+    let gpu = gpu();
+    let mut rng = Rng::new(3);
+    for (batch, inputs, outputs) in [(1, 7, 5), (3, 13, 6), (5, 1, 1), (9, 33, 10)] {
+        let x = random(&[batch, inputs], &mut rng);
+        let w = random(&[outputs, inputs], &mut rng);
+        let b = random(&[outputs], &mut rng);
+        let y = Linear::cpu_forward(&x, &w, &b.data);
+        let dy = random(&y.shape, &mut rng);
+        let (dx, dw, db) = Linear::cpu_backward(&x, &w, &dy);
+        let r = run_op(&gpu, Linear, &[&x, &w, &b], &dy);
+        let case = format!("linear {batch}x{inputs} -> {outputs}");
+        assert_op_close(&format!("{case} y"), &r.output, &y.data);
+        assert_op_close(&format!("{case} dx"), &r.input_grads[0], &dx.data);
+        assert_op_close(&format!("{case} dweight"), &r.input_grads[1], &dw.data);
+        assert_op_close(&format!("{case} dbias"), &r.input_grads[2], &db);
+    }
+}
+
+/// `F.avg_pool2d` (and `adaptive_avg_pool2d(x, 1)` as a window over the
+/// whole plane) against PyTorch.
+#[test]
+fn avg_pool_matches_pytorch() {
+    let gpu = gpu();
+    let mut names = golden_ops("avgpool_");
+    names.extend(golden_ops("global_avgpool_"));
+    for name in names {
+        let gold = Golden::load(&name);
+        let (x, dy) = (gold.f32("x"), gold.f32("dy"));
+        let pool = if name.contains("global") {
+            AvgPool2d::new(x.shape[2], x.shape[2])
+        } else {
+            AvgPool2d::new(gold.meta_usize("kernel"), gold.meta_usize("stride"))
+        };
+        let r = run_op(&gpu, pool, &[&x], &dy);
+        assert_op_close(&format!("{name} y"), &r.output, &gold.f32("y").data);
+        assert_op_close(&format!("{name} dx"), &r.input_grads[0], &gold.f32("dx").data);
+        assert_op_close(&format!("{name} cpu y"), &pool.cpu_forward(&x).data, &gold.f32("y").data);
+        assert_op_close(&format!("{name} cpu dx"), &pool.cpu_backward(&x.shape, &dy).data, &gold.f32("dx").data);
+    }
+}
+
+#[test]
+fn avg_pool_matches_cpu_on_awkward_shapes() {
+    let gpu = gpu();
+    let mut rng = Rng::new(5);
+    let cases = [
+        ([1, 3, 7, 5], (3, 3), (2, 2), (1, 1)),
+        ([2, 2, 5, 5], (2, 2), (1, 1), (0, 0)),
+        ([1, 1, 9, 4], (3, 2), (3, 1), (1, 1)),
+    ];
+    for (xs, kernel, stride, padding) in cases {
+        let pool = AvgPool2d { kernel, stride, padding };
+        let x = random(&xs, &mut rng);
+        let y = pool.cpu_forward(&x);
+        let dy = random(&y.shape, &mut rng);
+        let r = run_op(&gpu, pool, &[&x], &dy);
+        assert_op_close(&format!("{pool:?} y"), &r.output, &y.data);
+        assert_op_close(&format!("{pool:?} dx"), &r.input_grads[0], &pool.cpu_backward(&xs, &dy).data);
+    }
+}
+
+#[test]
+fn sigmoid_and_relu_match_pytorch() {
+    let gpu = gpu();
+    let gold = Golden::load("ops/sigmoid.safetensors");
+    let (x, dy) = (gold.f32("x"), gold.f32("dy"));
+    let r = run_op(&gpu, Sigmoid, &[&x], &dy);
+    assert_op_close("sigmoid y", &r.output, &gold.f32("y").data);
+    assert_op_close("sigmoid dx", &r.input_grads[0], &gold.f32("dx").data);
+    let y = Sigmoid::cpu_forward(&x);
+    assert_op_close("sigmoid cpu y", &y.data, &gold.f32("y").data);
+    assert_op_close("sigmoid cpu dx", &Sigmoid::cpu_backward(&y, &dy).data, &gold.f32("dx").data);
+
+    let gold = Golden::load("ops/relu.safetensors");
+    let (x, dy) = (gold.f32("x"), gold.f32("dy"));
+    let r = run_op(&gpu, Relu, &[&x], &dy);
+    assert_op_close("relu y", &r.output, &gold.f32("y").data);
+    assert_op_close("relu dx", &r.input_grads[0], &gold.f32("dx").data);
+    let y = Relu::cpu_forward(&x);
+    assert_op_close("relu cpu dx", &Relu::cpu_backward(&y, &dy).data, &gold.f32("dx").data);
+}
+
+/// An elementwise op over more elements than 65,535 workgroups cover, on
+/// any workgroup size up to 64.
+#[test]
+fn elementwise_beyond_one_grid_dimension() {
+    let gpu = gpu();
+    let mut rng = Rng::new(13);
+    let x = random(&[65_535 * 64 + 77], &mut rng);
+    let dy = random(&x.shape, &mut rng);
+    let r = run_op(&gpu, Sigmoid, &[&x], &dy);
+    let y = Sigmoid::cpu_forward(&x);
+    assert_op_close("sigmoid y", &r.output, &y.data);
+    assert_op_close("sigmoid dx", &r.input_grads[0], &Sigmoid::cpu_backward(&y, &dy).data);
+}
+
+/// Channel sums (bias gradients) over many terms, odd channel counts and
+/// batch 1, against an f64 CPU sum.
+#[test]
+fn channel_sum_matches_cpu() {
+    let gpu = gpu();
+    let mut rng = Rng::new(17);
+    for shape in [vec![1, 3, 5, 7], vec![7, 5], vec![256, 6, 28, 28], vec![3, 2, 1000, 1001]] {
+        let x = random(&shape, &mut rng);
+        let sum = ChannelSum::cpu(&x);
+        let mut g = Graph::new(false);
+        let input = g.input(shape.clone(), DType::F32);
+        let out = g.apply1(ChannelSum, &[input]).unwrap();
+        let store = ParamStore::new(&gpu, &[]).unwrap();
+        let plan = Plan::new(&gpu, &g, &store, &Externals::new()).unwrap();
+        plan.write_f32(&gpu, &g, input, &x.data).unwrap();
+        plan.run(&gpu);
+        let got = plan.read_f32(&gpu, &g, out).unwrap();
+        let terms = x.data.len() / shape[1];
+        let exact: Vec<f32> = (0..shape[1])
+            .map(|c| {
+                let spatial: usize = shape[2..].iter().product();
+                (0..x.data.len())
+                    .filter(|i| (i / spatial) % shape[1] == c)
+                    .map(|i| x.data[i] as f64)
+                    .sum::<f64>() as f32
+            })
+            .collect();
+        // Sums of `terms` values in [-1, 1]: allow f32 rounding that grows with sqrt(terms).
+        let atol = 1e-5 * (terms as f32).sqrt().max(1.0) * 10.0;
+        assert_close(&format!("channel sum {shape:?}"), &got, &exact, atol, 1e-5);
+        assert_close(&format!("cpu channel sum {shape:?}"), &sum, &exact, atol, 1e-5);
+    }
+}
+
+/// `F.cross_entropy(logits, labels)` (mean) and its gradient, including
+/// logits around 100 where a naive softmax overflows.
+#[test]
+fn softmax_cross_entropy_matches_pytorch() {
+    let gpu = gpu();
+    for name in ["ops/xent.safetensors", "ops/xent_large_logits.safetensors"] {
+        let gold = Golden::load(name);
+        let logits = gold.f32("logits");
+        let labels: Vec<u32> = gold.i64("labels").iter().map(|&l| l as u32).collect();
+        let mut g = Graph::new(true);
+        let z = g.input(logits.shape.clone(), DType::F32);
+        let y = g.input(vec![labels.len()], DType::U32);
+        let out = g.apply(SoftmaxCrossEntropy { with_grad: true }, &[z, y]).unwrap();
+        let store = ParamStore::new(&gpu, &[]).unwrap();
+        let plan = Plan::new(&gpu, &g, &store, &Externals::new()).unwrap();
+        plan.write_f32(&gpu, &g, z, &logits.data).unwrap();
+        plan.write_u32(&gpu, y, &labels);
+        plan.run(&gpu);
+        let losses = plan.read_f32(&gpu, &g, out[0]).unwrap();
+        let mean = losses.iter().sum::<f32>() / losses.len() as f32;
+        assert_op_close(&format!("{name} loss"), &[mean], &gold.f32("loss").data);
+        assert_op_close(&format!("{name} dlogits"), &plan.read_f32(&gpu, &g, out[2]).unwrap(), &gold.f32("dlogits").data);
+        let (cpu_loss, cpu_dlogits) = SoftmaxCrossEntropy::cpu(&logits, &labels);
+        assert_op_close(&format!("{name} cpu loss"), &[cpu_loss], &gold.f32("loss").data);
+        assert_op_close(&format!("{name} cpu dlogits"), &cpu_dlogits.data, &gold.f32("dlogits").data);
+        let correct = plan.read_u32(&gpu, &g, out[1]).unwrap();
+        for (row, &label) in labels.iter().enumerate() {
+            let z = &logits.data[row * 10..row * 10 + 10];
+            let argmax = (0..10).fold(0, |best, c| if z[c] > z[best] { c } else { best });
+            assert_eq!(correct[row], u32::from(argmax == label as usize), "{name} row {row} correctness");
+        }
+    }
+}
+
+/// d2l's `ToTensor` + `Resize(R)`: u8 / 255, bilinear, align_corners=False.
+#[test]
+fn gather_resize_matches_pytorch() {
+    let gpu = gpu();
+    for (name, size) in [("ops/resize_96.safetensors", 96), ("ops/resize_224.safetensors", 224)] {
+        let gold = Golden::load(name);
+        let (shape, pixels) = gold.u8("x_u8");
+        let (count, h, w) = (shape[0], shape[2], shape[3]);
+        let dataset = Dataset {
+            images: pixels.clone(),
+            labels: vec![0; count],
+            height: h,
+            width: w,
+        };
+        let device_data = GpuDataset::upload(&gpu, &dataset).unwrap();
+        let mut g = Graph::new(false);
+        let px = g.external("pixels", vec![count, h, w], DType::U8);
+        let labels = g.external("labels", vec![count], DType::U32);
+        let indices = g.input(vec![count], DType::U32);
+        let out = g.apply(GatherResize { size }, &[px, labels, indices]).unwrap();
+        let mut externals = Externals::new();
+        device_data.bind(&mut externals);
+        let store = ParamStore::new(&gpu, &[]).unwrap();
+        let plan = Plan::new(&gpu, &g, &store, &externals).unwrap();
+        plan.write_u32(&gpu, indices, &(0..count as u32).collect::<Vec<_>>());
+        plan.run(&gpu);
+        let want = gold.f32("y");
+        assert_op_close(&format!("{name} gpu"), &plan.read_f32(&gpu, &g, out[0]).unwrap(), &want.data);
+        let cpu: Vec<f32> = (0..count)
+            .flat_map(|i| GatherResize { size }.cpu(dataset.image(i), h, w).data)
+            .collect();
+        assert_op_close(&format!("{name} cpu"), &cpu, &want.data);
+    }
+}
+
+/// Three `torch.optim.SGD(lr=0.1)` steps with given gradients.
+#[test]
+fn sgd_matches_pytorch() {
+    let gpu = gpu();
+    let gold = Golden::load("ops/optim_sgd.safetensors");
+    let lr: f32 = gold.meta("lr").parse().unwrap();
+    let before = gold.f32("param_before");
+    let mut g = Graph::new(true);
+    g.param("w".into(), before.shape.clone(), Init::Zeros);
+    let store = ParamStore::new(&gpu, &g.params).unwrap();
+    let floats = (store.bytes / 4) as usize;
+    let grads = g.external("gradients", vec![floats], DType::F32);
+    let params = g.external("parameters", vec![floats], DType::F32);
+    g.apply_into(SgdStep { lr }, &[grads], &[params]);
+    let mut externals = Externals::new();
+    externals.insert("parameters", d2l_wgpu::graph::Binding::whole(&store.values));
+    externals.insert("gradients", d2l_wgpu::graph::Binding::whole(&store.grads));
+    let plan = Plan::new(&gpu, &g, &store, &externals).unwrap();
+    store.write(&gpu, 0, &before.data).unwrap();
+    let mut cpu = before.data.clone();
+    for step in 1..=3 {
+        let grad = gold.f32(&format!("grad_{step}"));
+        gpu.queue.write_buffer(&store.grads, 0, bytemuck::cast_slice(&grad.data));
+        plan.run(&gpu);
+        let want = gold.f32(&format!("param_after_{step}"));
+        assert_op_close(&format!("sgd step {step}"), &store.read(&gpu, 0).unwrap(), &want.data);
+        SgdStep { lr }.cpu(&mut cpu, &grad.data);
+        assert_op_close(&format!("sgd cpu step {step}"), &cpu, &want.data);
+    }
+}
