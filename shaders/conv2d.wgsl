@@ -1,14 +1,19 @@
 // 2-D convolution (PyTorch Conv2d, NCHW, weight [c_out, c_in, kh, kw]) as
-// implicit GEMMs: no im2col matrix is ever materialised; each invocation
-// gathers its operands straight from the tensors and keeps a TC x TP tile of
-// results in registers.
+// implicit GEMMs: no im2col matrix is ever materialised.
 //
 //   forward          y[n, co, oy, ox]  = bias[co] + sum_{ci,ky,kx} w[co, ci, ky, kx] x[n, ci, oy*s-p+ky, ox*s-p+kx]
 //   backward_data    dx[n, ci, iy, ix] = sum_{co,ky,kx} w[co, ci, ky, kx] dy[n, co, (iy+p-ky)/s, (ix+p-kx)/s]
 //   backward_filter  dw[co, ci, ky, kx] = sum_{n,oy,ox} dy[n, co, oy, ox] x[n, ci, oy*s-p+ky, ox*s-p+kx]
 //
-// backward_filter sums over batch and positions, a long K for a small output,
-// so it is split: each split writes partial sums that reduce.wgsl adds up.
+// Every kernel has the same shape: all invocations of a workgroup share a
+// block of TC channels (workgroup_id.y), so their weight (or dy) loads are
+// uniform and cost one broadcast; each invocation owns four pixels (or
+// filter taps) in a vec4, gathers their inputs once per tap and reuses them
+// for all TC channels: TC x 4 register tile, 4*TC FMAs per 4 gathers.
+//
+// backward_filter sums over batch and positions, a long K for a small
+// output, so it is split (workgroup_id.z): each split writes partial sums
+// that reduce.wgsl adds up in a fixed order.
 
 struct Conv {
     batch: u32,
@@ -29,8 +34,8 @@ struct Conv {
     _pad: u32,
 }
 
-const TC: u32 = 4u; // channels per invocation
-const TP: u32 = 4u; // pixels (or filter taps) per invocation
+override TC: u32 = 8u; // channels per invocation, at most MAX_TC
+const MAX_TC: u32 = 16u;
 
 @group(0) @binding(0) var<uniform> p: Conv;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
@@ -41,205 +46,182 @@ const TP: u32 = 4u; // pixels (or filter taps) per invocation
 @group(0) @binding(6) var<storage, read_write> dx: array<f32>;
 @group(0) @binding(7) var<storage, read_write> dweight_partial: array<f32>;
 
-// x[n, c, iy, ix], or 0 in the padding.
-fn x_at(image_base: u32, c: u32, iy: i32, ix: i32) -> f32 {
-    if (iy < 0 || ix < 0 || iy >= i32(p.h) || ix >= i32(p.w)) {
-        return 0.0;
-    }
-    return x[image_base + (c * p.h + u32(iy)) * p.w + u32(ix)];
+const LANES = vec4<u32>(0u, 1u, 2u, 3u);
+
+// x at flat indices `at` where `inside`, else 0 (the padding).
+fn gather_x(at: vec4<i32>, inside: vec4<bool>) -> vec4<f32> {
+    let i = vec4<u32>(select(vec4<i32>(0), at, inside));
+    let v = vec4<f32>(x[i.x], x[i.y], x[i.z], x[i.w]);
+    return select(vec4<f32>(0.0), v, inside);
+}
+
+fn gather_dy(at: vec4<i32>, inside: vec4<bool>) -> vec4<f32> {
+    let i = vec4<u32>(select(vec4<i32>(0), at, inside));
+    let v = vec4<f32>(dy[i.x], dy[i.y], dy[i.z], dy[i.w]);
+    return select(vec4<f32>(0.0), v, inside);
 }
 
 @compute @workgroup_size(WG)
-fn forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let id = linear_index(gid, nwg);
+fn forward(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lane: u32,
+) {
     let plane = p.ho * p.wo;
     let pixels = p.batch * plane;
-    let pixel_tiles = (pixels + TP - 1u) / TP;
-    if (id >= pixel_tiles * ((p.c_out + TC - 1u) / TC)) {
-        return;
-    }
-    let co0 = (id / pixel_tiles) * TC;
-    let q0 = (id % pixel_tiles) * TP;
-
-    var image_base: array<u32, TP>;
-    var iy0: array<i32, TP>;
-    var ix0: array<i32, TP>;
-    for (var j = 0u; j < TP; j++) {
-        let q = min(q0 + j, pixels - 1u);
-        let r = q % plane;
-        image_base[j] = (q / plane) * p.c_in * p.h * p.w;
-        iy0[j] = i32((r / p.wo) * p.stride_h) - i32(p.pad_h);
-        ix0[j] = i32((r % p.wo) * p.stride_w) - i32(p.pad_w);
-    }
-    var w_base: array<u32, TC>;
+    // No early return for invocations past the end: lavapipe loads a
+    // workgroup-uniform address once only while invocation 0 is surely
+    // active. They compute clamped duplicates and store nothing.
+    let q0 = (lane_group(wid, nwg) * WG + lane) * 4u;
+    let co0 = wid.y * TC;
+    let q = min(vec4<u32>(q0) + LANES, vec4<u32>(pixels - 1u));
+    let r = q % plane;
+    let image = vec4<i32>((q / plane) * p.c_in * p.h * p.w);
+    let iy0 = vec4<i32>((r / p.wo) * p.stride_h) - i32(p.pad_h);
+    let ix0 = vec4<i32>((r % p.wo) * p.stride_w) - i32(p.pad_w);
+    let h = i32(p.h);
+    let w = i32(p.w);
     let taps = p.c_in * p.kh * p.kw;
-    for (var c = 0u; c < TC; c++) {
-        w_base[c] = min(co0 + c, p.c_out - 1u) * taps;
-    }
 
-    var acc: array<vec4<f32>, TC>;
+    var acc: array<vec4<f32>, MAX_TC>;
     var tap = 0u;
     for (var ci = 0u; ci < p.c_in; ci++) {
+        let plane_base = image + i32(ci * p.h * p.w);
         for (var ky = 0u; ky < p.kh; ky++) {
+            let iy = iy0 + i32(ky);
+            let row_inside = (iy >= vec4<i32>(0)) & (iy < vec4<i32>(h));
+            let row = plane_base + iy * w;
             for (var kx = 0u; kx < p.kw; kx++) {
-                var xv: vec4<f32>;
-                for (var j = 0u; j < TP; j++) {
-                    xv[j] = x_at(image_base[j], ci, iy0[j] + i32(ky), ix0[j] + i32(kx));
-                }
+                let ix = ix0 + i32(kx);
+                let xv = gather_x(row + ix, row_inside & (ix >= vec4<i32>(0)) & (ix < vec4<i32>(w)));
                 for (var c = 0u; c < TC; c++) {
-                    acc[c] += weight[w_base[c] + tap] * xv;
+                    acc[c] += weight[min(co0 + c, p.c_out - 1u) * taps + tap] * xv;
                 }
                 tap++;
             }
         }
     }
 
+    let out_image = (q / plane) * p.c_out * plane + r;
     for (var c = 0u; c < TC; c++) {
         let co = co0 + c;
         if (co >= p.c_out) {
             break;
         }
-        for (var j = 0u; j < TP; j++) {
-            let q = q0 + j;
-            if (q < pixels) {
-                y[((q / plane) * p.c_out + co) * plane + q % plane] = acc[c][j] + bias[co];
+        let v = acc[c] + bias[co];
+        for (var j = 0u; j < 4u; j++) {
+            if (q0 + j < pixels) {
+                y[out_image[j] + co * plane] = v[j];
             }
         }
     }
-}
-
-// dy[n, co, oy, ox] for the output position that input (iy, ix) meets through
-// tap (ky, kx), or 0 when no output position does (stride gaps, borders).
-fn dy_at(image_base: u32, co: u32, ty: i32, tx: i32) -> f32 {
-    if (ty < 0 || tx < 0) {
-        return 0.0;
-    }
-    let oy = u32(ty) / p.stride_h;
-    let ox = u32(tx) / p.stride_w;
-    if (oy * p.stride_h != u32(ty) || ox * p.stride_w != u32(tx) || oy >= p.ho || ox >= p.wo) {
-        return 0.0;
-    }
-    return dy[image_base + (co * p.ho + oy) * p.wo + ox];
 }
 
 @compute @workgroup_size(WG)
-fn backward_data(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let id = linear_index(gid, nwg);
+fn backward_data(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lane: u32,
+) {
     let plane = p.h * p.w;
     let pixels = p.batch * plane;
-    let pixel_tiles = (pixels + TP - 1u) / TP;
-    if (id >= pixel_tiles * ((p.c_in + TC - 1u) / TC)) {
-        return;
-    }
-    let ci0 = (id / pixel_tiles) * TC;
-    let q0 = (id % pixel_tiles) * TP;
-
-    var image_base: array<u32, TP>;
-    var ty0: array<i32, TP>;
-    var tx0: array<i32, TP>;
-    for (var j = 0u; j < TP; j++) {
-        let q = min(q0 + j, pixels - 1u);
-        let r = q % plane;
-        image_base[j] = (q / plane) * p.c_out * p.ho * p.wo;
-        ty0[j] = i32(r / p.w + p.pad_h);
-        tx0[j] = i32(r % p.w + p.pad_w);
-    }
+    // No early return for invocations past the end: lavapipe loads a
+    // workgroup-uniform address once only while invocation 0 is surely
+    // active. They compute clamped duplicates and store nothing.
+    let q0 = (lane_group(wid, nwg) * WG + lane) * 4u;
+    let ci0 = wid.y * TC;
+    let q = min(vec4<u32>(q0) + LANES, vec4<u32>(pixels - 1u));
+    let r = q % plane;
+    let out_plane = p.ho * p.wo;
+    let image = vec4<i32>((q / plane) * p.c_out * out_plane);
+    // Output position (oy, ox) meets input (iy, ix) through tap (ky, kx)
+    // when oy * s = iy + p - ky.
+    let ty0 = vec4<i32>(r / p.w + p.pad_h);
+    let tx0 = vec4<i32>(r % p.w + p.pad_w);
+    let sh = i32(p.stride_h);
+    let sw = i32(p.stride_w);
     let taps = p.kh * p.kw;
-    var w_ci: array<u32, TC>;
-    for (var c = 0u; c < TC; c++) {
-        w_ci[c] = min(ci0 + c, p.c_in - 1u) * taps;
-    }
 
-    var acc: array<vec4<f32>, TC>;
+    var acc: array<vec4<f32>, MAX_TC>;
     for (var co = 0u; co < p.c_out; co++) {
+        let dy_plane = image + i32(co * out_plane);
         let w_co = co * p.c_in * taps;
         for (var ky = 0u; ky < p.kh; ky++) {
+            let ty = ty0 - i32(ky);
+            let oy = ty / sh;
+            let row_inside = (ty >= vec4<i32>(0)) & (oy * sh == ty) & (oy < vec4<i32>(i32(p.ho)));
+            let row = dy_plane + oy * i32(p.wo);
             for (var kx = 0u; kx < p.kw; kx++) {
-                var dv: vec4<f32>;
-                for (var j = 0u; j < TP; j++) {
-                    dv[j] = dy_at(image_base[j], co, ty0[j] - i32(ky), tx0[j] - i32(kx));
-                }
+                let tx = tx0 - i32(kx);
+                let ox = tx / sw;
+                let inside = row_inside & (tx >= vec4<i32>(0)) & (ox * sw == tx) & (ox < vec4<i32>(i32(p.wo)));
+                let dv = gather_dy(row + ox, inside);
                 let tap = ky * p.kw + kx;
                 for (var c = 0u; c < TC; c++) {
-                    acc[c] += weight[w_co + w_ci[c] + tap] * dv;
+                    acc[c] += weight[w_co + min(ci0 + c, p.c_in - 1u) * taps + tap] * dv;
                 }
             }
         }
     }
 
+    let out_image = (q / plane) * p.c_in * plane + r;
     for (var c = 0u; c < TC; c++) {
         let ci = ci0 + c;
         if (ci >= p.c_in) {
             break;
         }
-        for (var j = 0u; j < TP; j++) {
-            let q = q0 + j;
-            if (q < pixels) {
-                dx[((q / plane) * p.c_in + ci) * plane + q % plane] = acc[c][j];
+        for (var j = 0u; j < 4u; j++) {
+            if (q0 + j < pixels) {
+                dx[out_image[j] + ci * plane] = acc[c][j];
             }
         }
     }
 }
 
+// Grid: x = tap groups, y = output-channel blocks, z = splits of the positions.
 @compute @workgroup_size(WG)
-fn backward_filter(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let id = linear_index(gid, nwg);
+fn backward_filter(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_index) lane: u32,
+) {
     let taps = p.c_in * p.kh * p.kw;
-    let tap_tiles = (taps + TP - 1u) / TP;
-    let tiles = tap_tiles * ((p.c_out + TC - 1u) / TC);
-    if (id >= tiles * p.splits) {
-        return;
-    }
-    let split = id / tiles;
-    let tile = id % tiles;
-    let co0 = (tile / tap_tiles) * TC;
-    let tap0 = (tile % tap_tiles) * TP;
-
-    // Filter tap j of this tile: its input channel and offsets.
-    var tap_c: array<u32, TP>;
-    var tap_y: array<i32, TP>;
-    var tap_x: array<i32, TP>;
-    for (var j = 0u; j < TP; j++) {
-        let t = min(tap0 + j, taps - 1u);
-        tap_c[j] = t / (p.kh * p.kw);
-        tap_y[j] = i32((t / p.kw) % p.kh) - i32(p.pad_h);
-        tap_x[j] = i32(t % p.kw) - i32(p.pad_w);
-    }
-    var co: array<u32, TC>;
-    for (var c = 0u; c < TC; c++) {
-        co[c] = min(co0 + c, p.c_out - 1u);
-    }
+    let t0 = (wid.x * WG + lane) * 4u; // past the end: clamped, not stored
+    let co0 = wid.y * TC;
+    let split = wid.z;
+    let t = min(vec4<u32>(t0) + LANES, vec4<u32>(taps - 1u));
+    let window = p.kh * p.kw;
+    let tap_plane = vec4<i32>((t / window) * p.h * p.w);
+    let tap_y = vec4<i32>((t / p.kw) % p.kh) - i32(p.pad_h);
+    let tap_x = vec4<i32>(t % p.kw) - i32(p.pad_w);
+    let h = i32(p.h);
+    let w = i32(p.w);
 
     let plane = p.ho * p.wo;
     let first = split * p.chunk;
     let last = min(first + p.chunk, p.batch * plane);
-    var acc: array<vec4<f32>, TC>;
+    var acc: array<vec4<f32>, MAX_TC>;
     for (var q = first; q < last; q++) {
         let n = q / plane;
         let r = q % plane;
-        let oy = r / p.wo;
-        let ox = r % p.wo;
-        let x_base = n * p.c_in * p.h * p.w;
-        let iy = i32(oy * p.stride_h);
-        let ix = i32(ox * p.stride_w);
-        var xv: vec4<f32>;
-        for (var j = 0u; j < TP; j++) {
-            xv[j] = x_at(x_base, tap_c[j], iy + tap_y[j], ix + tap_x[j]);
-        }
+        let iy = tap_y + i32((r / p.wo) * p.stride_h);
+        let ix = tap_x + i32((r % p.wo) * p.stride_w);
+        let inside = (iy >= vec4<i32>(0)) & (iy < vec4<i32>(h)) & (ix >= vec4<i32>(0)) & (ix < vec4<i32>(w));
+        let xv = gather_x(i32(n * p.c_in * p.h * p.w) + tap_plane + iy * w + ix, inside);
         let dy_base = n * p.c_out * plane + r;
         for (var c = 0u; c < TC; c++) {
-            acc[c] += dy[dy_base + co[c] * plane] * xv;
+            acc[c] += dy[dy_base + min(co0 + c, p.c_out - 1u) * plane] * xv;
         }
     }
 
     let out_base = split * p.c_out * taps;
     for (var c = 0u; c < TC; c++) {
-        if (co0 + c >= p.c_out) {
+        let co = co0 + c;
+        if (co >= p.c_out) {
             break;
         }
-        for (var j = 0u; j < TP; j++) {
-            if (tap0 + j < taps) {
-                dweight_partial[out_base + (co0 + c) * taps + tap0 + j] = acc[c][j];
+        for (var j = 0u; j < 4u; j++) {
+            if (t0 + j < taps) {
+                dweight_partial[out_base + co * taps + t0 + j] = acc[c][j];
             }
         }
     }

@@ -4,8 +4,14 @@
 // workgroup as 8-wide SIMD, real GPUs want 64-256).
 override WG: u32 = 64u;
 
-// Dispatches larger than 65,535 workgroups are split over a 2-D grid
+// 1-D dispatches larger than 65,535 workgroups are split over a 2-D grid
 // (gpu::grid); this rebuilds the flat invocation index.
 fn linear_index(gid: vec3<u32>, num_workgroups: vec3<u32>) -> u32 {
     return gid.x + gid.y * num_workgroups.x * WG;
+}
+
+// Tiled dispatches (gpu::tiled_grid) keep a block index in y that is the same
+// for every invocation of a workgroup, and fold the lane groups into x and z.
+fn lane_group(wid: vec3<u32>, num_workgroups: vec3<u32>) -> u32 {
+    return wid.x + wid.z * num_workgroups.x;
 }

@@ -5,7 +5,7 @@ use clap::{Args, Parser, Subcommand};
 use d2l_wgpu::data::FashionMnist;
 use d2l_wgpu::gpu::{self, AdapterRequest, BackendChoice, Gpu};
 use d2l_wgpu::models;
-use d2l_wgpu::train::{self, TrainConfig};
+use d2l_wgpu::train::{self, bench, TrainConfig};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -25,8 +25,22 @@ struct Cli {
 enum Command {
     /// Train a model and print d2l's per-epoch line.
     Train(TrainArgs),
+    /// Measure images/s of a training step and of inference.
+    Bench(BenchArgs),
     /// List every GPU adapter wgpu can see, with the limits that matter here.
     Devices,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Timed steps (after two warm-up steps).
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    /// Also print the GPU time of every op in a training step (timestamp queries).
+    #[arg(long)]
+    profile: bool,
+    #[command(flatten)]
+    train: TrainArgs,
 }
 
 #[derive(Args)]
@@ -68,6 +82,9 @@ struct TrainArgs {
     /// Evaluate on the first N test images only.
     #[arg(long)]
     limit_test: Option<usize>,
+    /// Print the loss and accuracy of the last N batches every N batches (0: off).
+    #[arg(long, default_value_t = 0)]
+    log_every: usize,
     #[command(flatten)]
     gpu: GpuArgs,
 }
@@ -79,26 +96,63 @@ fn adapter_request(args: &GpuArgs) -> AdapterRequest {
     }
 }
 
-fn run_train(args: &TrainArgs) -> Result<()> {
+fn train_config(args: &TrainArgs) -> Result<TrainConfig> {
     let spec = models::find(&args.model)?;
-    let cfg = TrainConfig {
+    Ok(TrainConfig {
         model: spec,
         epochs: args.epochs.unwrap_or(spec.epochs),
         lr: args.lr.unwrap_or(spec.lr),
         batch_size: args.batch_size.unwrap_or(spec.batch_size),
         resize: args.resize.unwrap_or(spec.resize),
         seed: args.seed,
-        data_dir: args.data_dir.clone().unwrap_or_else(FashionMnist::default_dir),
+        data_dir: args
+            .data_dir
+            .clone()
+            .unwrap_or_else(FashionMnist::default_dir),
         limit_train: args.limit_train,
         limit_test: args.limit_test,
-    };
+        log_every: args.log_every,
+    })
+}
+
+fn run_train(args: &TrainArgs) -> Result<()> {
+    let cfg = train_config(args)?;
     let gpu = Gpu::new(&adapter_request(&args.gpu))?;
     println!(
         "training {} for {} epochs: lr {}, batch size {}, resize {}, seed {}",
-        spec.name, cfg.epochs, cfg.lr, cfg.batch_size, cfg.resize, cfg.seed
+        cfg.model.name, cfg.epochs, cfg.lr, cfg.batch_size, cfg.resize, cfg.seed
     );
     let device = gpu.info.name.clone();
-    train::train(&gpu, &cfg, |report| println!("{}", report.line(&device)))?;
+    let progress = |p: &train::Progress| {
+        println!(
+            "  batch {}/{}, loss {:.3}, train acc {:.3}",
+            p.batches_done, p.batches, p.loss, p.acc
+        )
+    };
+    train::train(&gpu, &cfg, progress, |report| {
+        println!("{}", report.line(&device))
+    })?;
+    Ok(())
+}
+
+fn run_bench(args: &BenchArgs) -> Result<()> {
+    let cfg = train_config(&args.train)?;
+    let gpu = Gpu::new(&adapter_request(&args.train.gpu))?;
+    let report = bench::bench(&gpu, &cfg, args.steps, args.profile)?;
+    println!(
+        "{} at {}x{}, batch {}, on {}",
+        cfg.model.name, cfg.resize, cfg.resize, report.batch, gpu.info.name
+    );
+    println!("training step: {:.1} images/s", report.train_images_per_sec);
+    println!("inference:     {:.1} images/s", report.eval_images_per_sec);
+    if let Some(rows) = report.profile {
+        let total: f64 = rows.iter().map(|r| r.1).sum();
+        println!("\nGPU time of one training step: {:.2} ms", total * 1e3);
+        println!("{:>9}  {:>6}  op", "ms", "share");
+        for (label, t) in rows.iter().take(20) {
+            println!("{:>9.3}  {:>5.1}%  {label}", t * 1e3, 100.0 * t / total);
+        }
+    }
     Ok(())
 }
 
@@ -111,14 +165,27 @@ fn run_devices() {
         let i = &a.info;
         println!("{} ({:?}, {:?})", i.name, i.backend, i.device_type);
         println!("  driver: {} {}", i.driver, i.driver_info);
-        println!("  max storage buffer binding: {} bytes", a.limits.max_storage_buffer_binding_size);
+        println!(
+            "  max storage buffer binding: {} bytes",
+            a.limits.max_storage_buffer_binding_size
+        );
         println!("  max buffer size: {} bytes", a.limits.max_buffer_size);
-        println!("  max workgroups per dimension: {}", a.limits.max_compute_workgroups_per_dimension);
-        println!("  max invocations per workgroup: {}", a.limits.max_compute_invocations_per_workgroup);
-        println!("  min storage offset alignment: {}", a.limits.min_storage_buffer_offset_alignment);
+        println!(
+            "  max workgroups per dimension: {}",
+            a.limits.max_compute_workgroups_per_dimension
+        );
+        println!(
+            "  max invocations per workgroup: {}",
+            a.limits.max_compute_invocations_per_workgroup
+        );
+        println!(
+            "  min storage offset alignment: {}",
+            a.limits.min_storage_buffer_offset_alignment
+        );
         println!(
             "  timestamp queries in passes: {}",
-            a.features.contains(wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES)
+            a.features
+                .contains(wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES)
         );
     }
 }
@@ -128,6 +195,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
         Some(Command::Train(args)) => run_train(args),
+        Some(Command::Bench(args)) => run_bench(args),
         Some(Command::Devices) => {
             run_devices();
             Ok(())

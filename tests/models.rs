@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{assert_close, gpu, golden_init, Golden};
+use common::{assert_close, golden_init, gpu, Golden};
 use d2l_wgpu::data::Dataset;
 use d2l_wgpu::gpu::Gpu;
 use d2l_wgpu::graph::{autodiff, Binding, DType, Externals, Graph, ParamStore, Plan};
@@ -27,19 +27,29 @@ fn load_golden_init(gpu: &Gpu, gold: &Golden, store: &ParamStore) {
     let mut theirs: Vec<String> = gold
         .keys()
         .into_iter()
-        .filter_map(|k| k.strip_prefix("init.")?.strip_suffix(".salt").map(String::from))
+        .filter_map(|k| {
+            k.strip_prefix("init.")?
+                .strip_suffix(".salt")
+                .map(String::from)
+        })
         .collect();
     theirs.sort();
     let mut sorted = ours.clone();
     sorted.sort();
-    assert_eq!(sorted, theirs, "{}: parameter names differ from PyTorch's state_dict keys", gold.name);
+    assert_eq!(
+        sorted, theirs,
+        "{}: parameter names differ from PyTorch's state_dict keys",
+        gold.name
+    );
     for (i, spec) in store.specs.iter().enumerate() {
         let key = &spec.name;
         let len = spec.shape.iter().product();
         let salt = gold.i64(&format!("init.{key}.salt"))[0];
         let offset = gold.i64(&format!("init.{key}.offset"))[0];
         let scale = gold.f32(&format!("init.{key}.scale")).data[0];
-        store.write(gpu, i, &golden_init(len, salt, offset, scale)).unwrap();
+        store
+            .write(gpu, i, &golden_init(len, salt, offset, scale))
+            .unwrap();
     }
 }
 
@@ -74,7 +84,9 @@ fn check_forward_backward(gpu: &Gpu, model_name: &str) {
     let x = g.input(input.shape.clone(), DType::F32);
     let y = g.input(vec![labels.len()], DType::U32);
     let logits = model.forward(&mut g, x, "").unwrap();
-    let loss = g.apply(SoftmaxCrossEntropy { with_grad: true }, &[logits, y]).unwrap();
+    let loss = g
+        .apply(SoftmaxCrossEntropy { with_grad: true }, &[logits, y])
+        .unwrap();
     autodiff::backward(&mut g, &[(logits, loss[2])]).unwrap();
 
     let store = ParamStore::new(gpu, &g.params).unwrap();
@@ -85,11 +97,23 @@ fn check_forward_backward(gpu: &Gpu, model_name: &str) {
     plan.run(gpu);
 
     let name = &gold.name;
-    assert_model_close(&format!("{name} logits"), &plan.read_f32(gpu, &g, logits).unwrap(), &gold.f32("logits").data);
+    assert_model_close(
+        &format!("{name} logits"),
+        &plan.read_f32(gpu, &g, logits).unwrap(),
+        &gold.f32("logits").data,
+    );
     let losses = plan.read_f32(gpu, &g, loss[0]).unwrap();
     let mean = losses.iter().sum::<f32>() / losses.len() as f32;
-    assert_close(&format!("{name} loss"), &[mean], &gold.f32("loss").data, 1e-4, 1e-3);
-    let grads: Vec<Vec<f32>> = (0..store.specs.len()).map(|i| store.read_grad(gpu, i).unwrap()).collect();
+    assert_close(
+        &format!("{name} loss"),
+        &[mean],
+        &gold.f32("loss").data,
+        1e-4,
+        1e-3,
+    );
+    let grads: Vec<Vec<f32>> = (0..store.specs.len())
+        .map(|i| store.read_grad(gpu, i).unwrap())
+        .collect();
     check_gradients(&gold, &store, &grads);
 }
 
@@ -111,7 +135,9 @@ fn check_training_step(gpu: &Gpu, model_name: &str) {
     let probe = step_graph(&model, &data, batch, spec.resize, StepKind::Eval).unwrap();
     let store = ParamStore::new(gpu, &probe.params).unwrap();
     load_golden_init(gpu, &gold, &store);
-    let before: Vec<Vec<f32>> = (0..store.specs.len()).map(|i| store.read(gpu, i).unwrap()).collect();
+    let before: Vec<Vec<f32>> = (0..store.specs.len())
+        .map(|i| store.read(gpu, i).unwrap())
+        .collect();
 
     let lr = 0.5;
     let kind = StepKind::Train {
@@ -128,14 +154,22 @@ fn check_training_step(gpu: &Gpu, model_name: &str) {
     externals.insert("parameters", Binding::whole(&store.values));
     externals.insert("gradients", Binding::whole(&store.grads));
     let plan = Plan::new(gpu, &g, &store, &externals).unwrap();
-    gpu.queue.write_buffer(&indices, 0, bytemuck::cast_slice(&(0..batch as u32).collect::<Vec<_>>()));
+    gpu.queue.write_buffer(
+        &indices,
+        0,
+        bytemuck::cast_slice(&(0..batch as u32).collect::<Vec<_>>()),
+    );
     plan.run(gpu);
 
     let stepped: Vec<Vec<f32>> = (0..store.specs.len())
         .map(|i| {
             let after = store.read(gpu, i).unwrap();
             // Recover the gradient the step applied: (before - after) / lr.
-            before[i].iter().zip(&after).map(|(b, a)| (b - a) / lr).collect()
+            before[i]
+                .iter()
+                .zip(&after)
+                .map(|(b, a)| (b - a) / lr)
+                .collect()
         })
         .collect();
     check_gradients(&gold, &store, &stepped);
@@ -143,7 +177,13 @@ fn check_training_step(gpu: &Gpu, model_name: &str) {
     let words: Vec<u32> = bytemuck::cast_slice(&gpu.read_bytes(&metrics, 0, 16).unwrap()).to_vec();
     let mean_loss = f32::from_bits(words[0]) / words[2] as f32;
     assert_eq!(words[2] as usize, batch, "metrics count the batch");
-    assert_close(&format!("{} metrics loss", gold.name), &[mean_loss], &gold.f32("loss").data, 1e-4, 1e-3);
+    assert_close(
+        &format!("{} metrics loss", gold.name),
+        &[mean_loss],
+        &gold.f32("loss").data,
+        1e-4,
+        1e-3,
+    );
 }
 
 #[test]

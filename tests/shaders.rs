@@ -13,8 +13,14 @@ fn every_shader_file_is_registered() {
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .filter(|n| n.ends_with(".wgsl") && n != "prelude.wgsl")
         .collect();
-    let registered: BTreeSet<String> = Shader::ALL.iter().map(|s| s.file_name().to_string()).collect();
-    assert_eq!(on_disk, registered, "shaders/ and gpu::Shader::ALL must list the same files");
+    let registered: BTreeSet<String> = Shader::ALL
+        .iter()
+        .map(|s| s.file_name().to_string())
+        .collect();
+    assert_eq!(
+        on_disk, registered,
+        "shaders/ and gpu::Shader::ALL must list the same files"
+    );
 }
 
 #[test]

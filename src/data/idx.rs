@@ -19,7 +19,8 @@ pub struct Idx {
 /// number, that the header is complete and that the data has exactly the
 /// size the header announces.
 pub fn read_idx(path: &Path, magic: u32) -> Result<Idx> {
-    let file = std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    let file =
+        std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
     let mut bytes = Vec::new();
     GzDecoder::new(std::io::BufReader::new(file))
         .read_to_end(&mut bytes)
@@ -28,7 +29,11 @@ pub fn read_idx(path: &Path, magic: u32) -> Result<Idx> {
 }
 
 pub fn parse_idx(bytes: &[u8], magic: u32) -> Result<Idx> {
-    let word = |i: usize| -> Option<u32> { bytes.get(4 * i..4 * i + 4).map(|b| u32::from_be_bytes(b.try_into().unwrap())) };
+    let word = |i: usize| -> Option<u32> {
+        bytes
+            .get(4 * i..4 * i + 4)
+            .map(|b| u32::from_be_bytes(b.try_into().unwrap()))
+    };
     let found = word(0).context("file too short for an IDX header")?;
     if found != magic {
         bail!("IDX magic number is {found}, expected {magic}");

@@ -64,9 +64,16 @@ impl Dataset {
             );
         }
         if count == 0 || height == 0 || width == 0 {
-            bail!("{}: the dataset is empty ({count} images of {height}x{width})", images_path.display());
+            bail!(
+                "{}: the dataset is empty ({count} images of {height}x{width})",
+                images_path.display()
+            );
         }
-        if let Some(i) = labels.data.iter().position(|&l| l as usize >= CLASSES.len()) {
+        if let Some(i) = labels
+            .data
+            .iter()
+            .position(|&l| l as usize >= CLASSES.len())
+        {
             bail!(
                 "{}: label {} at index {i} is out of range (expected 0..{})",
                 labels_path.display(),
@@ -102,8 +109,14 @@ impl FashionMnist {
     /// Reads the four standard files (`train-images-idx3-ubyte.gz`, ...) from `dir`.
     pub fn load(dir: &Path) -> Result<FashionMnist> {
         let file = |name: &str| dir.join(name);
-        let train = Dataset::load(&file("train-images-idx3-ubyte.gz"), &file("train-labels-idx1-ubyte.gz"))?;
-        let test = Dataset::load(&file("t10k-images-idx3-ubyte.gz"), &file("t10k-labels-idx1-ubyte.gz"))?;
+        let train = Dataset::load(
+            &file("train-images-idx3-ubyte.gz"),
+            &file("train-labels-idx1-ubyte.gz"),
+        )?;
+        let test = Dataset::load(
+            &file("t10k-images-idx3-ubyte.gz"),
+            &file("t10k-labels-idx1-ubyte.gz"),
+        )?;
         if (train.height, train.width) != (test.height, test.width) {
             bail!(
                 "{}: training images are {}x{} but test images are {}x{}",

@@ -3,9 +3,10 @@
 
 mod pipelines;
 
-pub use pipelines::{PipelineCache, Shader};
+pub use pipelines::{Constants, PipelineCache, Shader};
 
 use anyhow::{bail, Context, Result};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Which wgpu backend to use; `Auto` lets wgpu (and `WGPU_BACKEND`) decide.
@@ -55,6 +56,8 @@ pub struct Gpu {
     pub pipelines: PipelineCache,
     pub tuning: Tuning,
     errors: Arc<Mutex<Vec<String>>>,
+    /// Buffers and bind groups created so far (pipelines are counted by the cache).
+    created: AtomicUsize,
 }
 
 /// Kernel shape parameters chosen per adapter.
@@ -66,13 +69,11 @@ pub struct Tuning {
 
 impl Tuning {
     fn for_adapter(info: &wgpu::AdapterInfo) -> Tuning {
-        // CPU adapters (lavapipe) run a workgroup as one 8-wide SIMD loop:
-        // small workgroups keep every lane busy; GPUs want wider groups.
-        let workgroup = match info.device_type {
-            wgpu::DeviceType::Cpu => 8,
-            _ => 64,
-        };
-        Tuning { workgroup }
+        // Measured on lavapipe (8-wide SIMD per workgroup): 64 beats 8 for
+        // elementwise kernels, where per-workgroup overhead dominates, and
+        // ties for convolutions. GPUs want 64-256 as well.
+        let _ = info;
+        Tuning { workgroup: 64 }
     }
 }
 
@@ -85,7 +86,9 @@ fn instance(backends: wgpu::Backends) -> wgpu::Instance {
 
 /// Every adapter of every native backend, for `d2l-wgpu devices`.
 pub fn list_adapters() -> Vec<AdapterSummary> {
-    let adapters = pollster::block_on(instance(wgpu::Backends::all()).enumerate_adapters(wgpu::Backends::all()));
+    let adapters = pollster::block_on(
+        instance(wgpu::Backends::all()).enumerate_adapters(wgpu::Backends::all()),
+    );
     adapters
         .into_iter()
         .map(|a| AdapterSummary {
@@ -124,11 +127,13 @@ impl Gpu {
                     .find(|a| a.get_info().name.to_lowercase().contains(&needle))
                     .ok_or_else(|| no_adapter_error(backends, Some(name)))?
             }
-            None => pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions {
-                power_preference: wgpu::PowerPreference::from_env()
-                    .unwrap_or(wgpu::PowerPreference::HighPerformance),
-                ..Default::default()
-            }))
+            None => pollster::block_on(
+                instance.request_adapter(&wgpu::RequestAdapterOptions {
+                    power_preference: wgpu::PowerPreference::from_env()
+                        .unwrap_or(wgpu::PowerPreference::HighPerformance),
+                    ..Default::default()
+                }),
+            )
             .map_err(|_| no_adapter_error(backends, None))?,
         };
         let info = adapter.get_info();
@@ -138,7 +143,8 @@ impl Gpu {
         let limits = adapter.limits();
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("d2l-wgpu"),
-            required_features: wgpu::Features::empty(),
+            // Timestamps only serve `bench --profile`; everything else is baseline WebGPU.
+            required_features: adapter.features() & wgpu::Features::TIMESTAMP_QUERY,
             required_limits: limits.clone(),
             experimental_features: wgpu::ExperimentalFeatures::disabled(),
             memory_hints: wgpu::MemoryHints::Performance,
@@ -166,6 +172,7 @@ impl Gpu {
             limits,
             pipelines: PipelineCache::default(),
             errors,
+            created: AtomicUsize::new(0),
         })
     }
 
@@ -180,6 +187,30 @@ impl Gpu {
         bail!("GPU error: {first}")
     }
 
+    /// The largest storage binding this project uses: one 256-byte unit below
+    /// the adapter's limit, because lavapipe (Mesa 22.3) reads zeros from
+    /// parts of a binding exactly `maxStorageBufferRange` long (found by
+    /// tests/ops.rs at 128 MiB); a binding one unit shorter reads correctly.
+    pub fn max_binding(&self) -> u64 {
+        (self.limits.max_storage_buffer_binding_size - 1) & !255
+    }
+
+    /// How many buffers, bind groups and pipelines this device has had
+    /// created through `Gpu`: tests check a training step adds none.
+    pub fn resources_created(&self) -> usize {
+        self.created.load(Ordering::Relaxed) + self.pipelines.created()
+    }
+
+    pub fn buffer(&self, desc: &wgpu::BufferDescriptor<'_>) -> wgpu::Buffer {
+        self.created.fetch_add(1, Ordering::Relaxed);
+        self.device.create_buffer(desc)
+    }
+
+    pub fn bind_group(&self, desc: &wgpu::BindGroupDescriptor<'_>) -> wgpu::BindGroup {
+        self.created.fetch_add(1, Ordering::Relaxed);
+        self.device.create_bind_group(desc)
+    }
+
     pub fn storage_buffer(&self, label: &str, bytes: u64) -> Result<wgpu::Buffer> {
         if bytes > self.limits.max_buffer_size {
             bail!(
@@ -188,7 +219,7 @@ impl Gpu {
                 self.limits.max_buffer_size
             );
         }
-        Ok(self.device.create_buffer(&wgpu::BufferDescriptor {
+        Ok(self.buffer(&wgpu::BufferDescriptor {
             label: Some(label),
             size: bytes.max(4).next_multiple_of(4),
             usage: wgpu::BufferUsages::STORAGE
@@ -199,7 +230,7 @@ impl Gpu {
     }
 
     pub fn uniform_buffer(&self, label: &str, contents: &[u8]) -> wgpu::Buffer {
-        let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
+        let buffer = self.buffer(&wgpu::BufferDescriptor {
             label: Some(label),
             size: (contents.len() as u64).next_multiple_of(16),
             usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
@@ -213,7 +244,7 @@ impl Gpu {
     /// all submitted work.
     pub fn read_bytes(&self, buffer: &wgpu::Buffer, offset: u64, size: u64) -> Result<Vec<u8>> {
         let padded = size.next_multiple_of(4);
-        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+        let staging = self.buffer(&wgpu::BufferDescriptor {
             label: Some("readback"),
             size: padded,
             usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
@@ -233,7 +264,10 @@ impl Gpu {
             .context("readback callback never ran")?
             .context("mapping a readback buffer")?;
         self.check_errors()?;
-        let bytes = staging.get_mapped_range(..).context("reading a mapped buffer")?.to_vec();
+        let bytes = staging
+            .get_mapped_range(..)
+            .context("reading a mapped buffer")?
+            .to_vec();
         Ok(bytes[..size as usize].to_vec())
     }
 
@@ -251,13 +285,23 @@ impl Gpu {
     }
 }
 
+/// The most workgroups a dispatch may have along one dimension.
+pub const MAX_GROUPS: u32 = 65_535;
+
 /// Splits `workgroups` into a grid no dimension of which exceeds the
 /// 65,535 limit; shaders rebuild the linear index with `linear_index()`.
 pub fn grid(workgroups: u32) -> [u32; 3] {
-    const MAX: u32 = 65_535;
-    if workgroups <= MAX {
+    if workgroups <= MAX_GROUPS {
         [workgroups.max(1), 1, 1]
     } else {
-        [MAX, workgroups.div_ceil(MAX), 1]
+        [MAX_GROUPS, workgroups.div_ceil(MAX_GROUPS), 1]
     }
+}
+
+/// A grid of `blocks` rows (workgroup_id.y, the same for a whole workgroup)
+/// of `lane_groups` workgroups each, folded into x and z past the 65,535
+/// limit; shaders rebuild the group with `lane_group()`.
+pub fn tiled_grid(lane_groups: u32, blocks: u32) -> [u32; 3] {
+    let x = lane_groups.clamp(1, MAX_GROUPS);
+    [x, blocks.max(1), lane_groups.div_ceil(x).max(1)]
 }

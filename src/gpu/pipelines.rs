@@ -64,22 +64,30 @@ impl Shader {
     }
 }
 
+/// Values for a shader's `override` constants (workgroup and tile sizes).
+pub type Constants = Vec<(&'static str, u32)>;
+
 #[derive(Default)]
 pub struct PipelineCache {
     modules: Mutex<HashMap<Shader, wgpu::ShaderModule>>,
-    pipelines: Mutex<HashMap<(Shader, &'static str, u32), wgpu::ComputePipeline>>,
+    pipelines: Mutex<HashMap<(Shader, &'static str, Constants), wgpu::ComputePipeline>>,
 }
 
 impl PipelineCache {
-    /// The pipeline for `entry` in `shader` with workgroup size `workgroup`.
+    /// Pipelines created so far.
+    pub fn created(&self) -> usize {
+        self.pipelines.lock().unwrap().len()
+    }
+
+    /// The pipeline for `entry` in `shader` with the given override constants.
     pub fn get(
         &self,
         device: &wgpu::Device,
         shader: Shader,
         entry: &'static str,
-        workgroup: u32,
+        constants: &[(&'static str, u32)],
     ) -> wgpu::ComputePipeline {
-        let key = (shader, entry, workgroup);
+        let key = (shader, entry, constants.to_vec());
         if let Some(p) = self.pipelines.lock().unwrap().get(&key) {
             return p.clone();
         }
@@ -95,13 +103,14 @@ impl PipelineCache {
                 })
             })
             .clone();
+        let values: Vec<(&str, f64)> = constants.iter().map(|&(k, v)| (k, f64::from(v))).collect();
         let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(entry),
             layout: None,
             module: &module,
             entry_point: Some(entry),
             compilation_options: wgpu::PipelineCompilationOptions {
-                constants: &[("WG", workgroup as f64)],
+                constants: &values,
                 zero_initialize_workgroup_memory: false,
             },
             cache: None,

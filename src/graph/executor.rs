@@ -3,7 +3,7 @@
 //! replays the recorded dispatches in one compute pass and one submit.
 
 use super::{DType, Graph, Storage, TensorId};
-use crate::gpu::{grid, Gpu, Shader};
+use crate::gpu::{grid, tiled_grid, Gpu, Shader, MAX_GROUPS};
 use crate::graph::ParamStore;
 use anyhow::{bail, Context, Result};
 use std::collections::HashMap;
@@ -45,6 +45,15 @@ pub struct Dispatch {
     workgroups: [u32; 3],
 }
 
+impl Dispatch {
+    fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
+        pass.set_pipeline(&self.pipeline);
+        pass.set_bind_group(0, &self.bind_group, &[]);
+        let [x, y, z] = self.workgroups;
+        pass.dispatch_workgroups(x, y, z);
+    }
+}
+
 /// What an op sees while it plans: tensor shapes and bindings, scratch
 /// memory, and `dispatch` to record its kernels.
 pub struct PlanContext<'a> {
@@ -69,7 +78,9 @@ impl PlanContext<'_> {
 
     /// A private buffer for an op's intermediate results (split-K partial sums).
     pub fn scratch(&mut self, bytes: u64) -> Result<Binding> {
-        let buffer = self.gpu.storage_buffer(&format!("{} scratch", self.label), bytes)?;
+        let buffer = self
+            .gpu
+            .storage_buffer(&format!("{} scratch", self.label), bytes)?;
         let binding = Binding::whole(&buffer);
         self.scratch.push(buffer);
         Ok(binding)
@@ -85,13 +96,49 @@ impl PlanContext<'_> {
         storage: &[(u32, &Binding)],
         invocations: usize,
     ) -> Result<()> {
-        let workgroup = self.gpu.tuning.workgroup;
-        let workgroups = u32::try_from(invocations.div_ceil(workgroup as usize))
-            .ok()
-            .filter(|&w| w <= 65_535 * 65_535)
-            .with_context(|| format!("{}: {invocations} invocations is more than one dispatch can take", self.label))?;
-        self.dispatch_workgroups(shader, entry, workgroup, params, storage, grid(workgroups));
-        Ok(())
+        let workgroups = self.groups(invocations)?;
+        self.dispatch_workgroups(shader, entry, &[], params, storage, grid(workgroups))
+    }
+
+    /// Records a tiled kernel: `blocks` rows of workgroups (workgroup_id.y)
+    /// with `lanes` invocations each, and the given tile-size constants.
+    pub fn dispatch_tiled<P: bytemuck::Pod>(
+        &mut self,
+        kernel: (Shader, &'static str, &[(&'static str, u32)]),
+        params: &P,
+        storage: &[(u32, &Binding)],
+        lanes: usize,
+        blocks: usize,
+    ) -> Result<()> {
+        let lane_groups = self.groups(lanes)?;
+        let blocks = self.fit_dimension(blocks)?;
+        let (shader, entry, constants) = kernel;
+        self.dispatch_workgroups(
+            shader,
+            entry,
+            constants,
+            params,
+            storage,
+            tiled_grid(lane_groups, blocks),
+        )
+    }
+
+    /// Records `entry` over an explicit grid of workgroups.
+    pub fn dispatch_grid<P: bytemuck::Pod>(
+        &mut self,
+        kernel: (Shader, &'static str, &[(&'static str, u32)]),
+        params: &P,
+        storage: &[(u32, &Binding)],
+        workgroups: [usize; 3],
+    ) -> Result<()> {
+        let [x, y, z] = workgroups;
+        let grid = [
+            self.fit_dimension(x)?,
+            self.fit_dimension(y)?,
+            self.fit_dimension(z)?,
+        ];
+        let (shader, entry, constants) = kernel;
+        self.dispatch_workgroups(shader, entry, constants, params, storage, grid)
     }
 
     /// Records `entry` as exactly one workgroup (tree reductions).
@@ -101,25 +148,55 @@ impl PlanContext<'_> {
         entry: &'static str,
         params: &P,
         storage: &[(u32, &Binding)],
-    ) {
-        let workgroup = self.gpu.tuning.workgroup;
-        self.dispatch_workgroups(shader, entry, workgroup, params, storage, [1, 1, 1]);
+    ) -> Result<()> {
+        self.dispatch_workgroups(shader, entry, &[], params, storage, [1, 1, 1])
+    }
+
+    /// Workgroups of `tuning.workgroup` invocations covering `invocations`.
+    pub fn groups(&self, invocations: usize) -> Result<u32> {
+        u32::try_from(invocations.div_ceil(self.gpu.tuning.workgroup as usize))
+            .ok()
+            .filter(|&g| g <= MAX_GROUPS * MAX_GROUPS)
+            .with_context(|| {
+                format!(
+                    "{}: {invocations} invocations is more than one dispatch can take",
+                    self.label
+                )
+            })
+    }
+
+    fn fit_dimension(&self, groups: usize) -> Result<u32> {
+        u32::try_from(groups)
+            .ok()
+            .filter(|&g| g <= MAX_GROUPS)
+            .with_context(|| {
+                format!(
+                    "{}: {groups} workgroups exceed the {MAX_GROUPS} a dimension allows",
+                    self.label
+                )
+            })
     }
 
     fn dispatch_workgroups<P: bytemuck::Pod>(
         &mut self,
         shader: Shader,
         entry: &'static str,
-        workgroup: u32,
+        constants: &[(&'static str, u32)],
         params: &P,
         storage: &[(u32, &Binding)],
         workgroups: [u32; 3],
-    ) {
+    ) -> Result<()> {
         let device = &self.gpu.device;
-        let pipeline = self.gpu.pipelines.get(device, shader, entry, workgroup);
-        let uniform = self
+        let mut all_constants = vec![("WG", self.gpu.tuning.workgroup)];
+        all_constants.extend_from_slice(constants);
+        let pipeline = self
             .gpu
-            .uniform_buffer(&format!("{} params", self.label), bytemuck::bytes_of(params));
+            .pipelines
+            .get(device, shader, entry, &all_constants);
+        let uniform = self.gpu.uniform_buffer(
+            &format!("{} params", self.label),
+            bytemuck::bytes_of(params),
+        );
         let mut entries = vec![wgpu::BindGroupEntry {
             binding: 0,
             resource: uniform.as_entire_binding(),
@@ -128,7 +205,7 @@ impl PlanContext<'_> {
             binding: *slot,
             resource: b.resource(),
         }));
-        let bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
+        let bind_group = self.gpu.bind_group(&wgpu::BindGroupDescriptor {
             label: Some(&self.label),
             layout: &pipeline.get_bind_group_layout(0),
             entries: &entries,
@@ -139,6 +216,7 @@ impl PlanContext<'_> {
             bind_group,
             workgroups,
         });
+        Ok(())
     }
 }
 
@@ -154,8 +232,12 @@ pub struct Plan {
 /// Gives every activation tensor a buffer of its own. wgpu tracks read and
 /// write usage per buffer, so a dispatch may not read one range of a buffer
 /// while writing another: tensors cannot share one arena.
-fn allocate_activations(gpu: &Gpu, graph: &Graph, producer: &[String]) -> Result<(Vec<Option<Binding>>, Vec<wgpu::Buffer>, u64)> {
-    let max_binding = gpu.limits.max_storage_buffer_binding_size;
+fn allocate_activations(
+    gpu: &Gpu,
+    graph: &Graph,
+    producer: &[String],
+) -> Result<(Vec<Option<Binding>>, Vec<wgpu::Buffer>, u64)> {
+    let max_binding = gpu.max_binding();
     let mut bindings = vec![None; graph.tensors.len()];
     let mut buffers = Vec::new();
     let mut total = 0;
@@ -181,7 +263,12 @@ fn allocate_activations(gpu: &Gpu, graph: &Graph, producer: &[String]) -> Result
 }
 
 impl Plan {
-    pub fn new(gpu: &Gpu, graph: &Graph, params: &ParamStore, externals: &Externals) -> Result<Plan> {
+    pub fn new(
+        gpu: &Gpu,
+        graph: &Graph,
+        params: &ParamStore,
+        externals: &Externals,
+    ) -> Result<Plan> {
         for (spec, stored) in graph.params.iter().zip(&params.specs) {
             if spec.name != stored.name || spec.shape != stored.shape {
                 bail!(
@@ -194,7 +281,11 @@ impl Plan {
             }
         }
         if graph.params.len() != params.specs.len() {
-            bail!("graph has {} parameters, the store {}", graph.params.len(), params.specs.len());
+            bail!(
+                "graph has {} parameters, the store {}",
+                graph.params.len(),
+                params.specs.len()
+            );
         }
         let mut producer: Vec<String> = vec!["input".to_string(); graph.tensors.len()];
         for node in &graph.nodes {
@@ -202,7 +293,8 @@ impl Plan {
                 producer[t.0] = node.op.describe();
             }
         }
-        let (mut bindings, buffers, activation_bytes) = allocate_activations(gpu, graph, &producer)?;
+        let (mut bindings, buffers, activation_bytes) =
+            allocate_activations(gpu, graph, &producer)?;
         for (i, t) in graph.tensors.iter().enumerate() {
             bindings[i] = match &t.storage {
                 Storage::Activation | Storage::View(_) => continue,
@@ -219,7 +311,9 @@ impl Plan {
         for i in 0..graph.tensors.len() {
             if let Storage::View(_) = graph.tensors[i].storage {
                 let root = graph.storage_root(TensorId(i));
-                let mut b = bindings[root.0].clone().context("view of an unbound tensor")?;
+                let mut b = bindings[root.0]
+                    .clone()
+                    .context("view of an unbound tensor")?;
                 b.size = graph.tensors[i].bytes().max(4);
                 bindings[i] = Some(b);
             }
@@ -238,7 +332,8 @@ impl Plan {
                 .plan(&mut ctx, &node.inputs, &node.outputs)
                 .with_context(|| format!("planning {}", ctx.label))?;
         }
-        gpu.check_errors().context("creating the plan's pipelines and bind groups")?;
+        gpu.check_errors()
+            .context("creating the plan's pipelines and bind groups")?;
         let mut all_buffers = buffers;
         all_buffers.extend(ctx.scratch);
         log::info!(
@@ -260,22 +355,77 @@ impl Plan {
     }
 
     pub fn binding(&self, t: TensorId) -> &Binding {
-        self.bindings[t.0].as_ref().expect("planned tensors are bound")
+        self.bindings[t.0]
+            .as_ref()
+            .expect("planned tensors are bound")
     }
 
     /// Records every dispatch into `pass`.
     pub fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
         for d in &self.dispatches {
-            pass.set_pipeline(&d.pipeline);
-            pass.set_bind_group(0, &d.bind_group, &[]);
-            let [x, y, z] = d.workgroups;
-            pass.dispatch_workgroups(x, y, z);
+            d.record(pass);
         }
+    }
+
+    /// GPU seconds of every dispatch, labelled, from timestamp queries
+    /// around one compute pass per dispatch (needs `Features::TIMESTAMP_QUERY`).
+    pub fn profile(&self, gpu: &Gpu) -> Result<Vec<(String, f64)>> {
+        if !gpu
+            .device
+            .features()
+            .contains(wgpu::Features::TIMESTAMP_QUERY)
+        {
+            bail!("adapter {:?} has no timestamp queries", gpu.info.name);
+        }
+        let seconds_per_tick = f64::from(gpu.queue.get_timestamp_period()) * 1e-9;
+        let mut times = Vec::with_capacity(self.dispatches.len());
+        // A query set holds at most 4096 queries: two per dispatch.
+        for chunk in self.dispatches.chunks(2048) {
+            let count = 2 * chunk.len() as u32;
+            let queries = gpu.device.create_query_set(&wgpu::QuerySetDescriptor {
+                label: Some("profile"),
+                ty: wgpu::QueryType::Timestamp,
+                count,
+            });
+            let resolved = gpu.buffer(&wgpu::BufferDescriptor {
+                label: Some("profile timestamps"),
+                size: 8 * u64::from(count),
+                usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: false,
+            });
+            let mut encoder = gpu.device.create_command_encoder(&Default::default());
+            for (i, d) in chunk.iter().enumerate() {
+                let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: Some(&d.label),
+                    timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
+                        query_set: &queries,
+                        beginning_of_pass_write_index: Some(2 * i as u32),
+                        end_of_pass_write_index: Some(2 * i as u32 + 1),
+                    }),
+                });
+                d.record(&mut pass);
+            }
+            encoder.resolve_query_set(&queries, 0..count, &resolved, 0);
+            gpu.queue.submit([encoder.finish()]);
+            let bytes = gpu.read_bytes(&resolved, 0, 8 * u64::from(count))?;
+            let ticks: &[u64] = bytemuck::cast_slice(&bytes);
+            for (d, t) in chunk.iter().zip(ticks.chunks_exact(2)) {
+                times.push((
+                    d.label.clone(),
+                    t[1].saturating_sub(t[0]) as f64 * seconds_per_tick,
+                ));
+            }
+        }
+        Ok(times)
     }
 
     /// One step: one command encoder, one compute pass, one submit.
     pub fn run(&self, gpu: &Gpu) -> wgpu::SubmissionIndex {
-        let mut encoder = gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("step") });
+        let mut encoder = gpu
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("step"),
+            });
         {
             let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some("step"),
@@ -289,16 +439,23 @@ impl Plan {
     pub fn write_f32(&self, gpu: &Gpu, graph: &Graph, t: TensorId, values: &[f32]) -> Result<()> {
         let tensor = graph.tensor(t);
         if tensor.dtype != DType::F32 || tensor.len() != values.len() {
-            bail!("tensor {:?} has shape {:?}, got {} values", t, tensor.shape, values.len());
+            bail!(
+                "tensor {:?} has shape {:?}, got {} values",
+                t,
+                tensor.shape,
+                values.len()
+            );
         }
         let b = self.binding(t);
-        gpu.queue.write_buffer(&b.buffer, b.offset, bytemuck::cast_slice(values));
+        gpu.queue
+            .write_buffer(&b.buffer, b.offset, bytemuck::cast_slice(values));
         Ok(())
     }
 
     pub fn write_u32(&self, gpu: &Gpu, t: TensorId, values: &[u32]) {
         let b = self.binding(t);
-        gpu.queue.write_buffer(&b.buffer, b.offset, bytemuck::cast_slice(values));
+        gpu.queue
+            .write_buffer(&b.buffer, b.offset, bytemuck::cast_slice(values));
     }
 
     pub fn read_f32(&self, gpu: &Gpu, graph: &Graph, t: TensorId) -> Result<Vec<f32>> {

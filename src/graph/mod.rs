@@ -151,7 +151,13 @@ impl Graph {
         &self.tensors[id.0].shape
     }
 
-    fn add_tensor(&mut self, shape: Shape, dtype: DType, storage: Storage, requires_grad: bool) -> TensorId {
+    fn add_tensor(
+        &mut self,
+        shape: Shape,
+        dtype: DType,
+        storage: Storage,
+        requires_grad: bool,
+    ) -> TensorId {
         self.tensors.push(Tensor {
             shape,
             dtype,

@@ -23,12 +23,12 @@ impl ParamStore {
         let mut bytes = 0u64;
         for spec in specs {
             let size = 4 * spec.shape.iter().product::<usize>() as u64;
-            if size > gpu.limits.max_storage_buffer_binding_size {
+            if size > gpu.max_binding() {
                 bail!(
                     "parameter {} ({:?}) takes {size} bytes, more than the adapter's largest storage binding ({} bytes)",
                     spec.name,
                     spec.shape,
-                    gpu.limits.max_storage_buffer_binding_size
+                    gpu.max_binding()
                 );
             }
             offsets.push(bytes);
@@ -77,8 +77,11 @@ impl ParamStore {
                 values.len()
             );
         }
-        gpu.queue
-            .write_buffer(&self.values, self.offsets[index], bytemuck::cast_slice(values));
+        gpu.queue.write_buffer(
+            &self.values,
+            self.offsets[index],
+            bytemuck::cast_slice(values),
+        );
         Ok(())
     }
 

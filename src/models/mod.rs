@@ -31,7 +31,10 @@ pub fn find(name: &str) -> Result<&'static ModelSpec> {
         Some(m) => Ok(m),
         None => {
             let known: Vec<&str> = MODELS.iter().map(|m| m.name).collect();
-            bail!("unknown model {name:?}; expected one of: {}", known.join(", "))
+            bail!(
+                "unknown model {name:?}; expected one of: {}",
+                known.join(", ")
+            )
         }
     }
 }

@@ -24,7 +24,7 @@ impl Sequential {
         Sequential::default()
     }
 
-    pub fn add(mut self, layer: impl Module + 'static) -> Sequential {
+    pub fn append(mut self, layer: impl Module + 'static) -> Sequential {
         self.layers.push(Box::new(layer));
         self
     }
@@ -34,9 +34,13 @@ impl Module for Sequential {
     fn forward(&self, g: &mut Graph, mut x: TensorId, prefix: &str) -> Result<TensorId> {
         for (i, layer) in self.layers.iter().enumerate() {
             let name = format!("{prefix}{i}");
-            x = layer
-                .forward(g, x, &format!("{name}."))
-                .with_context(|| format!("layer {name} ({}) with input {:?}", layer.class_name(), g.shape(x)))?;
+            x = layer.forward(g, x, &format!("{name}.")).with_context(|| {
+                format!(
+                    "layer {name} ({}) with input {:?}",
+                    layer.class_name(),
+                    g.shape(x)
+                )
+            })?;
         }
         Ok(x)
     }
@@ -78,7 +82,11 @@ impl Module for Conv2d {
     fn forward(&self, g: &mut Graph, x: TensorId, prefix: &str) -> Result<TensorId> {
         let in_channels = g.shape(x)[1];
         let (k, out) = (self.kernel, self.out_channels);
-        let weight = g.param(format!("{prefix}weight"), vec![out, in_channels, k, k], Init::XavierUniform);
+        let weight = g.param(
+            format!("{prefix}weight"),
+            vec![out, in_channels, k, k],
+            Init::XavierUniform,
+        );
         let bias = g.param(format!("{prefix}bias"), vec![out], Init::Zeros);
         let conv = ops::Conv2d {
             stride: (self.stride, self.stride),
@@ -106,8 +114,16 @@ impl Linear {
 impl Module for Linear {
     fn forward(&self, g: &mut Graph, x: TensorId, prefix: &str) -> Result<TensorId> {
         let in_features = g.shape(x)[1];
-        let weight = g.param(format!("{prefix}weight"), vec![self.out_features, in_features], Init::XavierUniform);
-        let bias = g.param(format!("{prefix}bias"), vec![self.out_features], Init::Zeros);
+        let weight = g.param(
+            format!("{prefix}weight"),
+            vec![self.out_features, in_features],
+            Init::XavierUniform,
+        );
+        let bias = g.param(
+            format!("{prefix}bias"),
+            vec![self.out_features],
+            Init::Zeros,
+        );
         g.apply1(ops::Linear, &[x, weight, bias])
     }
 

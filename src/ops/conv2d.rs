@@ -8,8 +8,22 @@ use crate::gpu::Shader;
 use crate::graph::{DType, Graph, Op, PlanContext, Shape, Tensor, TensorId};
 use anyhow::{bail, Result};
 
-/// Output channels (or filter taps) and pixels per invocation: TC and TP in the shader.
-const TILE: usize = 4;
+/// Pixels (or filter taps) per invocation: the vec4 lanes of the shader.
+const PIXELS_PER_INVOCATION: usize = 4;
+
+/// Channels per invocation (the shader's TC): all of them when there are
+/// few (LeNet), otherwise a 16-channel register tile.
+fn channel_tile(channels: usize) -> usize {
+    if channels <= 8 {
+        8
+    } else {
+        16
+    }
+}
+
+fn kernel(entry: &'static str, tile: usize) -> (Shader, &'static str, [(&'static str, u32); 1]) {
+    (Shader::Conv2d, entry, [("TC", tile as u32)])
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Conv2d {
@@ -40,14 +54,21 @@ struct ConvParams {
 
 impl Conv2d {
     /// PyTorch's output size: floor((in + 2 pad - kernel) / stride) + 1.
-    pub fn output_size(&self, input: (usize, usize), kernel: (usize, usize)) -> Result<(usize, usize)> {
+    pub fn output_size(
+        &self,
+        input: (usize, usize),
+        kernel: (usize, usize),
+    ) -> Result<(usize, usize)> {
         let (h, w) = input;
         let (kh, kw) = kernel;
         let (ph, pw) = self.padding;
         if h + 2 * ph < kh || w + 2 * pw < kw {
             bail!("a {kh}x{kw} kernel does not fit a {h}x{w} input with padding {ph}x{pw}");
         }
-        Ok(((h + 2 * ph - kh) / self.stride.0 + 1, (w + 2 * pw - kw) / self.stride.1 + 1))
+        Ok((
+            (h + 2 * ph - kh) / self.stride.0 + 1,
+            (w + 2 * pw - kw) / self.stride.1 + 1,
+        ))
     }
 
     /// Uniform parameters for input `[n, c_in, h, w]` and weight `[c_out, c_in, kh, kw]`.
@@ -82,16 +103,18 @@ impl Conv2d {
         let (n, ci, co) = (p.batch as usize, p.c_in as usize, p.c_out as usize);
         let mut y = CpuTensor::zeros(&[n, co, p.ho as usize, p.wo as usize]);
         for img in 0..n {
-            for o in 0..co {
+            for (o, &b) in bias.iter().enumerate() {
                 for oy in 0..p.ho as usize {
                     for ox in 0..p.wo as usize {
-                        let mut sum = bias[o] as f64;
+                        let mut sum = b as f64;
                         self.for_each_tap(&p, oy, ox, |c, ky, kx, iy, ix| {
-                            sum += (weight.data[((o * ci + c) * p.kh as usize + ky) * p.kw as usize + kx]
+                            sum += (weight.data
+                                [((o * ci + c) * p.kh as usize + ky) * p.kw as usize + kx]
                                 * x.data[((img * ci + c) * p.h as usize + iy) * p.w as usize + ix])
                                 as f64;
                         });
-                        y.data[((img * co + o) * p.ho as usize + oy) * p.wo as usize + ox] = sum as f32;
+                        y.data[((img * co + o) * p.ho as usize + oy) * p.wo as usize + ox] =
+                            sum as f32;
                     }
                 }
             }
@@ -100,40 +123,57 @@ impl Conv2d {
     }
 
     /// CPU reference for the gradients `(dx, dweight, dbias)` given `dy`.
-    pub fn cpu_backward(&self, x: &CpuTensor, weight: &CpuTensor, dy: &CpuTensor) -> (CpuTensor, CpuTensor, Vec<f32>) {
+    pub fn cpu_backward(
+        &self,
+        x: &CpuTensor,
+        weight: &CpuTensor,
+        dy: &CpuTensor,
+    ) -> (CpuTensor, CpuTensor, Vec<f32>) {
         let p = self.params(&x.shape, &weight.shape);
         let (n, ci, co) = (p.batch as usize, p.c_in as usize, p.c_out as usize);
         let mut dx = CpuTensor::zeros(&x.shape);
-        let mut dw = CpuTensor::zeros(&weight.shape);
-        let mut db = vec![0.0f32; co];
+        // Filter and bias gradients sum batch x positions terms: accumulate in f64.
+        let mut dw = vec![0.0f64; weight.data.len()];
+        let mut db = vec![0.0f64; co];
         for img in 0..n {
-            for o in 0..co {
+            for (o, db_o) in db.iter_mut().enumerate() {
                 for oy in 0..p.ho as usize {
                     for ox in 0..p.wo as usize {
                         let g = dy.data[((img * co + o) * p.ho as usize + oy) * p.wo as usize + ox];
-                        db[o] += g;
+                        *db_o += g as f64;
                         self.for_each_tap(&p, oy, ox, |c, ky, kx, iy, ix| {
                             let wi = ((o * ci + c) * p.kh as usize + ky) * p.kw as usize + kx;
                             let xi = ((img * ci + c) * p.h as usize + iy) * p.w as usize + ix;
                             dx.data[xi] += g * weight.data[wi];
-                            dw.data[wi] += g * x.data[xi];
+                            dw[wi] += (g * x.data[xi]) as f64;
                         });
                     }
                 }
             }
         }
-        (dx, dw, db)
+        let narrow = |v: Vec<f64>| v.into_iter().map(|v| v as f32).collect::<Vec<f32>>();
+        (dx, CpuTensor::new(&weight.shape, narrow(dw)), narrow(db))
     }
 
     /// Calls `f(c, ky, kx, iy, ix)` for every tap of output (oy, ox) that
     /// lands inside the input.
-    fn for_each_tap(&self, p: &ConvParams, oy: usize, ox: usize, mut f: impl FnMut(usize, usize, usize, usize, usize)) {
+    fn for_each_tap(
+        &self,
+        p: &ConvParams,
+        oy: usize,
+        ox: usize,
+        mut f: impl FnMut(usize, usize, usize, usize, usize),
+    ) {
         for c in 0..p.c_in as usize {
             for ky in 0..p.kh as usize {
                 for kx in 0..p.kw as usize {
                     let iy = (oy * self.stride.0 + ky) as isize - self.padding.0 as isize;
                     let ix = (ox * self.stride.1 + kx) as isize - self.padding.1 as isize;
-                    if iy >= 0 && ix >= 0 && (iy as usize) < p.h as usize && (ix as usize) < p.w as usize {
+                    if iy >= 0
+                        && ix >= 0
+                        && (iy as usize) < p.h as usize
+                        && (ix as usize) < p.w as usize
+                    {
                         f(c, ky, kx, iy as usize, ix as usize);
                     }
                 }
@@ -148,15 +188,25 @@ impl Op for Conv2d {
     }
 
     fn infer(&self, inputs: &[&Tensor]) -> Result<Vec<(Shape, DType)>> {
-        let [x, weight, bias] = inputs else { bail!("conv2d takes x, weight and bias") };
+        let [x, weight, bias] = inputs else {
+            bail!("conv2d takes x, weight and bias")
+        };
         expect_rank(x, 4, "conv2d input")?;
         expect_rank(weight, 4, "conv2d weight")?;
         let (xs, ws) = (&x.shape, &weight.shape);
         if xs[1] != ws[1] {
-            bail!("conv2d weight {ws:?} expects {} input channels, the input {xs:?} has {}", ws[1], xs[1]);
+            bail!(
+                "conv2d weight {ws:?} expects {} input channels, the input {xs:?} has {}",
+                ws[1],
+                xs[1]
+            );
         }
         if bias.shape != [ws[0]] {
-            bail!("conv2d bias {:?} does not match {} output channels", bias.shape, ws[0]);
+            bail!(
+                "conv2d bias {:?} does not match {} output channels",
+                bias.shape,
+                ws[0]
+            );
         }
         let (ho, wo) = self.output_size((xs[2], xs[3]), (ws[2], ws[3]))?;
         Ok(vec![(vec![xs[0], ws[0], ho, wo], DType::F32)])
@@ -165,14 +215,21 @@ impl Op for Conv2d {
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
         let p = self.params(ctx.shape(inputs[0]), ctx.shape(inputs[1]));
         let pixels = (p.batch * p.ho * p.wo) as usize;
-        let invocations = pixels.div_ceil(TILE) * (p.c_out as usize).div_ceil(TILE);
+        let tile = channel_tile(p.c_out as usize);
         let (x, w, b, y) = (
             ctx.binding(inputs[0]).clone(),
             ctx.binding(inputs[1]).clone(),
             ctx.binding(inputs[2]).clone(),
             ctx.binding(outputs[0]).clone(),
         );
-        ctx.dispatch(Shader::Conv2d, "forward", &p, &[(1, &x), (2, &w), (3, &b), (4, &y)], invocations)
+        let (shader, entry, constants) = kernel("forward", tile);
+        ctx.dispatch_tiled(
+            (shader, entry, &constants),
+            &p,
+            &[(1, &x), (2, &w), (3, &b), (4, &y)],
+            pixels.div_ceil(PIXELS_PER_INVOCATION),
+            (p.c_out as usize).div_ceil(tile),
+        )
     }
 
     fn backward(
@@ -188,16 +245,32 @@ impl Op for Conv2d {
         let xs = g.shape(x).to_vec();
         let ws = g.shape(weight).to_vec();
         let dx = if needs[0] {
-            Some(g.apply1(Conv2dBackwardData { conv: *self, input: xs }, &[dy, weight])?)
+            Some(g.apply1(
+                Conv2dBackwardData {
+                    conv: *self,
+                    input: xs,
+                },
+                &[dy, weight],
+            )?)
         } else {
             None
         };
         let dw = if needs[1] {
-            Some(g.apply1(Conv2dBackwardFilter { conv: *self, kernel: (ws[2], ws[3]) }, &[x, dy])?)
+            Some(g.apply1(
+                Conv2dBackwardFilter {
+                    conv: *self,
+                    kernel: (ws[2], ws[3]),
+                },
+                &[x, dy],
+            )?)
         } else {
             None
         };
-        let db = if needs[2] { Some(g.apply1(ChannelSum, &[dy])?) } else { None };
+        let db = if needs[2] {
+            Some(g.apply1(ChannelSum, &[dy])?)
+        } else {
+            None
+        };
         Ok(vec![dx, dw, db])
     }
 }
@@ -222,13 +295,20 @@ impl Op for Conv2dBackwardData {
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
         let p = self.conv.params(&self.input, ctx.shape(inputs[1]));
         let pixels = (p.batch * p.h * p.w) as usize;
-        let invocations = pixels.div_ceil(TILE) * (p.c_in as usize).div_ceil(TILE);
+        let tile = channel_tile(p.c_in as usize);
         let (dy, w, dx) = (
             ctx.binding(inputs[0]).clone(),
             ctx.binding(inputs[1]).clone(),
             ctx.binding(outputs[0]).clone(),
         );
-        ctx.dispatch(Shader::Conv2d, "backward_data", &p, &[(2, &w), (5, &dy), (6, &dx)], invocations)
+        let (shader, entry, constants) = kernel("backward_data", tile);
+        ctx.dispatch_tiled(
+            (shader, entry, &constants),
+            &p,
+            &[(2, &w), (5, &dy), (6, &dx)],
+            pixels.div_ceil(PIXELS_PER_INVOCATION),
+            (p.c_in as usize).div_ceil(tile),
+        )
     }
 }
 
@@ -246,17 +326,23 @@ impl Op for Conv2dBackwardFilter {
 
     fn infer(&self, inputs: &[&Tensor]) -> Result<Vec<(Shape, DType)>> {
         let (x, dy) = (&inputs[0].shape, &inputs[1].shape);
-        Ok(vec![(vec![dy[1], x[1], self.kernel.0, self.kernel.1], DType::F32)])
+        Ok(vec![(
+            vec![dy[1], x[1], self.kernel.0, self.kernel.1],
+            DType::F32,
+        )])
     }
 
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
         let ws = ctx.shape(outputs[0]).to_vec();
         let mut p = self.conv.params(ctx.shape(inputs[0]), &ws);
         let taps = (p.c_in * p.kh * p.kw) as usize;
-        let tiles = taps.div_ceil(TILE) * (p.c_out as usize).div_ceil(TILE);
+        let tile = channel_tile(p.c_out as usize);
+        let tap_groups = ctx.groups(taps.div_ceil(PIXELS_PER_INVOCATION))? as usize;
+        let channel_blocks = (p.c_out as usize).div_ceil(tile);
         let positions = (p.batch * p.ho * p.wo) as usize;
         let len = ws.iter().product::<usize>();
-        let splits = split_count(positions, tiles, len, ctx.gpu);
+        let lanes = tap_groups * channel_blocks * ctx.gpu.tuning.workgroup as usize;
+        let splits = split_count(positions, lanes, len, ctx.gpu);
         p.splits = splits as u32;
         p.chunk = positions.div_ceil(splits) as u32;
         let partial = ctx.scratch(4 * (splits * len) as u64)?;
@@ -265,7 +351,13 @@ impl Op for Conv2dBackwardFilter {
             ctx.binding(inputs[1]).clone(),
             ctx.binding(outputs[0]).clone(),
         );
-        ctx.dispatch(Shader::Conv2d, "backward_filter", &p, &[(1, &x), (5, &dy), (7, &partial)], tiles * splits)?;
+        let (shader, entry, constants) = kernel("backward_filter", tile);
+        ctx.dispatch_grid(
+            (shader, entry, &constants),
+            &p,
+            &[(1, &x), (5, &dy), (7, &partial)],
+            [tap_groups, channel_blocks, splits],
+        )?;
         sum_splits(ctx, &ReduceParams::sum_splits(len, splits), &partial, &dw)
     }
 }

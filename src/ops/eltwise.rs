@@ -7,10 +7,17 @@ use crate::graph::{DType, Graph, Op, PlanContext, Shape, Tensor, TensorId};
 use anyhow::{bail, Result};
 
 /// Records `entry` over every element of `out`, reading `(slot, tensor)` inputs.
-fn elementwise(ctx: &mut PlanContext, entry: &'static str, inputs: &[(u32, TensorId)], out: TensorId) -> Result<()> {
+fn elementwise(
+    ctx: &mut PlanContext,
+    entry: &'static str,
+    inputs: &[(u32, TensorId)],
+    out: TensorId,
+) -> Result<()> {
     let len = ctx.graph.tensor(out).len();
-    let mut storage: Vec<(u32, crate::graph::Binding)> =
-        inputs.iter().map(|&(slot, t)| (slot, ctx.binding(t).clone())).collect();
+    let mut storage: Vec<(u32, crate::graph::Binding)> = inputs
+        .iter()
+        .map(|&(slot, t)| (slot, ctx.binding(t).clone()))
+        .collect();
     storage.push((4, ctx.binding(out).clone()));
     let refs: Vec<(u32, &crate::graph::Binding)> = storage.iter().map(|(s, b)| (*s, b)).collect();
     ctx.dispatch(Shader::Eltwise, entry, &LenParams::new(len), &refs, len)
@@ -30,11 +37,21 @@ pub struct Sigmoid;
 
 impl Sigmoid {
     pub fn cpu_forward(x: &CpuTensor) -> CpuTensor {
-        CpuTensor::new(&x.shape, x.data.iter().map(|v| 1.0 / (1.0 + (-v).exp())).collect())
+        CpuTensor::new(
+            &x.shape,
+            x.data.iter().map(|v| 1.0 / (1.0 + (-v).exp())).collect(),
+        )
     }
 
     pub fn cpu_backward(y: &CpuTensor, dy: &CpuTensor) -> CpuTensor {
-        CpuTensor::new(&y.shape, y.data.iter().zip(&dy.data).map(|(y, g)| g * y * (1.0 - y)).collect())
+        CpuTensor::new(
+            &y.shape,
+            y.data
+                .iter()
+                .zip(&dy.data)
+                .map(|(y, g)| g * y * (1.0 - y))
+                .collect(),
+        )
     }
 }
 
@@ -78,7 +95,12 @@ impl Op for SigmoidBackward {
     }
 
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
-        elementwise(ctx, "sigmoid_backward", &[(2, inputs[0]), (3, inputs[1])], outputs[0])
+        elementwise(
+            ctx,
+            "sigmoid_backward",
+            &[(2, inputs[0]), (3, inputs[1])],
+            outputs[0],
+        )
     }
 }
 
@@ -94,7 +116,11 @@ impl Relu {
     pub fn cpu_backward(y: &CpuTensor, dy: &CpuTensor) -> CpuTensor {
         CpuTensor::new(
             &y.shape,
-            y.data.iter().zip(&dy.data).map(|(y, g)| if *y > 0.0 { *g } else { 0.0 }).collect(),
+            y.data
+                .iter()
+                .zip(&dy.data)
+                .map(|(y, g)| if *y > 0.0 { *g } else { 0.0 })
+                .collect(),
         )
     }
 }
@@ -139,7 +165,12 @@ impl Op for ReluBackward {
     }
 
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
-        elementwise(ctx, "relu_backward", &[(2, inputs[0]), (3, inputs[1])], outputs[0])
+        elementwise(
+            ctx,
+            "relu_backward",
+            &[(2, inputs[0]), (3, inputs[1])],
+            outputs[0],
+        )
     }
 }
 

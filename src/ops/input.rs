@@ -61,12 +61,18 @@ impl Op for GatherResize {
     }
 
     fn infer(&self, inputs: &[&Tensor]) -> Result<Vec<(Shape, DType)>> {
-        let [pixels, labels, indices] = inputs else { bail!("gather takes pixels, labels and indices") };
-        if pixels.dtype != DType::U8 || pixels.shape.len() != 3 || labels.shape != [pixels.shape[0]] {
+        let [pixels, labels, indices] = inputs else {
+            bail!("gather takes pixels, labels and indices")
+        };
+        if pixels.dtype != DType::U8 || pixels.shape.len() != 3 || labels.shape != [pixels.shape[0]]
+        {
             bail!("dataset must be u8 [count, h, w] with [count] labels");
         }
         let batch = indices.shape[0];
-        Ok(vec![(vec![batch, 1, self.size, self.size], DType::F32), (vec![batch], DType::U32)])
+        Ok(vec![
+            (vec![batch, 1, self.size, self.size], DType::F32),
+            (vec![batch], DType::U32),
+        ])
     }
 
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
@@ -82,8 +88,18 @@ impl Op for GatherResize {
             scale_w: src[2] as f32 / self.size as f32,
             _pad: 0,
         };
-        let bound: Vec<_> = inputs.iter().chain(outputs).map(|&t| ctx.binding(t).clone()).collect();
+        let bound: Vec<_> = inputs
+            .iter()
+            .chain(outputs)
+            .map(|&t| ctx.binding(t).clone())
+            .collect();
         let storage: Vec<(u32, &_)> = (1..).zip(&bound).collect();
-        ctx.dispatch(Shader::Data, "gather_resize", &p, &storage, batch * self.size * self.size)
+        ctx.dispatch(
+            Shader::Data,
+            "gather_resize",
+            &p,
+            &storage,
+            batch * self.size * self.size,
+        )
     }
 }

@@ -1,6 +1,7 @@
 //! `nn.Linear` (y = x W^T + b, weight `[out, in]`) and the strided matrix
 //! product its gradients are made of; both run `shaders/gemm.wgsl`.
 
+use super::reduce::MAX_LOOP_TRIPS;
 use super::{expect_rank, ChannelSum, CpuTensor};
 use crate::gpu::Shader;
 use crate::graph::{Binding, DType, Graph, Op, PlanContext, Shape, Tensor, TensorId};
@@ -32,8 +33,16 @@ pub struct MatMul {
 impl MatMul {
     /// (M, K) of op(A) and (K, N) of op(B).
     fn dims(&self, a: &[usize], b: &[usize]) -> ((usize, usize), (usize, usize)) {
-        let oa = if self.transpose_a { (a[1], a[0]) } else { (a[0], a[1]) };
-        let ob = if self.transpose_b { (b[1], b[0]) } else { (b[0], b[1]) };
+        let oa = if self.transpose_a {
+            (a[1], a[0])
+        } else {
+            (a[0], a[1])
+        };
+        let ob = if self.transpose_b {
+            (b[1], b[0])
+        } else {
+            (b[0], b[1])
+        };
         (oa, ob)
     }
 
@@ -53,17 +62,41 @@ impl MatMul {
         }
     }
 
-    fn record(&self, ctx: &mut PlanContext, a: TensorId, b: TensorId, bias: Option<TensorId>, c: TensorId) -> Result<()> {
+    fn record(
+        &self,
+        ctx: &mut PlanContext,
+        a: TensorId,
+        b: TensorId,
+        bias: Option<TensorId>,
+        c: TensorId,
+    ) -> Result<()> {
         let p = self.params(ctx.shape(a), ctx.shape(b));
+        if p.k as usize > MAX_LOOP_TRIPS {
+            bail!(
+                "{}: an inner dimension of {} is longer than the {MAX_LOOP_TRIPS} terms one kernel loop may sum",
+                self.describe(),
+                p.k
+            );
+        }
         let invocations = (p.m as usize).div_ceil(TILE) * (p.n as usize).div_ceil(TILE);
-        let (a, b, c) = (ctx.binding(a).clone(), ctx.binding(b).clone(), ctx.binding(c).clone());
+        let (a, b, c) = (
+            ctx.binding(a).clone(),
+            ctx.binding(b).clone(),
+            ctx.binding(c).clone(),
+        );
         match bias {
             Some(bias) => {
                 let bias: Binding = ctx.binding(bias).clone();
                 let storage = [(1, &a), (2, &b), (3, &bias), (4, &c)];
                 ctx.dispatch(Shader::Gemm, "matmul_bias", &p, &storage, invocations)
             }
-            None => ctx.dispatch(Shader::Gemm, "matmul", &p, &[(1, &a), (2, &b), (4, &c)], invocations),
+            None => ctx.dispatch(
+                Shader::Gemm,
+                "matmul",
+                &p,
+                &[(1, &a), (2, &b), (4, &c)],
+                invocations,
+            ),
         }
     }
 
@@ -77,7 +110,8 @@ impl MatMul {
                 c.data[i * n + j] = (0..k)
                     .map(|kk| {
                         a.data[i * p.a_row_stride as usize + kk * p.a_col_stride as usize] as f64
-                            * b.data[kk * p.b_row_stride as usize + j * p.b_col_stride as usize] as f64
+                            * b.data[kk * p.b_row_stride as usize + j * p.b_col_stride as usize]
+                                as f64
                     })
                     .sum::<f64>() as f32;
             }
@@ -88,16 +122,27 @@ impl MatMul {
 
 impl Op for MatMul {
     fn describe(&self) -> String {
-        format!("matmul{}{}", if self.transpose_a { " A^T" } else { "" }, if self.transpose_b { " B^T" } else { "" })
+        format!(
+            "matmul{}{}",
+            if self.transpose_a { " A^T" } else { "" },
+            if self.transpose_b { " B^T" } else { "" }
+        )
     }
 
     fn infer(&self, inputs: &[&Tensor]) -> Result<Vec<(Shape, DType)>> {
-        let [a, b] = inputs else { bail!("matmul takes two matrices") };
+        let [a, b] = inputs else {
+            bail!("matmul takes two matrices")
+        };
         expect_rank(a, 2, "matmul A")?;
         expect_rank(b, 2, "matmul B")?;
         let ((m, k), (k2, n)) = self.dims(&a.shape, &b.shape);
         if k != k2 {
-            bail!("{}: inner dimensions differ ({:?} and {:?})", self.describe(), a.shape, b.shape);
+            bail!(
+                "{}: inner dimensions differ ({:?} and {:?})",
+                self.describe(),
+                a.shape,
+                b.shape
+            );
         }
         Ok(vec![(vec![m, n], DType::F32)])
     }
@@ -127,7 +172,11 @@ impl Linear {
     }
 
     /// `(dx, dweight, dbias)`: dy W, dy^T x, and dy summed over the batch.
-    pub fn cpu_backward(x: &CpuTensor, weight: &CpuTensor, dy: &CpuTensor) -> (CpuTensor, CpuTensor, Vec<f32>) {
+    pub fn cpu_backward(
+        x: &CpuTensor,
+        weight: &CpuTensor,
+        dy: &CpuTensor,
+    ) -> (CpuTensor, CpuTensor, Vec<f32>) {
         let dx = MatMul {
             transpose_a: false,
             transpose_b: false,
@@ -148,7 +197,9 @@ impl Op for Linear {
     }
 
     fn infer(&self, inputs: &[&Tensor]) -> Result<Vec<(Shape, DType)>> {
-        let [x, weight, bias] = inputs else { bail!("linear takes x, weight and bias") };
+        let [x, weight, bias] = inputs else {
+            bail!("linear takes x, weight and bias")
+        };
         expect_rank(x, 2, "linear input")?;
         expect_rank(weight, 2, "linear weight")?;
         if x.shape[1] != weight.shape[1] {
@@ -161,7 +212,11 @@ impl Op for Linear {
             );
         }
         if bias.shape != [weight.shape[0]] {
-            bail!("linear bias {:?} does not match {} outputs", bias.shape, weight.shape[0]);
+            bail!(
+                "linear bias {:?} does not match {} outputs",
+                bias.shape,
+                weight.shape[0]
+            );
         }
         Ok(vec![(vec![x.shape[0], weight.shape[0]], DType::F32)])
     }
@@ -198,7 +253,11 @@ impl Op for Linear {
         } else {
             None
         };
-        let db = if needs[2] { Some(g.apply1(ChannelSum, &[dy])?) } else { None };
+        let db = if needs[2] {
+            Some(g.apply1(ChannelSum, &[dy])?)
+        } else {
+            None
+        };
         Ok(vec![dx, dw, db])
     }
 }

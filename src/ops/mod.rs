@@ -34,7 +34,11 @@ pub struct CpuTensor {
 
 impl CpuTensor {
     pub fn new(shape: &[usize], data: Vec<f32>) -> CpuTensor {
-        assert_eq!(shape.iter().product::<usize>(), data.len(), "shape {shape:?}");
+        assert_eq!(
+            shape.iter().product::<usize>(),
+            data.len(),
+            "shape {shape:?}"
+        );
         CpuTensor {
             shape: shape.to_vec(),
             data,
@@ -49,7 +53,11 @@ impl CpuTensor {
 /// Checks that `t` is f32 with `rank` dimensions; `what` names it in the error.
 fn expect_rank(t: &Tensor, rank: usize, what: &str) -> Result<()> {
     if t.shape.len() != rank || t.dtype != DType::F32 {
-        bail!("{what} must be an f32 tensor of rank {rank}, got {:?} {:?}", t.dtype, t.shape);
+        bail!(
+            "{what} must be an f32 tensor of rank {rank}, got {:?} {:?}",
+            t.dtype,
+            t.shape
+        );
     }
     Ok(())
 }

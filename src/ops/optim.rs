@@ -38,9 +38,12 @@ impl Op for SgdStep {
     }
 
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
-        let (grads, params) = (ctx.binding(inputs[0]).clone(), ctx.binding(outputs[0]).clone());
+        let (grads, params) = (
+            ctx.binding(inputs[0]).clone(),
+            ctx.binding(outputs[0]).clone(),
+        );
         // One dispatch per range the adapter lets a single binding cover.
-        let max_binding = ctx.gpu.limits.max_storage_buffer_binding_size & !255;
+        let max_binding = ctx.gpu.max_binding();
         let mut offset = 0;
         while offset < params.size {
             let size = max_binding.min(params.size - offset);
@@ -54,7 +57,13 @@ impl Op for SgdStep {
                 lr: self.lr,
                 _pad: [0; 2],
             };
-            ctx.dispatch(Shader::Optim, "sgd", &p, &[(1, &range(&grads)), (2, &range(&params))], (size / 16) as usize)?;
+            ctx.dispatch(
+                Shader::Optim,
+                "sgd",
+                &p,
+                &[(1, &range(&grads)), (2, &range(&params))],
+                (size / 16) as usize,
+            )?;
             offset += size;
         }
         Ok(())

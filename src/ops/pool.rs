@@ -48,11 +48,16 @@ impl AvgPool2d {
         if h + 2 * ph < kh || w + 2 * pw < kw {
             bail!("a {kh}x{kw} pooling window does not fit a {h}x{w} input");
         }
-        Ok(((h + 2 * ph - kh) / self.stride.0 + 1, (w + 2 * pw - kw) / self.stride.1 + 1))
+        Ok((
+            (h + 2 * ph - kh) / self.stride.0 + 1,
+            (w + 2 * pw - kw) / self.stride.1 + 1,
+        ))
     }
 
     fn params(&self, x: &[usize]) -> PoolParams {
-        let (ho, wo) = self.output_size(x[2], x[3]).expect("checked when the node was added");
+        let (ho, wo) = self
+            .output_size(x[2], x[3])
+            .expect("checked when the node was added");
         let u = |v: usize| v as u32;
         PoolParams {
             planes: u(x[0] * x[1]),
@@ -83,7 +88,10 @@ impl AvgPool2d {
                             let iy = (oy * self.stride.0 + ky) as isize - self.padding.0 as isize;
                             let ix = (ox * self.stride.1 + kx) as isize - self.padding.1 as isize;
                             if iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < w {
-                                f((plane * h + iy as usize) * w + ix as usize, (plane * ho + oy) * wo + ox);
+                                f(
+                                    (plane * h + iy as usize) * w + ix as usize,
+                                    (plane * ho + oy) * wo + ox,
+                                );
                             }
                         }
                     }
@@ -110,7 +118,10 @@ impl AvgPool2d {
 
 impl Op for AvgPool2d {
     fn describe(&self) -> String {
-        format!("avg_pool2d {:?} stride {:?} padding {:?}", self.kernel, self.stride, self.padding)
+        format!(
+            "avg_pool2d {:?} stride {:?} padding {:?}",
+            self.kernel, self.stride, self.padding
+        )
     }
 
     fn infer(&self, inputs: &[&Tensor]) -> Result<Vec<(Shape, DType)>> {
@@ -122,7 +133,10 @@ impl Op for AvgPool2d {
 
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
         let p = self.params(ctx.shape(inputs[0]));
-        let (x, y) = (ctx.binding(inputs[0]).clone(), ctx.binding(outputs[0]).clone());
+        let (x, y) = (
+            ctx.binding(inputs[0]).clone(),
+            ctx.binding(outputs[0]).clone(),
+        );
         let len = ctx.graph.tensor(outputs[0]).len();
         ctx.dispatch(Shader::Pool, "avg_forward", &p, &[(1, &x), (2, &y)], len)
     }
@@ -162,7 +176,10 @@ impl Op for AvgPool2dBackward {
 
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
         let p = self.pool.params(&self.input);
-        let (dy, dx) = (ctx.binding(inputs[0]).clone(), ctx.binding(outputs[0]).clone());
+        let (dy, dx) = (
+            ctx.binding(inputs[0]).clone(),
+            ctx.binding(outputs[0]).clone(),
+        );
         let len = ctx.graph.tensor(outputs[0]).len();
         ctx.dispatch(Shader::Pool, "avg_backward", &p, &[(1, &dy), (2, &dx)], len)
     }

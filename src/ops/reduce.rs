@@ -33,21 +33,42 @@ impl ReduceParams {
     }
 }
 
+/// The longest loop a kernel may run: llvmpipe (lavapipe) ends any shader
+/// loop after 65,535 iterations as an infinite-loop guard, silently dropping
+/// the rest (tests/ops.rs found it in a 16-million-term filter gradient).
+pub(super) const MAX_LOOP_TRIPS: usize = 32_768;
+
 /// How many pieces to cut a sum of `k` terms into when only `tiles`
 /// invocations would otherwise run: enough to fill the GPU, each piece at
-/// least 64 terms, and the partial sums (`splits * len` floats) within a
-/// quarter of the largest storage binding.
+/// least 64 terms and at most `MAX_LOOP_TRIPS`, and the partial sums
+/// (`splits * len` floats) within a quarter of the largest storage binding.
 pub(super) fn split_count(k: usize, tiles: usize, len: usize, gpu: &Gpu) -> usize {
     const TARGET_INVOCATIONS: usize = 16_384;
     let by_occupancy = TARGET_INVOCATIONS.div_ceil(tiles.max(1));
     let by_length = k.div_ceil(64);
-    let by_memory = (gpu.limits.max_storage_buffer_binding_size as usize / 4 / 4) / len.max(1);
-    by_occupancy.min(by_length).min(by_memory).max(1)
+    let by_memory = (gpu.max_binding() as usize / 4 / 4) / len.max(1);
+    let by_loop = k.div_ceil(MAX_LOOP_TRIPS);
+    by_occupancy
+        .min(by_length)
+        .min(by_memory)
+        .max(by_loop)
+        .max(1)
 }
 
 /// Records `total[i] = sum_s partial[s * len + i]`.
-pub(super) fn sum_splits(ctx: &mut PlanContext, p: &ReduceParams, partial: &Binding, total: &Binding) -> Result<()> {
-    ctx.dispatch(Shader::Reduce, "sum_splits", p, &[(2, partial), (3, total)], p.len as usize)
+pub(super) fn sum_splits(
+    ctx: &mut PlanContext,
+    p: &ReduceParams,
+    partial: &Binding,
+    total: &Binding,
+) -> Result<()> {
+    ctx.dispatch(
+        Shader::Reduce,
+        "sum_splits",
+        p,
+        &[(2, partial), (3, total)],
+        p.len as usize,
+    )
 }
 
 /// `x.sum(dim=(0, 2, 3))` for NCHW (or `dim=0` for (N, C)): one value per channel.
@@ -95,8 +116,17 @@ impl Op for ChannelSum {
             _pad: [0; 2],
         };
         let partial = ctx.scratch(4 * (splits * channels) as u64)?;
-        let (x, out) = (ctx.binding(inputs[0]).clone(), ctx.binding(outputs[0]).clone());
-        ctx.dispatch(Shader::Reduce, "channel_sums", &p, &[(1, &x), (2, &partial)], splits * channels)?;
+        let (x, out) = (
+            ctx.binding(inputs[0]).clone(),
+            ctx.binding(outputs[0]).clone(),
+        );
+        ctx.dispatch(
+            Shader::Reduce,
+            "channel_sums",
+            &p,
+            &[(1, &x), (2, &partial)],
+            splits * channels,
+        )?;
         sum_splits(ctx, &p, &partial, &out)
     }
 }

@@ -34,7 +34,12 @@ impl Op for Reshape {
         true
     }
 
-    fn plan(&self, _ctx: &mut PlanContext, _inputs: &[TensorId], _outputs: &[TensorId]) -> Result<()> {
+    fn plan(
+        &self,
+        _ctx: &mut PlanContext,
+        _inputs: &[TensorId],
+        _outputs: &[TensorId],
+    ) -> Result<()> {
         Ok(())
     }
 

@@ -50,11 +50,17 @@ impl Op for SoftmaxCrossEntropy {
     }
 
     fn infer(&self, inputs: &[&Tensor]) -> Result<Vec<(Shape, DType)>> {
-        let [logits, labels] = inputs else { bail!("cross-entropy takes logits and labels") };
+        let [logits, labels] = inputs else {
+            bail!("cross-entropy takes logits and labels")
+        };
         expect_rank(logits, 2, "logits")?;
         let n = logits.shape[0];
         if labels.shape != [n] || labels.dtype != DType::U32 {
-            bail!("labels must be u32 [{n}], got {:?} {:?}", labels.dtype, labels.shape);
+            bail!(
+                "labels must be u32 [{n}], got {:?} {:?}",
+                labels.dtype,
+                labels.shape
+            );
         }
         let mut outputs = vec![(vec![n], DType::F32), (vec![n], DType::U32)];
         if self.with_grad {
@@ -71,9 +77,17 @@ impl Op for SoftmaxCrossEntropy {
             grad_scale: 1.0 / shape[0] as f32,
             _pad: 0,
         };
-        let bound: Vec<_> = inputs.iter().chain(outputs).map(|&t| ctx.binding(t).clone()).collect();
+        let bound: Vec<_> = inputs
+            .iter()
+            .chain(outputs)
+            .map(|&t| ctx.binding(t).clone())
+            .collect();
         let storage: Vec<(u32, &_)> = (1..).zip(&bound).collect();
-        let entry = if self.with_grad { "forward_backward" } else { "forward" };
+        let entry = if self.with_grad {
+            "forward_backward"
+        } else {
+            "forward"
+        };
         ctx.dispatch(Shader::SoftmaxXent, entry, &p, &storage, shape[0])
     }
 }
@@ -105,7 +119,11 @@ impl Op for AccumulateMetrics {
             ctx.binding(inputs[1]).clone(),
             ctx.binding(outputs[0]).clone(),
         );
-        ctx.dispatch_single(Shader::SoftmaxXent, "accumulate", &p, &[(3, &loss), (4, &correct), (6, &metrics)]);
-        Ok(())
+        ctx.dispatch_single(
+            Shader::SoftmaxXent,
+            "accumulate",
+            &p,
+            &[(3, &loss), (4, &correct), (6, &metrics)],
+        )
     }
 }

@@ -16,7 +16,9 @@ pub fn initial_values(spec: &ParamSpec, rng: &mut Rng) -> Vec<f32> {
             let fan_in = spec.shape[1] * receptive;
             let fan_out = spec.shape[0] * receptive;
             let bound = (6.0 / (fan_in + fan_out) as f32).sqrt();
-            (0..len).map(|_| (2.0 * rng.next_f32() - 1.0) * bound).collect()
+            (0..len)
+                .map(|_| (2.0 * rng.next_f32() - 1.0) * bound)
+                .collect()
         }
     }
 }

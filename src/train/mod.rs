@@ -1,6 +1,7 @@
 //! The training loop of d2l's `train_ch6`: SGD on mini-batches, per-epoch
 //! training loss and accuracy, then test accuracy in evaluation mode.
 
+pub mod bench;
 pub mod init;
 pub mod rng;
 
@@ -31,10 +32,10 @@ pub struct GpuDataset {
 impl GpuDataset {
     pub fn upload(gpu: &Gpu, data: &Dataset) -> Result<GpuDataset> {
         let bytes = data.images.len() as u64;
-        if bytes > gpu.limits.max_storage_buffer_binding_size {
+        if bytes > gpu.max_binding() {
             bail!(
                 "the dataset's {bytes} bytes of pixels exceed the adapter's largest storage binding ({} bytes)",
-                gpu.limits.max_storage_buffer_binding_size
+                gpu.max_binding()
             );
         }
         let pixels = gpu.storage_buffer("dataset pixels", bytes)?;
@@ -43,7 +44,8 @@ impl GpuDataset {
         gpu.queue.write_buffer(&pixels, 0, &padded);
         let labels = gpu.storage_buffer("dataset labels", 4 * data.len() as u64)?;
         let wide: Vec<u32> = data.labels.iter().map(|&l| l as u32).collect();
-        gpu.queue.write_buffer(&labels, 0, bytemuck::cast_slice(&wide));
+        gpu.queue
+            .write_buffer(&labels, 0, bytemuck::cast_slice(&wide));
         Ok(GpuDataset {
             pixels,
             labels,
@@ -72,12 +74,21 @@ pub enum StepKind {
 /// The graph of one step on a batch: gather and resize the batch on the GPU,
 /// run the model, add loss and accuracy to the metrics, and when training
 /// backpropagate and update the parameters.
-pub fn step_graph(model: &dyn Module, data: &GpuDataset, batch: usize, resize: usize, kind: StepKind) -> Result<Graph> {
+pub fn step_graph(
+    model: &dyn Module,
+    data: &GpuDataset,
+    batch: usize,
+    resize: usize,
+    kind: StepKind,
+) -> Result<Graph> {
     let mut g = Graph::new(matches!(kind, StepKind::Train { .. }));
     let pixels = g.external("pixels", vec![data.len, data.height, data.width], DType::U8);
     let all_labels = g.external("labels", vec![data.len], DType::U32);
     let indices = g.external("indices", vec![batch], DType::U32);
-    let batch_data = g.apply(GatherResize { size: resize }, &[pixels, all_labels, indices])?;
+    let batch_data = g.apply(
+        GatherResize { size: resize },
+        &[pixels, all_labels, indices],
+    )?;
     let (x, labels) = (batch_data[0], batch_data[1]);
     let logits = model.forward(&mut g, x, "")?;
     let with_grad = matches!(kind, StepKind::Train { .. });
@@ -98,6 +109,21 @@ struct Metrics {
     buffer: wgpu::Buffer,
 }
 
+#[derive(Clone, Copy, Default)]
+struct MetricSums {
+    loss_sum: f64,
+    correct: u32,
+    seen: u32,
+}
+
+/// Training progress within an epoch: figures over the batches since the last report.
+pub struct Progress {
+    pub batches_done: usize,
+    pub batches: usize,
+    pub loss: f64,
+    pub acc: f64,
+}
+
 impl Metrics {
     fn new(gpu: &Gpu, label: &str) -> Result<Metrics> {
         Ok(Metrics {
@@ -109,12 +135,22 @@ impl Metrics {
         gpu.queue.write_buffer(&self.buffer, 0, &[0u8; 16]);
     }
 
-    /// (mean loss, accuracy); waits for the GPU.
-    fn read(&self, gpu: &Gpu) -> Result<(f64, f64)> {
+    /// The sums so far; waits for the GPU.
+    fn sums(&self, gpu: &Gpu) -> Result<MetricSums> {
         let bytes = gpu.read_bytes(&self.buffer, 0, 16)?;
         let words: &[u32] = bytemuck::cast_slice(&bytes);
-        let seen = f64::from(words[2].max(1));
-        Ok((f64::from(f32::from_bits(words[0])) / seen, f64::from(words[1]) / seen))
+        Ok(MetricSums {
+            loss_sum: f64::from(f32::from_bits(words[0])),
+            correct: words[1],
+            seen: words[2],
+        })
+    }
+
+    /// (mean loss, accuracy); waits for the GPU.
+    fn read(&self, gpu: &Gpu) -> Result<(f64, f64)> {
+        let s = self.sums(gpu)?;
+        let seen = f64::from(s.seen.max(1));
+        Ok((s.loss_sum / seen, f64::from(s.correct) / seen))
     }
 }
 
@@ -159,18 +195,35 @@ impl Steps {
         let remainder = data.len % batch;
         Ok(Steps {
             full: plan_for(batch)?,
-            last: if remainder > 0 { Some(plan_for(remainder)?) } else { None },
+            last: if remainder > 0 {
+                Some(plan_for(remainder)?)
+            } else {
+                None
+            },
             batch,
         })
     }
 
     /// Runs one step per batch of `order`, keeping at most
-    /// `STEPS_IN_FLIGHT` submissions queued, and returns once all are queued.
-    fn run_epoch(&self, gpu: &Gpu, order: &[u32]) -> Result<()> {
+    /// `STEPS_IN_FLIGHT` submissions queued; after every `every` batches
+    /// (and the last) calls `checkpoint` with the number of batches done.
+    fn run_epoch(
+        &self,
+        gpu: &Gpu,
+        order: &[u32],
+        every: usize,
+        mut checkpoint: impl FnMut(usize) -> Result<()>,
+    ) -> Result<()> {
         let mut in_flight = VecDeque::new();
-        for chunk in order.chunks(self.batch) {
-            let step = if chunk.len() == self.batch { &self.full } else { self.last.as_ref().context("no plan for the last batch")? };
-            gpu.queue.write_buffer(&step.indices, 0, bytemuck::cast_slice(chunk));
+        let batches = order.len().div_ceil(self.batch);
+        for (i, chunk) in order.chunks(self.batch).enumerate() {
+            let step = if chunk.len() == self.batch {
+                &self.full
+            } else {
+                self.last.as_ref().context("no plan for the last batch")?
+            };
+            gpu.queue
+                .write_buffer(&step.indices, 0, bytemuck::cast_slice(chunk));
             in_flight.push_back(step.plan.run(gpu));
             if in_flight.len() > STEPS_IN_FLIGHT {
                 gpu.check_errors()?;
@@ -181,6 +234,9 @@ impl Steps {
                         timeout: None,
                     })
                     .context("waiting for the GPU")?;
+            }
+            if (i + 1) % every.max(1) == 0 || i + 1 == batches {
+                checkpoint(i + 1)?;
             }
         }
         gpu.check_errors()
@@ -199,12 +255,8 @@ pub struct TrainConfig {
     /// Use only the first N training / test images.
     pub limit_train: Option<usize>,
     pub limit_test: Option<usize>,
-}
-
-struct Setup<'a> {
-    model: &'a dyn Module,
-    batch_size: usize,
-    resize: usize,
+    /// Report progress every N batches (0: only at epoch end).
+    pub log_every: usize,
 }
 
 /// One epoch's figures, as d2l's `train_ch6` reports them.
@@ -229,53 +281,169 @@ impl EpochReport {
     }
 }
 
+/// A model ready to train on the GPU: datasets uploaded, parameters
+/// initialised, training and evaluation steps planned.
+pub struct Session {
+    pub train_data: GpuDataset,
+    pub test_data: GpuDataset,
+    pub params: ParamStore,
+    train_steps: Steps,
+    test_steps: Steps,
+    train_metrics: Metrics,
+    test_metrics: Metrics,
+}
+
+impl Session {
+    pub fn new(gpu: &Gpu, cfg: &TrainConfig) -> Result<Session> {
+        if cfg.batch_size == 0 {
+            bail!("--batch-size must be at least 1");
+        }
+        let mut data = FashionMnist::load(&cfg.data_dir)?;
+        if let Some(n) = cfg.limit_train {
+            data.train.truncate(n);
+        }
+        if let Some(n) = cfg.limit_test {
+            data.test.truncate(n);
+        }
+        let train_data = GpuDataset::upload(gpu, &data.train)?;
+        let test_data = GpuDataset::upload(gpu, &data.test)?;
+        let model = (cfg.model.build)();
+        let setup = Setup {
+            model: &model,
+            batch_size: cfg.batch_size,
+            resize: cfg.resize,
+        };
+        let probe = step_graph(&model, &test_data, 1, cfg.resize, StepKind::Eval)?;
+        let params = ParamStore::new(gpu, &probe.params)?;
+        let mut rng = Rng::new(cfg.seed);
+        for (i, spec) in params.specs.iter().enumerate() {
+            params.write(gpu, i, &init::initial_values(spec, &mut rng))?;
+        }
+        let train_metrics = Metrics::new(gpu, "train metrics")?;
+        let test_metrics = Metrics::new(gpu, "test metrics")?;
+        let train_kind = StepKind::Train {
+            lr: cfg.lr,
+            param_floats: (params.bytes / 4) as usize,
+        };
+        let train_steps = Steps::new(
+            gpu,
+            &setup,
+            &train_data,
+            &train_metrics,
+            &params,
+            train_kind,
+        )?;
+        let test_steps = Steps::new(
+            gpu,
+            &setup,
+            &test_data,
+            &test_metrics,
+            &params,
+            StepKind::Eval,
+        )?;
+        Ok(Session {
+            train_data,
+            test_data,
+            params,
+            train_steps,
+            test_steps,
+            train_metrics,
+            test_metrics,
+        })
+    }
+
+    /// One pass over the training examples in `order`: (mean loss,
+    /// accuracy). With `progress`, reports every `every` batches the loss
+    /// and accuracy over those batches (the only reads during the epoch).
+    pub fn train_epoch(
+        &self,
+        gpu: &Gpu,
+        order: &[u32],
+        every: usize,
+        mut progress: impl FnMut(&Progress),
+    ) -> Result<(f64, f64)> {
+        self.train_metrics.reset(gpu);
+        let batches = order.len().div_ceil(self.train_steps.batch);
+        if every == 0 {
+            self.train_steps
+                .run_epoch(gpu, order, batches, |_| Ok(()))?;
+        } else {
+            let mut last = MetricSums::default();
+            self.train_steps.run_epoch(gpu, order, every, |done| {
+                let now = self.train_metrics.sums(gpu)?;
+                let seen = f64::from((now.seen - last.seen).max(1));
+                progress(&Progress {
+                    batches_done: done,
+                    batches,
+                    loss: (now.loss_sum - last.loss_sum) / seen,
+                    acc: f64::from(now.correct - last.correct) / seen,
+                });
+                last = now;
+                Ok(())
+            })?;
+        }
+        self.train_metrics.read(gpu)
+    }
+
+    /// Queues one training step per batch of `order` and reads nothing
+    /// back: each step uploads its batch indices and submits its recorded
+    /// dispatches, creating no buffer, bind group or pipeline.
+    pub fn queue_training_steps(&self, gpu: &Gpu, order: &[u32]) -> Result<()> {
+        let batches = order.len().div_ceil(self.train_steps.batch);
+        self.train_steps.run_epoch(gpu, order, batches, |_| Ok(()))
+    }
+
+    /// Loss and accuracy on the whole test set, in evaluation mode.
+    pub fn evaluate(&self, gpu: &Gpu) -> Result<(f64, f64)> {
+        let order: Vec<u32> = (0..self.test_data.len as u32).collect();
+        self.test_metrics.reset(gpu);
+        self.test_steps
+            .run_epoch(gpu, &order, order.len(), |_| Ok(()))?;
+        self.test_metrics.read(gpu)
+    }
+
+    /// The planned full-batch training step (for benchmarks and profiles).
+    pub fn train_plan(&self) -> (&Plan, &wgpu::Buffer, usize) {
+        (
+            &self.train_steps.full.plan,
+            &self.train_steps.full.indices,
+            self.train_steps.batch,
+        )
+    }
+
+    /// The planned full-batch evaluation step.
+    pub fn eval_plan(&self) -> (&Plan, &wgpu::Buffer, usize) {
+        (
+            &self.test_steps.full.plan,
+            &self.test_steps.full.indices,
+            self.test_steps.batch,
+        )
+    }
+}
+
+struct Setup<'a> {
+    model: &'a dyn Module,
+    batch_size: usize,
+    resize: usize,
+}
+
 /// Trains `cfg.model` from d2l's initialisation and calls `on_epoch` after
 /// every epoch.
-pub fn train(gpu: &Gpu, cfg: &TrainConfig, mut on_epoch: impl FnMut(&EpochReport)) -> Result<Vec<EpochReport>> {
-    if cfg.batch_size == 0 {
-        bail!("--batch-size must be at least 1");
-    }
-    let mut data = FashionMnist::load(&cfg.data_dir)?;
-    if let Some(n) = cfg.limit_train {
-        data.train.truncate(n);
-    }
-    if let Some(n) = cfg.limit_test {
-        data.test.truncate(n);
-    }
-    let train_data = GpuDataset::upload(gpu, &data.train)?;
-    let test_data = GpuDataset::upload(gpu, &data.test)?;
-    let model = (cfg.model.build)();
-    let setup = Setup {
-        model: &model,
-        batch_size: cfg.batch_size,
-        resize: cfg.resize,
-    };
-
-    let probe = step_graph(&model, &test_data, 1, cfg.resize, StepKind::Eval)?;
-    let params = ParamStore::new(gpu, &probe.params)?;
-    let mut rng = Rng::new(cfg.seed);
-    for (i, spec) in params.specs.iter().enumerate() {
-        params.write(gpu, i, &init::initial_values(spec, &mut rng))?;
-    }
-    let train_metrics = Metrics::new(gpu, "train metrics")?;
-    let test_metrics = Metrics::new(gpu, "test metrics")?;
-    let train_kind = StepKind::Train {
-        lr: cfg.lr,
-        param_floats: (params.bytes / 4) as usize,
-    };
-    let train_steps = Steps::new(gpu, &setup, &train_data, &train_metrics, &params, train_kind)?;
-    let test_steps = Steps::new(gpu, &setup, &test_data, &test_metrics, &params, StepKind::Eval)?;
-
+pub fn train(
+    gpu: &Gpu,
+    cfg: &TrainConfig,
+    mut on_progress: impl FnMut(&Progress),
+    mut on_epoch: impl FnMut(&EpochReport),
+) -> Result<Vec<EpochReport>> {
+    let session = Session::new(gpu, cfg)?;
     let mut shuffle_rng = Rng::new(cfg.seed ^ 0x5eed_5eed_5eed_5eed);
-    let mut order: Vec<u32> = (0..train_data.len as u32).collect();
-    let test_order: Vec<u32> = (0..test_data.len as u32).collect();
+    let mut order: Vec<u32> = (0..session.train_data.len as u32).collect();
     let mut reports = Vec::new();
     for epoch in 1..=cfg.epochs {
         let start = Instant::now();
         shuffle_rng.shuffle(&mut order);
-        train_metrics.reset(gpu);
-        train_steps.run_epoch(gpu, &order)?;
-        let (train_loss, train_acc) = train_metrics.read(gpu)?;
+        let (train_loss, train_acc) =
+            session.train_epoch(gpu, &order, cfg.log_every, &mut on_progress)?;
         let train_seconds = start.elapsed().as_secs_f64();
         if !train_loss.is_finite() {
             bail!(
@@ -283,17 +451,14 @@ pub fn train(gpu: &Gpu, cfg: &TrainConfig, mut on_epoch: impl FnMut(&EpochReport
                 cfg.lr
             );
         }
-
-        test_metrics.reset(gpu);
-        test_steps.run_epoch(gpu, &test_order)?;
-        let (test_loss, test_acc) = test_metrics.read(gpu)?;
+        let (test_loss, test_acc) = session.evaluate(gpu)?;
         let report = EpochReport {
             epoch,
             train_loss,
             train_acc,
             test_loss,
             test_acc,
-            examples_per_sec: train_data.len as f64 / train_seconds,
+            examples_per_sec: order.len() as f64 / train_seconds,
             seconds: start.elapsed().as_secs_f64(),
         };
         on_epoch(&report);

@@ -18,7 +18,9 @@ pub fn gpu() -> Gpu {
 }
 
 pub fn golden_path(relative: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(relative)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(relative)
 }
 
 /// One safetensors file written by PyTorch.
@@ -45,24 +47,39 @@ impl Golden {
     }
 
     pub fn has(&self, key: &str) -> bool {
-        safetensors::SafeTensors::deserialize(&self.bytes).unwrap().tensor(key).is_ok()
+        safetensors::SafeTensors::deserialize(&self.bytes)
+            .unwrap()
+            .tensor(key)
+            .is_ok()
     }
 
     pub fn keys(&self) -> Vec<String> {
-        safetensors::SafeTensors::deserialize(&self.bytes).unwrap().names().into_iter().map(String::from).collect()
+        safetensors::SafeTensors::deserialize(&self.bytes)
+            .unwrap()
+            .names()
+            .into_iter()
+            .map(String::from)
+            .collect()
     }
 
     pub fn f32(&self, key: &str) -> CpuTensor {
         let v = self.view(key);
         assert_eq!(v.dtype(), safetensors::Dtype::F32, "{key}");
-        let data = v.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+        let data = v
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
         CpuTensor::new(v.shape(), data)
     }
 
     pub fn i64(&self, key: &str) -> Vec<i64> {
         let v = self.view(key);
         assert_eq!(v.dtype(), safetensors::Dtype::I64, "{key}");
-        v.data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect()
+        v.data()
+            .chunks_exact(8)
+            .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+            .collect()
     }
 
     pub fn u8(&self, key: &str) -> (Vec<usize>, Vec<u8>) {
@@ -74,7 +91,9 @@ impl Golden {
     pub fn meta(&self, key: &str) -> String {
         let (_, m) = safetensors::SafeTensors::read_metadata(&self.bytes).unwrap();
         let map: &HashMap<String, String> = m.metadata().as_ref().expect("metadata");
-        map.get(key).unwrap_or_else(|| panic!("{}: no metadata {key}", self.name)).clone()
+        map.get(key)
+            .unwrap_or_else(|| panic!("{}: no metadata {key}", self.name))
+            .clone()
     }
 
     pub fn meta_usize(&self, key: &str) -> usize {
@@ -86,11 +105,15 @@ impl Golden {
 /// worst element when it fails.
 pub fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) {
     assert_eq!(got.len(), want.len(), "{what}: length");
-    let mut worst = (0usize, 0.0f32);
+    let mut worst = (0usize, f32::NEG_INFINITY);
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        let excess = (g - w).abs() - (atol + rtol * w.abs());
-        if !(excess <= worst.1) || g.is_nan() {
-            worst = (i, if g.is_nan() { f32::INFINITY } else { excess });
+        let excess = if g.is_finite() {
+            (g - w).abs() - (atol + rtol * w.abs())
+        } else {
+            f32::INFINITY
+        };
+        if excess > worst.1 {
+            worst = (i, excess);
         }
     }
     let (i, excess) = worst;
@@ -141,7 +164,9 @@ pub fn run_op(gpu: &Gpu, op: impl Op + 'static, inputs: &[&CpuTensor], dy: &CpuT
     plan.run(gpu);
     OpResult {
         output: plan.read_f32(gpu, &g, y).unwrap(),
-        input_grads: (0..inputs.len()).map(|i| store.read_grad(gpu, i).unwrap()).collect(),
+        input_grads: (0..inputs.len())
+            .map(|i| store.read_grad(gpu, i).unwrap())
+            .collect(),
     }
 }
 
@@ -149,7 +174,10 @@ pub fn run_op(gpu: &Gpu, op: impl Op + 'static, inputs: &[&CpuTensor], dy: &CpuT
 pub fn golden_init(len: usize, salt: i64, offset: i64, scale: f32) -> Vec<f32> {
     (0..len as u64)
         .map(|i| {
-            let h = ((i + 1).wrapping_mul(2_654_435_761).wrapping_add((salt as u64).wrapping_mul(40_503))) & 0xffff_ffff;
+            let h = ((i + 1)
+                .wrapping_mul(2_654_435_761)
+                .wrapping_add((salt as u64).wrapping_mul(40_503)))
+                & 0xffff_ffff;
             let q = ((h * 255) >> 32) as i64 - 127 + offset;
             q as f32 * scale
         })

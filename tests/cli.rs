@@ -1,0 +1,93 @@
+//! The command line as a user runs it.
+
+use std::process::{Command, Output};
+
+fn d2l_wgpu(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_d2l-wgpu"))
+        .args(args)
+        .env("XDG_RUNTIME_DIR", "/tmp")
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("the binary runs")
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// One epoch of LeNet on 1,000 training images (63 batches of 16): the loss
+/// over the last batches is well below the loss over the first ones, and the
+/// epoch ends with d2l's line.
+#[test]
+fn lenet_trains_one_epoch_and_the_loss_falls() {
+    let out = d2l_wgpu(&[
+        "--model",
+        "lenet",
+        "--epochs",
+        "1",
+        "--limit-train",
+        "1000",
+        "--limit-test",
+        "500",
+        "--batch-size",
+        "16",
+        "--log-every",
+        "12",
+    ]);
+    let text = stdout(&out);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let losses: Vec<f64> = text
+        .lines()
+        .filter(|l| l.trim_start().starts_with("batch "))
+        .map(|l| {
+            l.split("loss ")
+                .nth(1)
+                .unwrap()
+                .split(',')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(losses.len(), 6, "{text}");
+    assert!(losses.iter().all(|l| l.is_finite()), "{text}");
+    assert!(
+        losses[0] > losses[losses.len() - 1] + 0.3,
+        "the loss should fall: {losses:?}"
+    );
+    let epoch = text
+        .lines()
+        .find(|l| l.starts_with("epoch 1, loss "))
+        .expect("epoch line");
+    assert!(
+        epoch.contains("train acc")
+            && epoch.contains("test acc")
+            && epoch.contains("examples/sec on"),
+        "{epoch}"
+    );
+}
+
+#[test]
+fn unknown_model_is_refused_with_the_choices() {
+    let out = d2l_wgpu(&["--model", "transformer"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("unknown model \"transformer\"") && err.contains("lenet"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn devices_lists_an_adapter() {
+    let out = d2l_wgpu(&["devices"]);
+    assert!(out.status.success());
+    let text = stdout(&out);
+    assert!(text.contains("max storage buffer binding"), "{text}");
+}
