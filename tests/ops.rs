@@ -7,8 +7,8 @@ use common::{assert_close, assert_op_close, gpu, random, run_op, Golden};
 use d2l_wgpu::data::Dataset;
 use d2l_wgpu::graph::{DType, Externals, Graph, Init, ParamStore, Plan};
 use d2l_wgpu::ops::{
-    AvgPool2d, ChannelSum, Conv2d, GatherResize, Linear, Relu, SgdStep, Sigmoid,
-    SoftmaxCrossEntropy,
+    AvgPool2d, ChannelSum, Conv2d, GatherResize, Linear, MaxPool2d, PoolWindow, Relu, SgdStep,
+    Sigmoid, SoftmaxCrossEntropy,
 };
 use d2l_wgpu::train::rng::Rng;
 use d2l_wgpu::train::GpuDataset;
@@ -246,11 +246,11 @@ fn avg_pool_matches_cpu_on_awkward_shapes() {
         ([1, 1, 9, 4], (3, 2), (3, 1), (1, 1)),
     ];
     for (xs, kernel, stride, padding) in cases {
-        let pool = AvgPool2d {
+        let pool = AvgPool2d(PoolWindow {
             kernel,
             stride,
             padding,
-        };
+        });
         let x = random(&xs, &mut rng);
         let y = pool.cpu_forward(&x);
         let dy = random(&y.shape, &mut rng);
@@ -260,6 +260,62 @@ fn avg_pool_matches_cpu_on_awkward_shapes() {
             &format!("{pool:?} dx"),
             &r.input_grads[0],
             &pool.cpu_backward(&xs, &dy).data,
+        );
+    }
+}
+
+/// `F.max_pool2d(x, k, s, p)` and its gradient, including windows with
+/// equal maxima (PyTorch routes the gradient to the first, row by row).
+#[test]
+fn max_pool_matches_pytorch() {
+    let gpu = gpu();
+    for name in golden_ops("maxpool_") {
+        let gold = Golden::load(&name);
+        let window = PoolWindow::new(gold.meta_usize("kernel"), gold.meta_usize("stride"))
+            .padding(gold.meta_usize("padding"));
+        let pool = MaxPool2d(window);
+        let (x, dy) = (gold.f32("x"), gold.f32("dy"));
+        let r = run_op(&gpu, pool, &[&x], &dy);
+        assert_op_close(&format!("{name} y"), &r.output, &gold.f32("y").data);
+        assert_op_close(
+            &format!("{name} dx"),
+            &r.input_grads[0],
+            &gold.f32("dx").data,
+        );
+        let (y, argmax) = pool.cpu_forward(&x);
+        assert_op_close(&format!("{name} cpu y"), &y.data, &gold.f32("y").data);
+        let dx = pool.cpu_backward(&x.shape, &dy, &argmax);
+        assert_op_close(&format!("{name} cpu dx"), &dx.data, &gold.f32("dx").data);
+    }
+}
+
+#[test]
+fn max_pool_matches_cpu_on_awkward_shapes() {
+    let gpu = gpu();
+    let mut rng = Rng::new(23);
+    let cases = [
+        ([1, 3, 7, 5], (3, 3), (2, 2), (1, 1)),
+        ([2, 2, 5, 5], (2, 2), (1, 1), (0, 0)),
+        ([1, 1, 9, 4], (3, 2), (3, 1), (1, 1)),
+        ([3, 1, 6, 6], (3, 3), (2, 2), (0, 0)),
+    ];
+    for (xs, kernel, stride, padding) in cases {
+        let pool = MaxPool2d(PoolWindow {
+            kernel,
+            stride,
+            padding,
+        });
+        // Values from a few levels, so windows often hold equal maxima.
+        let mut x = random(&xs, &mut rng);
+        x.data.iter_mut().for_each(|v| *v = (*v * 3.0).round());
+        let (y, argmax) = pool.cpu_forward(&x);
+        let dy = random(&y.shape, &mut rng);
+        let r = run_op(&gpu, pool, &[&x], &dy);
+        assert_op_close(&format!("{pool:?} y"), &r.output, &y.data);
+        assert_op_close(
+            &format!("{pool:?} dx"),
+            &r.input_grads[0],
+            &pool.cpu_backward(&xs, &dy, &argmax).data,
         );
     }
 }

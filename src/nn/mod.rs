@@ -177,6 +177,29 @@ impl Module for AvgPool2d {
     }
 }
 
+/// `nn.MaxPool2d(kernel_size, stride, padding)`.
+pub struct MaxPool2d(pub ops::MaxPool2d);
+
+impl MaxPool2d {
+    pub fn new(kernel: usize, stride: usize) -> MaxPool2d {
+        MaxPool2d(ops::MaxPool2d(ops::PoolWindow::new(kernel, stride)))
+    }
+
+    pub fn padding(self, padding: usize) -> MaxPool2d {
+        MaxPool2d(ops::MaxPool2d(self.0 .0.padding(padding)))
+    }
+}
+
+impl Module for MaxPool2d {
+    fn forward(&self, g: &mut Graph, x: TensorId, _prefix: &str) -> Result<TensorId> {
+        g.apply1(self.0, &[x])
+    }
+
+    fn class_name(&self) -> &'static str {
+        "MaxPool2d"
+    }
+}
+
 /// `nn.Flatten()`.
 pub struct Flatten;
 

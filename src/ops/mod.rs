@@ -16,7 +16,7 @@ pub use eltwise::{Add, Relu, ReluBackward, Sigmoid, SigmoidBackward};
 pub use input::GatherResize;
 pub use linear::{Linear, MatMul};
 pub use optim::SgdStep;
-pub use pool::{AvgPool2d, AvgPool2dBackward};
+pub use pool::{AvgPool2d, AvgPool2dBackward, MaxPool2d, MaxPool2dBackward, PoolWindow};
 pub use reduce::ChannelSum;
 pub use reshape::Reshape;
 pub use softmax_xent::{AccumulateMetrics, SoftmaxCrossEntropy};

@@ -1,12 +1,14 @@
-//! `nn.AvgPool2d` (floor mode, count_include_pad=True), forward and backward.
+//! `nn.AvgPool2d` (count_include_pad=True) and `nn.MaxPool2d`, floor mode,
+//! forward and backward. Both share the window arithmetic in `PoolWindow`.
 
 use super::{expect_rank, CpuTensor};
 use crate::gpu::Shader;
 use crate::graph::{DType, Graph, Op, PlanContext, Shape, Tensor, TensorId};
 use anyhow::{bail, Result};
 
+/// Kernel, stride and padding of a pooling window.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct AvgPool2d {
+pub struct PoolWindow {
     pub kernel: (usize, usize),
     pub stride: (usize, usize),
     pub padding: (usize, usize),
@@ -29,13 +31,20 @@ struct PoolParams {
     _pad: u32,
 }
 
-impl AvgPool2d {
-    /// `nn.AvgPool2d(kernel_size=k, stride=s)`, no padding.
-    pub fn new(kernel: usize, stride: usize) -> AvgPool2d {
-        AvgPool2d {
+impl PoolWindow {
+    /// A square `kernel` window moving by `stride`, no padding.
+    pub fn new(kernel: usize, stride: usize) -> PoolWindow {
+        PoolWindow {
             kernel: (kernel, kernel),
             stride: (stride, stride),
             padding: (0, 0),
+        }
+    }
+
+    pub fn padding(self, padding: usize) -> PoolWindow {
+        PoolWindow {
+            padding: (padding, padding),
+            ..self
         }
     }
 
@@ -52,6 +61,17 @@ impl AvgPool2d {
             (h + 2 * ph - kh) / self.stride.0 + 1,
             (w + 2 * pw - kw) / self.stride.1 + 1,
         ))
+    }
+
+    /// `[n, c, ho, wo]` for an NCHW input shape.
+    pub fn output_shape(&self, x: &[usize]) -> Result<Shape> {
+        let (ho, wo) = self.output_size(x[2], x[3])?;
+        Ok(vec![x[0], x[1], ho, wo])
+    }
+
+    fn infer(&self, x: &Tensor, what: &str) -> Result<Shape> {
+        expect_rank(x, 4, what)?;
+        self.output_shape(&x.shape)
     }
 
     fn params(&self, x: &[usize]) -> PoolParams {
@@ -75,8 +95,15 @@ impl AvgPool2d {
         }
     }
 
-    /// Calls `f(input index, output index)` for every (input, window) pair
-    /// inside the input.
+    fn describe(&self, kind: &str) -> String {
+        format!(
+            "{kind}_pool2d {:?} stride {:?} padding {:?}",
+            self.kernel, self.stride, self.padding
+        )
+    }
+
+    /// Calls `f(input index, output index)` for every input element inside
+    /// every window, windows in output order, elements row by row.
     fn for_each_pair(&self, x: &[usize], mut f: impl FnMut(usize, usize)) {
         let p = self.params(x);
         let (h, w, ho, wo) = (p.h as usize, p.w as usize, p.ho as usize, p.wo as usize);
@@ -100,45 +127,76 @@ impl AvgPool2d {
         }
     }
 
+    /// Records `entry` over `len` elements with the given storage bindings.
+    fn record(
+        &self,
+        ctx: &mut PlanContext,
+        entry: &'static str,
+        input_shape: &[usize],
+        storage: &[(u32, TensorId)],
+        len: usize,
+    ) -> Result<()> {
+        let p = self.params(input_shape);
+        let bound: Vec<(u32, crate::graph::Binding)> = storage
+            .iter()
+            .map(|&(slot, t)| (slot, ctx.binding(t).clone()))
+            .collect();
+        let refs: Vec<(u32, &crate::graph::Binding)> = bound.iter().map(|(s, b)| (*s, b)).collect();
+        ctx.dispatch(Shader::Pool, entry, &p, &refs, len)
+    }
+}
+
+/// `nn.AvgPool2d`: padded zeros count, so every window divides by kh*kw.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AvgPool2d(pub PoolWindow);
+
+impl AvgPool2d {
+    /// `nn.AvgPool2d(kernel_size=k, stride=s)`.
+    pub fn new(kernel: usize, stride: usize) -> AvgPool2d {
+        AvgPool2d(PoolWindow::new(kernel, stride))
+    }
+
+    fn area(&self) -> f32 {
+        (self.0.kernel.0 * self.0.kernel.1) as f32
+    }
+
     pub fn cpu_forward(&self, x: &CpuTensor) -> CpuTensor {
-        let p = self.params(&x.shape);
-        let mut y = CpuTensor::zeros(&[x.shape[0], x.shape[1], p.ho as usize, p.wo as usize]);
-        let area = (self.kernel.0 * self.kernel.1) as f32;
-        self.for_each_pair(&x.shape, |i, o| y.data[o] += x.data[i] / area);
+        let mut y = CpuTensor::zeros(&self.0.output_shape(&x.shape).expect("valid shape"));
+        self.0
+            .for_each_pair(&x.shape, |i, o| y.data[o] += x.data[i] / self.area());
         y
     }
 
     pub fn cpu_backward(&self, x_shape: &[usize], dy: &CpuTensor) -> CpuTensor {
         let mut dx = CpuTensor::zeros(x_shape);
-        let area = (self.kernel.0 * self.kernel.1) as f32;
-        self.for_each_pair(x_shape, |i, o| dx.data[i] += dy.data[o] / area);
+        self.0
+            .for_each_pair(x_shape, |i, o| dx.data[i] += dy.data[o] / self.area());
         dx
     }
 }
 
 impl Op for AvgPool2d {
     fn describe(&self) -> String {
-        format!(
-            "avg_pool2d {:?} stride {:?} padding {:?}",
-            self.kernel, self.stride, self.padding
-        )
+        self.0.describe("avg")
     }
 
     fn infer(&self, inputs: &[&Tensor]) -> Result<Vec<(Shape, DType)>> {
-        let x = inputs[0];
-        expect_rank(x, 4, "avg_pool2d input")?;
-        let (ho, wo) = self.output_size(x.shape[2], x.shape[3])?;
-        Ok(vec![(vec![x.shape[0], x.shape[1], ho, wo], DType::F32)])
+        Ok(vec![(
+            self.0.infer(inputs[0], "avg_pool2d input")?,
+            DType::F32,
+        )])
     }
 
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
-        let p = self.params(ctx.shape(inputs[0]));
-        let (x, y) = (
-            ctx.binding(inputs[0]).clone(),
-            ctx.binding(outputs[0]).clone(),
-        );
+        let shape = ctx.shape(inputs[0]).to_vec();
         let len = ctx.graph.tensor(outputs[0]).len();
-        ctx.dispatch(Shader::Pool, "avg_forward", &p, &[(1, &x), (2, &y)], len)
+        self.0.record(
+            ctx,
+            "avg_forward",
+            &shape,
+            &[(1, inputs[0]), (2, outputs[0])],
+            len,
+        )
     }
 
     fn backward(
@@ -175,12 +233,104 @@ impl Op for AvgPool2dBackward {
     }
 
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
-        let p = self.pool.params(&self.input);
-        let (dy, dx) = (
-            ctx.binding(inputs[0]).clone(),
-            ctx.binding(outputs[0]).clone(),
-        );
         let len = ctx.graph.tensor(outputs[0]).len();
-        ctx.dispatch(Shader::Pool, "avg_backward", &p, &[(1, &dy), (2, &dx)], len)
+        self.pool.0.record(
+            ctx,
+            "avg_backward",
+            &self.input,
+            &[(1, inputs[0]), (2, outputs[0])],
+            len,
+        )
+    }
+}
+
+/// `nn.MaxPool2d`: outputs the maxima and, as PyTorch's `return_indices`,
+/// where in its plane each maximum was (u32), which the backward pass uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MaxPool2d(pub PoolWindow);
+
+impl MaxPool2d {
+    /// CPU reference: (y, flat in-plane index of each window's first maximum).
+    pub fn cpu_forward(&self, x: &CpuTensor) -> (CpuTensor, Vec<u32>) {
+        let mut y = CpuTensor::zeros(&self.0.output_shape(&x.shape).expect("valid shape"));
+        let mut argmax = vec![u32::MAX; y.data.len()];
+        let plane = x.shape[2] * x.shape[3];
+        self.0.for_each_pair(&x.shape, |i, o| {
+            let v = x.data[i];
+            if argmax[o] == u32::MAX || v > y.data[o] || v.is_nan() {
+                y.data[o] = v;
+                argmax[o] = (i % plane) as u32;
+            }
+        });
+        (y, argmax)
+    }
+
+    pub fn cpu_backward(&self, x_shape: &[usize], dy: &CpuTensor, argmax: &[u32]) -> CpuTensor {
+        let mut dx = CpuTensor::zeros(x_shape);
+        let plane = x_shape[2] * x_shape[3];
+        let out_plane = dy.shape[2] * dy.shape[3];
+        for (o, (&g, &at)) in dy.data.iter().zip(argmax).enumerate() {
+            dx.data[(o / out_plane) * plane + at as usize] += g;
+        }
+        dx
+    }
+}
+
+impl Op for MaxPool2d {
+    fn describe(&self) -> String {
+        self.0.describe("max")
+    }
+
+    fn infer(&self, inputs: &[&Tensor]) -> Result<Vec<(Shape, DType)>> {
+        let shape = self.0.infer(inputs[0], "max_pool2d input")?;
+        Ok(vec![(shape.clone(), DType::F32), (shape, DType::U32)])
+    }
+
+    fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
+        let shape = ctx.shape(inputs[0]).to_vec();
+        let len = ctx.graph.tensor(outputs[0]).len();
+        let storage = [(1, inputs[0]), (2, outputs[0]), (3, outputs[1])];
+        self.0.record(ctx, "max_forward", &shape, &storage, len)
+    }
+
+    fn backward(
+        &self,
+        g: &mut Graph,
+        inputs: &[TensorId],
+        outputs: &[TensorId],
+        output_grads: &[Option<TensorId>],
+        _needs: &[bool],
+    ) -> Result<Vec<Option<TensorId>>> {
+        let dy = output_grads[0].expect("only the pooled values carry a gradient");
+        let back = MaxPool2dBackward {
+            pool: *self,
+            input: g.shape(inputs[0]).to_vec(),
+        };
+        Ok(vec![Some(g.apply1(back, &[dy, outputs[1]])?)])
+    }
+}
+
+/// dx: every input element gathers dy from the windows whose maximum it was.
+#[derive(Debug)]
+pub struct MaxPool2dBackward {
+    pub pool: MaxPool2d,
+    pub input: Shape,
+}
+
+impl Op for MaxPool2dBackward {
+    fn describe(&self) -> String {
+        format!("{} backward", self.pool.describe())
+    }
+
+    fn infer(&self, _inputs: &[&Tensor]) -> Result<Vec<(Shape, DType)>> {
+        Ok(vec![(self.input.clone(), DType::F32)])
+    }
+
+    fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
+        let len = ctx.graph.tensor(outputs[0]).len();
+        let storage = [(1, inputs[0]), (4, inputs[1]), (2, outputs[0])];
+        self.pool
+            .0
+            .record(ctx, "max_backward", &self.input, &storage, len)
     }
 }
