@@ -55,7 +55,7 @@ struct GpuArgs {
 
 #[derive(Args)]
 struct TrainArgs {
-    /// Model to train: lenet.
+    /// Model to train: lenet, lenet-bn.
     #[arg(long, default_value = "lenet")]
     model: String,
     /// Epochs [default: the model's d2l default, 10].

@@ -5,10 +5,10 @@ mod common;
 
 use common::{assert_close, assert_op_close, gpu, random, run_op, Golden};
 use d2l_wgpu::data::Dataset;
-use d2l_wgpu::graph::{DType, Externals, Graph, Init, ParamStore, Plan};
+use d2l_wgpu::graph::{autodiff, DType, Externals, Graph, Init, ParamStore, Plan};
 use d2l_wgpu::ops::{
-    AvgPool2d, ChannelSum, Conv2d, GatherResize, Linear, MaxPool2d, PoolWindow, Relu, SgdStep,
-    Sigmoid, SoftmaxCrossEntropy,
+    AvgPool2d, BatchNorm, ChannelSum, Conv2d, CpuTensor, GatherResize, Linear, MaxPool2d,
+    PoolWindow, Relu, SgdStep, Sigmoid, SoftmaxCrossEntropy,
 };
 use d2l_wgpu::train::rng::Rng;
 use d2l_wgpu::train::GpuDataset;
@@ -320,6 +320,180 @@ fn max_pool_matches_cpu_on_awkward_shapes() {
     }
 }
 
+/// Everything one batch-norm layer computes: training output, gradients,
+/// updated running statistics, and the evaluation output that follows.
+struct BatchNormRun {
+    y: Vec<f32>,
+    dx: Vec<f32>,
+    dgamma: Vec<f32>,
+    dbeta: Vec<f32>,
+    running_mean: Vec<f32>,
+    running_var: Vec<f32>,
+    y_eval: Vec<f32>,
+}
+
+/// Runs a training step of batch norm (with autodiff from `dy`), then an
+/// evaluation pass over the same x with the updated running statistics.
+fn run_batch_norm(
+    gpu: &d2l_wgpu::gpu::Gpu,
+    x: &CpuTensor,
+    gamma: &[f32],
+    beta: &[f32],
+    running: (&[f32], &[f32]),
+    dy: &CpuTensor,
+) -> BatchNormRun {
+    let c = gamma.len();
+    let build = |training: bool| {
+        let mut g = Graph::new(training);
+        let xi = g.leaf(x.shape.clone());
+        let gi = g.param("weight".into(), vec![c], Init::Ones);
+        let bi = g.param("bias".into(), vec![c], Init::Zeros);
+        let mean = g.state("running_mean".into(), vec![c], Init::Zeros);
+        let var = g.state("running_var".into(), vec![c], Init::Ones);
+        let y = g
+            .apply1(BatchNorm::new(training), &[xi, gi, bi, mean, var])
+            .unwrap();
+        (g, xi, y)
+    };
+    let (mut g, xi, y) = build(true);
+    let dy_id = g.input(dy.shape.clone(), DType::F32);
+    let grads = autodiff::backward(&mut g, &[(y, dy_id)]).unwrap();
+    let store = ParamStore::new(gpu, &g).unwrap();
+    store.write(gpu, 0, gamma).unwrap();
+    store.write(gpu, 1, beta).unwrap();
+    store.write_state(gpu, 0, running.0).unwrap();
+    store.write_state(gpu, 1, running.1).unwrap();
+    let plan = Plan::new(gpu, &g, &store, &Externals::new()).unwrap();
+    plan.write_f32(gpu, &g, xi, &x.data).unwrap();
+    plan.write_f32(gpu, &g, dy_id, &dy.data).unwrap();
+    plan.run(gpu);
+    let (eval_graph, eval_x, y_eval) = build(false);
+    let eval = Plan::new(gpu, &eval_graph, &store, &Externals::new()).unwrap();
+    eval.write_f32(gpu, &eval_graph, eval_x, &x.data).unwrap();
+    eval.run(gpu);
+    BatchNormRun {
+        y: plan.read_f32(gpu, &g, y).unwrap(),
+        dx: plan.read_f32(gpu, &g, grads[&xi]).unwrap(),
+        dgamma: store.read_grad(gpu, 0).unwrap(),
+        dbeta: store.read_grad(gpu, 1).unwrap(),
+        running_mean: store.read_state(gpu, 0).unwrap(),
+        running_var: store.read_state(gpu, 1).unwrap(),
+        y_eval: eval.read_f32(gpu, &eval_graph, y_eval).unwrap(),
+    }
+}
+
+/// `F.batch_norm(x, running_mean, running_var, weight, bias, training=True,
+/// momentum=0.1, eps=1e-5)`, its gradients, the running statistics it leaves
+/// and the eval-mode output with them, for (N, C, H, W) and (N, C).
+#[test]
+fn batch_norm_matches_pytorch() {
+    let gpu = gpu();
+    for name in ["ops/batchnorm2d.safetensors", "ops/batchnorm1d.safetensors"] {
+        let gold = Golden::load(name);
+        let (x, dy) = (gold.f32("x"), gold.f32("dy"));
+        let (gamma, beta) = (gold.f32("weight").data, gold.f32("bias").data);
+        let (rm, rv) = (
+            gold.f32("running_mean_before").data,
+            gold.f32("running_var_before").data,
+        );
+        let r = run_batch_norm(&gpu, &x, &gamma, &beta, (&rm, &rv), &dy);
+        assert_op_close(&format!("{name} y"), &r.y, &gold.f32("y").data);
+        assert_op_close(&format!("{name} dx"), &r.dx, &gold.f32("dx").data);
+        assert_op_close(
+            &format!("{name} dweight"),
+            &r.dgamma,
+            &gold.f32("dweight").data,
+        );
+        assert_op_close(&format!("{name} dbias"), &r.dbeta, &gold.f32("dbias").data);
+        assert_op_close(
+            &format!("{name} running_mean"),
+            &r.running_mean,
+            &gold.f32("running_mean_after").data,
+        );
+        assert_op_close(
+            &format!("{name} running_var"),
+            &r.running_var,
+            &gold.f32("running_var_after").data,
+        );
+        assert_op_close(
+            &format!("{name} y_eval"),
+            &r.y_eval,
+            &gold.f32("y_eval").data,
+        );
+
+        let norm = BatchNorm::new(true);
+        let cpu = norm.cpu_train(&x, &gamma, &beta, (&rm, &rv));
+        assert_op_close(&format!("{name} cpu y"), &cpu.y.data, &gold.f32("y").data);
+        assert_op_close(
+            &format!("{name} cpu running_var"),
+            &cpu.running_var,
+            &gold.f32("running_var_after").data,
+        );
+        let (dx, dgamma, _) = norm.cpu_backward(&x, &gamma, &dy);
+        assert_op_close(&format!("{name} cpu dx"), &dx.data, &gold.f32("dx").data);
+        assert_op_close(
+            &format!("{name} cpu dweight"),
+            &dgamma,
+            &gold.f32("dweight").data,
+        );
+        let eval = norm.cpu_eval(&x, &gamma, &beta, (&cpu.running_mean, &cpu.running_var));
+        assert_op_close(
+            &format!("{name} cpu y_eval"),
+            &eval.data,
+            &gold.f32("y_eval").data,
+        );
+    }
+}
+
+/// Batch 2 (the smallest with a variance), odd channel counts, a large
+/// spatial extent (many splits) and values far from zero (a naive
+/// E[x^2] - E[x]^2 would lose the variance).
+#[test]
+fn batch_norm_matches_cpu_on_awkward_shapes() {
+    let gpu = gpu();
+    let mut rng = Rng::new(29);
+    for shape in [
+        vec![2, 3],
+        vec![2, 5, 3, 7],
+        vec![3, 7, 1, 1],
+        vec![16, 3, 61, 67],
+    ] {
+        let c = shape[1];
+        let mut x = random(&shape, &mut rng);
+        x.data.iter_mut().for_each(|v| *v = 100.0 + 2.0 * *v);
+        let gamma = random(&[c], &mut rng).data;
+        let beta = random(&[c], &mut rng).data;
+        let rm = random(&[c], &mut rng).data;
+        let rv: Vec<f32> = random(&[c], &mut rng)
+            .data
+            .iter()
+            .map(|v| v.abs() + 0.5)
+            .collect();
+        let dy = random(&shape, &mut rng);
+        let r = run_batch_norm(&gpu, &x, &gamma, &beta, (&rm, &rv), &dy);
+        let norm = BatchNorm::new(true);
+        let cpu = norm.cpu_train(&x, &gamma, &beta, (&rm, &rv));
+        let (dx, dgamma, dbeta) = norm.cpu_backward(&x, &gamma, &dy);
+        let case = format!("batch norm {shape:?}");
+        assert_op_close(&format!("{case} y"), &r.y, &cpu.y.data);
+        assert_op_close(&format!("{case} dx"), &r.dx, &dx.data);
+        assert_op_close(&format!("{case} dgamma"), &r.dgamma, &dgamma);
+        assert_op_close(&format!("{case} dbeta"), &r.dbeta, &dbeta);
+        assert_op_close(
+            &format!("{case} running_mean"),
+            &r.running_mean,
+            &cpu.running_mean,
+        );
+        assert_op_close(
+            &format!("{case} running_var"),
+            &r.running_var,
+            &cpu.running_var,
+        );
+        let eval = norm.cpu_eval(&x, &gamma, &beta, (&cpu.running_mean, &cpu.running_var));
+        assert_op_close(&format!("{case} y_eval"), &r.y_eval, &eval.data);
+    }
+}
+
 #[test]
 fn sigmoid_and_relu_match_pytorch() {
     let gpu = gpu();
@@ -384,7 +558,7 @@ fn channel_sum_matches_cpu() {
         let mut g = Graph::new(false);
         let input = g.input(shape.clone(), DType::F32);
         let out = g.apply1(ChannelSum, &[input]).unwrap();
-        let store = ParamStore::new(&gpu, &[]).unwrap();
+        let store = ParamStore::new(&gpu, &g).unwrap();
         let plan = Plan::new(&gpu, &g, &store, &Externals::new()).unwrap();
         plan.write_f32(&gpu, &g, input, &x.data).unwrap();
         plan.run(&gpu);
@@ -427,7 +601,7 @@ fn softmax_cross_entropy_matches_pytorch() {
         let out = g
             .apply(SoftmaxCrossEntropy { with_grad: true }, &[z, y])
             .unwrap();
-        let store = ParamStore::new(&gpu, &[]).unwrap();
+        let store = ParamStore::new(&gpu, &g).unwrap();
         let plan = Plan::new(&gpu, &g, &store, &Externals::new()).unwrap();
         plan.write_f32(&gpu, &g, z, &logits.data).unwrap();
         plan.write_u32(&gpu, y, &labels);
@@ -491,7 +665,7 @@ fn gather_resize_matches_pytorch() {
             .unwrap();
         let mut externals = Externals::new();
         device_data.bind(&mut externals);
-        let store = ParamStore::new(&gpu, &[]).unwrap();
+        let store = ParamStore::new(&gpu, &g).unwrap();
         let plan = Plan::new(&gpu, &g, &store, &externals).unwrap();
         plan.write_u32(&gpu, indices, &(0..count as u32).collect::<Vec<_>>());
         plan.run(&gpu);
@@ -517,7 +691,7 @@ fn sgd_matches_pytorch() {
     let before = gold.f32("param_before");
     let mut g = Graph::new(true);
     g.param("w".into(), before.shape.clone(), Init::Zeros);
-    let store = ParamStore::new(&gpu, &g.params).unwrap();
+    let store = ParamStore::new(&gpu, &g).unwrap();
     let floats = (store.bytes / 4) as usize;
     let grads = g.external("gradients", vec![floats], DType::F32);
     let params = g.external("parameters", vec![floats], DType::F32);

@@ -10,6 +10,7 @@ const PRELUDE: &str = include_str!("../../shaders/prelude.wgsl");
 /// The WGSL files in `shaders/`, one per op family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Shader {
+    BatchNorm,
     Conv2d,
     Data,
     Eltwise,
@@ -21,7 +22,8 @@ pub enum Shader {
 }
 
 impl Shader {
-    pub const ALL: [Shader; 8] = [
+    pub const ALL: [Shader; 9] = [
+        Shader::BatchNorm,
         Shader::Conv2d,
         Shader::Data,
         Shader::Eltwise,
@@ -34,6 +36,7 @@ impl Shader {
 
     pub fn file_name(self) -> &'static str {
         match self {
+            Shader::BatchNorm => "batchnorm.wgsl",
             Shader::Conv2d => "conv2d.wgsl",
             Shader::Data => "data.wgsl",
             Shader::Eltwise => "eltwise.wgsl",
@@ -47,6 +50,7 @@ impl Shader {
 
     fn body(self) -> &'static str {
         match self {
+            Shader::BatchNorm => include_str!("../../shaders/batchnorm.wgsl"),
             Shader::Conv2d => include_str!("../../shaders/conv2d.wgsl"),
             Shader::Data => include_str!("../../shaders/data.wgsl"),
             Shader::Eltwise => include_str!("../../shaders/eltwise.wgsl"),

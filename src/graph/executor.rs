@@ -269,24 +269,7 @@ impl Plan {
         params: &ParamStore,
         externals: &Externals,
     ) -> Result<Plan> {
-        for (spec, stored) in graph.params.iter().zip(&params.specs) {
-            if spec.name != stored.name || spec.shape != stored.shape {
-                bail!(
-                    "graph parameter {} {:?} does not match the store's {} {:?}",
-                    spec.name,
-                    spec.shape,
-                    stored.name,
-                    stored.shape
-                );
-            }
-        }
-        if graph.params.len() != params.specs.len() {
-            bail!(
-                "graph has {} parameters, the store {}",
-                graph.params.len(),
-                params.specs.len()
-            );
-        }
+        params.check(graph)?;
         let mut producer: Vec<String> = vec!["input".to_string(); graph.tensors.len()];
         for node in &graph.nodes {
             for &t in &node.outputs {
@@ -300,6 +283,7 @@ impl Plan {
                 Storage::Activation | Storage::View(_) => continue,
                 Storage::Parameter(p) => Some(params.value_binding(*p)),
                 Storage::Gradient(p) => Some(params.grad_binding(*p)),
+                Storage::State(p) => Some(params.state_binding(*p)),
                 Storage::External(key) => {
                     let b = externals
                         .get(key)

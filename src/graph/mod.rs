@@ -43,6 +43,9 @@ pub enum Storage {
     Parameter(usize),
     /// The gradient of parameter `i`, in the shared gradient store.
     Gradient(usize),
+    /// Non-trainable state `i` (BatchNorm running statistics), in the
+    /// shared state buffer: what PyTorch calls a module's buffers.
+    State(usize),
     /// A buffer the caller provides when planning (dataset, batch indices, metrics).
     External(&'static str),
     /// The same bytes as another tensor (reshape/flatten: no copy).
@@ -131,6 +134,8 @@ pub struct Graph {
     pub tensors: Vec<Tensor>,
     pub nodes: Vec<Node>,
     pub params: Vec<ParamSpec>,
+    /// Non-trainable state, also named by `state_dict` key.
+    pub state: Vec<ParamSpec>,
     /// Training mode (batch statistics, dropout) or evaluation mode.
     pub training: bool,
 }
@@ -178,6 +183,12 @@ impl Graph {
         self.add_tensor(shape, dtype, Storage::Activation, false)
     }
 
+    /// Like `input`, but autodiff computes its gradient (PyTorch's
+    /// `requires_grad=True` on a plain tensor); tests use it for dx.
+    pub fn leaf(&mut self, shape: Shape) -> TensorId {
+        self.add_tensor(shape, DType::F32, Storage::Activation, true)
+    }
+
     /// A trainable parameter named by its PyTorch `state_dict` key.
     pub fn param(&mut self, name: String, shape: Shape, init: Init) -> TensorId {
         let index = self.params.len();
@@ -187,6 +198,18 @@ impl Graph {
             init,
         });
         self.add_tensor(shape, DType::F32, Storage::Parameter(index), true)
+    }
+
+    /// Non-trainable state named by its PyTorch `state_dict` key
+    /// (`1.running_mean`); ops may update it in place.
+    pub fn state(&mut self, name: String, shape: Shape, init: Init) -> TensorId {
+        let index = self.state.len();
+        self.state.push(ParamSpec {
+            name,
+            shape: shape.clone(),
+            init,
+        });
+        self.add_tensor(shape, DType::F32, Storage::State(index), false)
     }
 
     /// Appends `op` applied to `inputs`, creating its outputs.

@@ -1,8 +1,10 @@
 //! The d2l architectures and the training defaults d2l uses for each.
 
 mod lenet;
+mod lenet_bn;
 
 pub use lenet::lenet;
+pub use lenet_bn::lenet_bn;
 
 use crate::nn::Sequential;
 use anyhow::{bail, Result};
@@ -17,14 +19,24 @@ pub struct ModelSpec {
     pub epochs: usize,
 }
 
-pub const MODELS: &[ModelSpec] = &[ModelSpec {
-    name: "lenet",
-    build: lenet,
-    resize: 28,
-    batch_size: 256,
-    lr: 0.9,
-    epochs: 10,
-}];
+pub const MODELS: &[ModelSpec] = &[
+    ModelSpec {
+        name: "lenet",
+        build: lenet,
+        resize: 28,
+        batch_size: 256,
+        lr: 0.9,
+        epochs: 10,
+    },
+    ModelSpec {
+        name: "lenet-bn",
+        build: lenet_bn,
+        resize: 28,
+        batch_size: 256,
+        lr: 1.0,
+        epochs: 10,
+    },
+];
 
 pub fn find(name: &str) -> Result<&'static ModelSpec> {
     match MODELS.iter().find(|m| m.name == name) {

@@ -132,6 +132,42 @@ impl Module for Linear {
     }
 }
 
+/// `nn.LazyBatchNorm1d()` / `nn.LazyBatchNorm2d()`: gamma 1, beta 0,
+/// running mean 0 and variance 1; the channel count comes from the input.
+pub struct BatchNorm {
+    class_name: &'static str,
+}
+
+impl BatchNorm {
+    pub fn new_1d() -> BatchNorm {
+        BatchNorm {
+            class_name: "BatchNorm1d",
+        }
+    }
+
+    pub fn new_2d() -> BatchNorm {
+        BatchNorm {
+            class_name: "BatchNorm2d",
+        }
+    }
+}
+
+impl Module for BatchNorm {
+    fn forward(&self, g: &mut Graph, x: TensorId, prefix: &str) -> Result<TensorId> {
+        let c = vec![g.shape(x)[1]];
+        let gamma = g.param(format!("{prefix}weight"), c.clone(), Init::Ones);
+        let beta = g.param(format!("{prefix}bias"), c.clone(), Init::Zeros);
+        let mean = g.state(format!("{prefix}running_mean"), c.clone(), Init::Zeros);
+        let var = g.state(format!("{prefix}running_var"), c, Init::Ones);
+        let norm = ops::BatchNorm::new(g.training);
+        g.apply1(norm, &[x, gamma, beta, mean, var])
+    }
+
+    fn class_name(&self) -> &'static str {
+        self.class_name
+    }
+}
+
 /// `nn.Sigmoid()`.
 pub struct Sigmoid;
 

@@ -1,6 +1,7 @@
 //! One file per op: shape rule, GPU dispatch, backward rule and CPU
 //! reference, read side by side. Each pairs with a file in `shaders/`.
 
+mod batchnorm;
 mod conv2d;
 mod eltwise;
 mod input;
@@ -11,6 +12,7 @@ mod reduce;
 mod reshape;
 mod softmax_xent;
 
+pub use batchnorm::{BatchNorm, BatchNormBackwardData, BatchNormBackwardParams, BatchNormCpu};
 pub use conv2d::{Conv2d, Conv2dBackwardData, Conv2dBackwardFilter};
 pub use eltwise::{Add, Relu, ReluBackward, Sigmoid, SigmoidBackward};
 pub use input::GatherResize;

@@ -314,10 +314,13 @@ impl Session {
             resize: cfg.resize,
         };
         let probe = step_graph(&model, &test_data, 1, cfg.resize, StepKind::Eval)?;
-        let params = ParamStore::new(gpu, &probe.params)?;
+        let params = ParamStore::new(gpu, &probe)?;
         let mut rng = Rng::new(cfg.seed);
-        for (i, spec) in params.specs.iter().enumerate() {
+        for (i, spec) in params.specs().iter().enumerate() {
             params.write(gpu, i, &init::initial_values(spec, &mut rng))?;
+        }
+        for (i, spec) in params.state_specs().iter().enumerate() {
+            params.write_state(gpu, i, &init::initial_values(spec, &mut rng))?;
         }
         let train_metrics = Metrics::new(gpu, "train metrics")?;
         let test_metrics = Metrics::new(gpu, "test metrics")?;

@@ -155,7 +155,7 @@ pub fn run_op(gpu: &Gpu, op: impl Op + 'static, inputs: &[&CpuTensor], dy: &CpuT
     assert_eq!(g.shape(y), dy.shape.as_slice(), "dy shape");
     let dy_id = g.input(dy.shape.clone(), DType::F32);
     autodiff::backward(&mut g, &[(y, dy_id)]).expect("backward graph");
-    let store = ParamStore::new(gpu, &g.params).unwrap();
+    let store = ParamStore::new(gpu, &g).unwrap();
     for (i, t) in inputs.iter().enumerate() {
         store.write(gpu, i, &t.data).unwrap();
     }

@@ -1,0 +1,171 @@
+// Batch normalisation over the channel dimension of (N, C) or (N, C, H, W)
+// tensors (nn.BatchNorm1d / nn.BatchNorm2d), PyTorch semantics:
+//   training   y = (x - mean) / sqrt(var + eps) * gamma + beta, with the
+//              batch mean and biased variance; running_mean and running_var
+//              move by `momentum` towards the mean and the unbiased variance
+//   evaluation the same with the running statistics
+//   backward   dbeta = sum dy, dgamma = sum dy * xhat,
+//              dx = gamma * invstd / m * (m * dy - dbeta - xhat * dgamma)
+//
+// Sums over batch and positions run in splits, each writing partial results
+// that a per-channel pass combines in a fixed order: no float atomics.
+
+struct Norm {
+    batch: u32,
+    channels: u32,
+    spatial: u32, // H * W, or 1 for (N, C)
+    splits: u32,
+    chunk: u32,   // (sample, position) pairs per split
+    eps: f32,
+    momentum: f32,
+    _pad: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Norm;
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read> dy: array<f32>;
+@group(0) @binding(3) var<storage, read> gamma: array<f32>;
+@group(0) @binding(4) var<storage, read> beta: array<f32>;
+@group(0) @binding(5) var<storage, read_write> partial: array<vec2<f32>>;
+@group(0) @binding(6) var<storage, read_write> mean: array<f32>;
+@group(0) @binding(7) var<storage, read_write> invstd: array<f32>;
+@group(0) @binding(8) var<storage, read_write> running_mean: array<f32>;
+@group(0) @binding(9) var<storage, read_write> running_var: array<f32>;
+@group(0) @binding(10) var<storage, read_write> out: array<f32>;
+@group(0) @binding(11) var<storage, read> saved_mean: array<f32>;
+@group(0) @binding(12) var<storage, read> saved_invstd: array<f32>;
+@group(0) @binding(13) var<storage, read_write> dgamma: array<f32>;
+@group(0) @binding(14) var<storage, read_write> dbeta: array<f32>;
+@group(0) @binding(15) var<storage, read> dgamma_in: array<f32>;
+@group(0) @binding(16) var<storage, read> dbeta_in: array<f32>;
+
+// Element q of channel c: q runs over the (sample, position) pairs.
+fn at(c: u32, q: u32) -> u32 {
+    return ((q / p.spatial) * p.channels + c) * p.spatial + q % p.spatial;
+}
+
+fn split_range(split: u32) -> vec2<u32> {
+    let first = split * p.chunk;
+    return vec2<u32>(first, min(first + p.chunk, p.batch * p.spatial));
+}
+
+// partial[split, c] = (mean, M2) of channel c over the split: two passes, so
+// the squares are of deviations from the split's own mean (stable).
+@compute @workgroup_size(WG)
+fn stats_partial(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let id = linear_index(gid, nwg);
+    if (id >= p.splits * p.channels) {
+        return;
+    }
+    let c = id % p.channels;
+    let range = split_range(id / p.channels);
+    var sum = 0.0;
+    for (var q = range.x; q < range.y; q++) {
+        sum += x[at(c, q)];
+    }
+    let m = sum / f32(max(range.y - range.x, 1u));
+    var m2 = 0.0;
+    for (var q = range.x; q < range.y; q++) {
+        let d = x[at(c, q)] - m;
+        m2 += d * d;
+    }
+    partial[id] = vec2<f32>(m, m2);
+}
+
+// Per channel: merge the splits in order (Chan et al.), then the batch
+// statistics and the running-statistics update.
+@compute @workgroup_size(WG)
+fn stats_finalize(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let c = linear_index(gid, nwg);
+    if (c >= p.channels) {
+        return;
+    }
+    var n = 0.0;
+    var m = 0.0;
+    var m2 = 0.0;
+    for (var s = 0u; s < p.splits; s++) {
+        let range = split_range(s);
+        let nb = f32(range.y - range.x);
+        if (nb == 0.0) {
+            continue;
+        }
+        let part = partial[s * p.channels + c];
+        let delta = part.x - m;
+        let total = n + nb;
+        m += delta * nb / total;
+        m2 += part.y + delta * delta * n * nb / total;
+        n = total;
+    }
+    mean[c] = m;
+    invstd[c] = 1.0 / sqrt(m2 / n + p.eps);
+    running_mean[c] = (1.0 - p.momentum) * running_mean[c] + p.momentum * m;
+    running_var[c] = (1.0 - p.momentum) * running_var[c] + p.momentum * m2 / max(n - 1.0, 1.0);
+}
+
+@compute @workgroup_size(WG)
+fn normalize(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = linear_index(gid, nwg);
+    if (i >= p.batch * p.channels * p.spatial) {
+        return;
+    }
+    let c = (i / p.spatial) % p.channels;
+    out[i] = (x[i] - saved_mean[c]) * saved_invstd[c] * gamma[c] + beta[c];
+}
+
+@compute @workgroup_size(WG)
+fn normalize_eval(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = linear_index(gid, nwg);
+    if (i >= p.batch * p.channels * p.spatial) {
+        return;
+    }
+    let c = (i / p.spatial) % p.channels;
+    out[i] = (x[i] - running_mean[c]) / sqrt(running_var[c] + p.eps) * gamma[c] + beta[c];
+}
+
+// partial[split, c] = (sum dy * xhat, sum dy) over the split.
+@compute @workgroup_size(WG)
+fn backward_partial(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let id = linear_index(gid, nwg);
+    if (id >= p.splits * p.channels) {
+        return;
+    }
+    let c = id % p.channels;
+    let range = split_range(id / p.channels);
+    let m = saved_mean[c];
+    let s = saved_invstd[c];
+    var dxhat = 0.0;
+    var dsum = 0.0;
+    for (var q = range.x; q < range.y; q++) {
+        let i = at(c, q);
+        dxhat += dy[i] * (x[i] - m) * s;
+        dsum += dy[i];
+    }
+    partial[id] = vec2<f32>(dxhat, dsum);
+}
+
+@compute @workgroup_size(WG)
+fn backward_finalize(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let c = linear_index(gid, nwg);
+    if (c >= p.channels) {
+        return;
+    }
+    var total = vec2<f32>(0.0);
+    for (var s = 0u; s < p.splits; s++) {
+        total += partial[s * p.channels + c];
+    }
+    dgamma[c] = total.x;
+    dbeta[c] = total.y;
+}
+
+@compute @workgroup_size(WG)
+fn backward_data(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = linear_index(gid, nwg);
+    if (i >= p.batch * p.channels * p.spatial) {
+        return;
+    }
+    let c = (i / p.spatial) % p.channels;
+    let count = f32(p.batch * p.spatial);
+    let s = saved_invstd[c];
+    let xhat = (x[i] - saved_mean[c]) * s;
+    out[i] = gamma[c] * s / count * (count * dy[i] - dbeta_in[c] - xhat * dgamma_in[c]);
+}

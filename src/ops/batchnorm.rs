@@ -1,0 +1,383 @@
+//! `nn.BatchNorm1d` / `nn.BatchNorm2d` over the channel dimension, in
+//! training mode (batch statistics, running statistics updated) or
+//! evaluation mode (running statistics). Pairs with `shaders/batchnorm.wgsl`.
+
+use super::reduce::split_count;
+use super::CpuTensor;
+use crate::gpu::Shader;
+use crate::graph::{Binding, DType, Graph, Op, PlanContext, Shape, Tensor, TensorId};
+use anyhow::{bail, Result};
+
+/// Inputs: x `[n, c]` or `[n, c, h, w]`, gamma, beta, running_mean,
+/// running_var (all `[c]`). Outputs: y, and in training the batch mean and
+/// 1/sqrt(var + eps) the backward pass needs. Training also updates the
+/// running statistics in place.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BatchNorm {
+    pub eps: f32,
+    pub momentum: f32,
+    pub training: bool,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct NormParams {
+    batch: u32,
+    channels: u32,
+    spatial: u32,
+    splits: u32,
+    chunk: u32,
+    eps: f32,
+    momentum: f32,
+    _pad: u32,
+}
+
+/// The CPU reference's results for one training forward.
+pub struct BatchNormCpu {
+    pub y: CpuTensor,
+    pub running_mean: Vec<f32>,
+    pub running_var: Vec<f32>,
+}
+
+impl BatchNorm {
+    /// PyTorch's defaults: eps 1e-5, momentum 0.1.
+    pub fn new(training: bool) -> BatchNorm {
+        BatchNorm {
+            eps: 1e-5,
+            momentum: 0.1,
+            training,
+        }
+    }
+
+    /// Uniform parameters with the channel sums cut into splits.
+    fn params(&self, ctx: &PlanContext, x: &[usize]) -> NormParams {
+        let (batch, channels) = (x[0], x[1]);
+        let spatial: usize = x[2..].iter().product();
+        let terms = batch * spatial;
+        let splits = split_count(terms, channels, 2 * channels, ctx.gpu);
+        NormParams {
+            batch: batch as u32,
+            channels: channels as u32,
+            spatial: spatial as u32,
+            splits: splits as u32,
+            chunk: terms.div_ceil(splits) as u32,
+            eps: self.eps,
+            momentum: self.momentum,
+            _pad: 0,
+        }
+    }
+
+    /// Per channel (mean, biased variance) over batch and positions, in f64.
+    fn cpu_stats(x: &CpuTensor) -> (Vec<f64>, Vec<f64>, usize) {
+        let c = x.shape[1];
+        let spatial = x.data.len() / (x.shape[0] * c);
+        let count = x.data.len() / c;
+        let mut mean = vec![0.0f64; c];
+        for (i, v) in x.data.iter().enumerate() {
+            mean[(i / spatial) % c] += *v as f64 / count as f64;
+        }
+        let mut var = vec![0.0f64; c];
+        for (i, v) in x.data.iter().enumerate() {
+            let ch = (i / spatial) % c;
+            var[ch] += (*v as f64 - mean[ch]).powi(2) / count as f64;
+        }
+        (mean, var, count)
+    }
+
+    /// CPU reference for a training forward.
+    pub fn cpu_train(
+        &self,
+        x: &CpuTensor,
+        gamma: &[f32],
+        beta: &[f32],
+        running: (&[f32], &[f32]),
+    ) -> BatchNormCpu {
+        let (mean, var, count) = Self::cpu_stats(x);
+        let c = gamma.len();
+        let spatial = x.data.len() / (x.shape[0] * c);
+        let y = x
+            .data
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let ch = (i / spatial) % c;
+                ((*v as f64 - mean[ch]) / (var[ch] + self.eps as f64).sqrt() * gamma[ch] as f64
+                    + beta[ch] as f64) as f32
+            })
+            .collect();
+        let m = self.momentum as f64;
+        let unbiased = count as f64 / (count as f64 - 1.0).max(1.0);
+        BatchNormCpu {
+            y: CpuTensor::new(&x.shape, y),
+            running_mean: (0..c)
+                .map(|ch| ((1.0 - m) * running.0[ch] as f64 + m * mean[ch]) as f32)
+                .collect(),
+            running_var: (0..c)
+                .map(|ch| ((1.0 - m) * running.1[ch] as f64 + m * var[ch] * unbiased) as f32)
+                .collect(),
+        }
+    }
+
+    /// CPU reference for evaluation mode.
+    pub fn cpu_eval(
+        &self,
+        x: &CpuTensor,
+        gamma: &[f32],
+        beta: &[f32],
+        running: (&[f32], &[f32]),
+    ) -> CpuTensor {
+        let c = gamma.len();
+        let spatial = x.data.len() / (x.shape[0] * c);
+        let y = x
+            .data
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let ch = (i / spatial) % c;
+                (v - running.0[ch]) / (running.1[ch] + self.eps).sqrt() * gamma[ch] + beta[ch]
+            })
+            .collect();
+        CpuTensor::new(&x.shape, y)
+    }
+
+    /// CPU reference for the training-mode gradients `(dx, dgamma, dbeta)`.
+    pub fn cpu_backward(
+        &self,
+        x: &CpuTensor,
+        gamma: &[f32],
+        dy: &CpuTensor,
+    ) -> (CpuTensor, Vec<f32>, Vec<f32>) {
+        let (mean, var, count) = Self::cpu_stats(x);
+        let c = gamma.len();
+        let spatial = x.data.len() / (x.shape[0] * c);
+        let invstd: Vec<f64> = var
+            .iter()
+            .map(|v| 1.0 / (v + self.eps as f64).sqrt())
+            .collect();
+        let xhat =
+            |i: usize| (x.data[i] as f64 - mean[(i / spatial) % c]) * invstd[(i / spatial) % c];
+        let mut dgamma = vec![0.0f64; c];
+        let mut dbeta = vec![0.0f64; c];
+        for (i, g) in dy.data.iter().enumerate() {
+            dgamma[(i / spatial) % c] += *g as f64 * xhat(i);
+            dbeta[(i / spatial) % c] += *g as f64;
+        }
+        let n = count as f64;
+        let dx = (0..x.data.len())
+            .map(|i| {
+                let ch = (i / spatial) % c;
+                (gamma[ch] as f64 * invstd[ch] / n
+                    * (n * dy.data[i] as f64 - dbeta[ch] - xhat(i) * dgamma[ch]))
+                    as f32
+            })
+            .collect();
+        let narrow = |v: Vec<f64>| v.into_iter().map(|v| v as f32).collect();
+        (CpuTensor::new(&x.shape, dx), narrow(dgamma), narrow(dbeta))
+    }
+}
+
+fn bound(ctx: &PlanContext, tensors: &[(u32, TensorId)]) -> Vec<(u32, Binding)> {
+    tensors
+        .iter()
+        .map(|&(slot, t)| (slot, ctx.binding(t).clone()))
+        .collect()
+}
+
+fn refs(bound: &[(u32, Binding)]) -> Vec<(u32, &Binding)> {
+    bound.iter().map(|(s, b)| (*s, b)).collect()
+}
+
+impl Op for BatchNorm {
+    fn describe(&self) -> String {
+        format!("batch_norm{}", if self.training { "" } else { " (eval)" })
+    }
+
+    fn infer(&self, inputs: &[&Tensor]) -> Result<Vec<(Shape, DType)>> {
+        let x = &inputs[0].shape;
+        if x.len() != 2 && x.len() != 4 {
+            bail!("batch norm takes (N, C) or (N, C, H, W), got {x:?}");
+        }
+        if let Some(t) = inputs[1..].iter().find(|t| t.shape != [x[1]]) {
+            bail!(
+                "batch norm parameters must be [{}], got {:?}",
+                x[1],
+                t.shape
+            );
+        }
+        let mut outputs = vec![(x.clone(), DType::F32)];
+        if self.training {
+            outputs.push((vec![x[1]], DType::F32));
+            outputs.push((vec![x[1]], DType::F32));
+        }
+        Ok(outputs)
+    }
+
+    fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
+        let shape = ctx.shape(inputs[0]).to_vec();
+        let p = self.params(ctx, &shape);
+        let len = shape.iter().product();
+        let [x, gamma, beta, running_mean, running_var] = inputs else {
+            bail!("batch norm takes five inputs")
+        };
+        if !self.training {
+            let b = bound(
+                ctx,
+                &[
+                    (1, *x),
+                    (3, *gamma),
+                    (4, *beta),
+                    (8, *running_mean),
+                    (9, *running_var),
+                    (10, outputs[0]),
+                ],
+            );
+            return ctx.dispatch(Shader::BatchNorm, "normalize_eval", &p, &refs(&b), len);
+        }
+        let (y, mean, invstd) = (outputs[0], outputs[1], outputs[2]);
+        let partial = ctx.scratch(8 * (p.splits * p.channels) as u64)?;
+        let splits = p.splits as usize * p.channels as usize;
+        let b = bound(ctx, &[(1, *x)]);
+        let mut r = refs(&b);
+        r.push((5, &partial));
+        ctx.dispatch(Shader::BatchNorm, "stats_partial", &p, &r, splits)?;
+        let b = bound(
+            ctx,
+            &[
+                (6, mean),
+                (7, invstd),
+                (8, *running_mean),
+                (9, *running_var),
+            ],
+        );
+        let mut r = refs(&b);
+        r.push((5, &partial));
+        ctx.dispatch(
+            Shader::BatchNorm,
+            "stats_finalize",
+            &p,
+            &r,
+            p.channels as usize,
+        )?;
+        let b = bound(
+            ctx,
+            &[
+                (1, *x),
+                (3, *gamma),
+                (4, *beta),
+                (10, y),
+                (11, mean),
+                (12, invstd),
+            ],
+        );
+        ctx.dispatch(Shader::BatchNorm, "normalize", &p, &refs(&b), len)
+    }
+
+    fn backward(
+        &self,
+        g: &mut Graph,
+        inputs: &[TensorId],
+        outputs: &[TensorId],
+        output_grads: &[Option<TensorId>],
+        _needs: &[bool],
+    ) -> Result<Vec<Option<TensorId>>> {
+        if !self.training {
+            bail!("batch norm in evaluation mode has no backward pass here");
+        }
+        let dy = output_grads[0].expect("only y carries a gradient");
+        let (x, gamma) = (inputs[0], inputs[1]);
+        let (mean, invstd) = (outputs[1], outputs[2]);
+        let sums = g.apply(
+            BatchNormBackwardParams { norm: *self },
+            &[x, dy, mean, invstd],
+        )?;
+        let dx = g.apply1(
+            BatchNormBackwardData { norm: *self },
+            &[x, dy, mean, invstd, gamma, sums[0], sums[1]],
+        )?;
+        Ok(vec![Some(dx), Some(sums[0]), Some(sums[1]), None, None])
+    }
+}
+
+/// dgamma = sum dy * xhat and dbeta = sum dy, per channel.
+#[derive(Debug)]
+pub struct BatchNormBackwardParams {
+    norm: BatchNorm,
+}
+
+impl Op for BatchNormBackwardParams {
+    fn describe(&self) -> String {
+        "batch_norm backward params".into()
+    }
+
+    fn infer(&self, inputs: &[&Tensor]) -> Result<Vec<(Shape, DType)>> {
+        let c = inputs[0].shape[1];
+        Ok(vec![(vec![c], DType::F32), (vec![c], DType::F32)])
+    }
+
+    fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
+        let shape = ctx.shape(inputs[0]).to_vec();
+        let p = self.norm.params(ctx, &shape);
+        let partial = ctx.scratch(8 * (p.splits * p.channels) as u64)?;
+        let b = bound(
+            ctx,
+            &[
+                (1, inputs[0]),
+                (2, inputs[1]),
+                (11, inputs[2]),
+                (12, inputs[3]),
+            ],
+        );
+        let mut r = refs(&b);
+        r.push((5, &partial));
+        ctx.dispatch(
+            Shader::BatchNorm,
+            "backward_partial",
+            &p,
+            &r,
+            (p.splits * p.channels) as usize,
+        )?;
+        let b = bound(ctx, &[(13, outputs[0]), (14, outputs[1])]);
+        let mut r = refs(&b);
+        r.push((5, &partial));
+        ctx.dispatch(
+            Shader::BatchNorm,
+            "backward_finalize",
+            &p,
+            &r,
+            p.channels as usize,
+        )
+    }
+}
+
+/// dx = gamma * invstd / m * (m * dy - dbeta - xhat * dgamma).
+#[derive(Debug)]
+pub struct BatchNormBackwardData {
+    norm: BatchNorm,
+}
+
+impl Op for BatchNormBackwardData {
+    fn describe(&self) -> String {
+        "batch_norm backward data".into()
+    }
+
+    fn infer(&self, inputs: &[&Tensor]) -> Result<Vec<(Shape, DType)>> {
+        Ok(vec![(inputs[0].shape.clone(), DType::F32)])
+    }
+
+    fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
+        let shape = ctx.shape(inputs[0]).to_vec();
+        let p = self.norm.params(ctx, &shape);
+        let slots = [1, 2, 11, 12, 3, 15, 16];
+        let mut tensors: Vec<(u32, TensorId)> =
+            slots.iter().copied().zip(inputs.iter().copied()).collect();
+        tensors.push((10, outputs[0]));
+        let b = bound(ctx, &tensors);
+        ctx.dispatch(
+            Shader::BatchNorm,
+            "backward_data",
+            &p,
+            &refs(&b),
+            shape.iter().product(),
+        )
+    }
+}
