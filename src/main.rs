@@ -25,10 +25,22 @@ struct Cli {
 enum Command {
     /// Train a model and print d2l's per-epoch line.
     Train(TrainArgs),
+    /// Per-layer output shapes and the parameter count, like d2l's layer_summary.
+    Summary(SummaryArgs),
     /// Measure images/s of a training step and of inference.
     Bench(BenchArgs),
     /// List every GPU adapter wgpu can see, with the limits that matter here.
     Devices,
+}
+
+#[derive(Args)]
+struct SummaryArgs {
+    /// Model: lenet, lenet-bn.
+    #[arg(long, default_value = "lenet")]
+    model: String,
+    /// Input size [default: the model's d2l resize].
+    #[arg(long)]
+    resize: Option<usize>,
 }
 
 #[derive(Args)]
@@ -156,6 +168,16 @@ fn run_bench(args: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
+fn run_summary(args: &SummaryArgs) -> Result<()> {
+    let spec = models::find(&args.model)?;
+    let summary = models::summary(spec, args.resize.unwrap_or(spec.resize))?;
+    for line in summary.lines() {
+        println!("{line}");
+    }
+    println!("parameters: {}", summary.params);
+    Ok(())
+}
+
 fn run_devices() {
     let adapters = gpu::list_adapters();
     if adapters.is_empty() {
@@ -195,6 +217,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
         Some(Command::Train(args)) => run_train(args),
+        Some(Command::Summary(args)) => run_summary(args),
         Some(Command::Bench(args)) => run_bench(args),
         Some(Command::Devices) => {
             run_devices();

@@ -6,8 +6,9 @@ mod lenet_bn;
 pub use lenet::lenet;
 pub use lenet_bn::lenet_bn;
 
+use crate::graph::{DType, Graph, Shape};
 use crate::nn::Sequential;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 /// A model and d2l's defaults for training it on Fashion-MNIST.
 pub struct ModelSpec {
@@ -49,4 +50,62 @@ pub fn find(name: &str) -> Result<&'static ModelSpec> {
             )
         }
     }
+}
+
+/// What d2l's `layer_summary` shows: each top-level layer's class and
+/// output shape for one image, and the parameter count.
+pub struct Summary {
+    pub input: Shape,
+    pub layers: Vec<(&'static str, Shape)>,
+    pub params: usize,
+}
+
+impl Summary {
+    /// One line per layer, formatted as d2l prints them.
+    pub fn lines(&self) -> Vec<String> {
+        let dims = |s: &Shape| {
+            s.iter()
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        self.layers
+            .iter()
+            .enumerate()
+            .map(|(i, (class, shape))| {
+                format!("{i:>3} {class:<20} output shape:\t({})", dims(shape))
+            })
+            .collect()
+    }
+}
+
+/// Runs the shape rules of `spec`'s model on one `resize` x `resize` image.
+pub fn summary(spec: &ModelSpec, resize: usize) -> Result<Summary> {
+    let model = (spec.build)();
+    let mut g = Graph::new(false);
+    let input = vec![1, 1, resize, resize];
+    let mut x = g.input(input.clone(), DType::F32);
+    let mut layers = Vec::new();
+    for (i, layer) in model.layers().iter().enumerate() {
+        x = layer
+            .forward(&mut g, x, &format!("{i}."))
+            .with_context(|| {
+                format!(
+                    "{} at --resize {resize}: layer {i} ({})",
+                    spec.name,
+                    layer.class_name()
+                )
+            })?;
+        layers.push((layer.class_name(), g.shape(x).to_vec()));
+    }
+    let params = g
+        .params
+        .iter()
+        .map(|p| p.shape.iter().product::<usize>())
+        .sum();
+    Ok(Summary {
+        input,
+        layers,
+        params,
+    })
 }

@@ -28,6 +28,10 @@ impl Sequential {
         self.layers.push(Box::new(layer));
         self
     }
+
+    pub fn layers(&self) -> &[Box<dyn Module>] {
+        &self.layers
+    }
 }
 
 impl Module for Sequential {
