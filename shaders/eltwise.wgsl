@@ -1,8 +1,11 @@
-// Elementwise activations, forward and backward side by side, and the
-// gradient sum used where a tensor feeds several consumers.
+// Elementwise activations and dropout, forward and backward side by side,
+// and the gradient sum used where a tensor feeds several consumers.
 
 struct Eltwise {
     len: u32,
+    salt: u32,      // dropout: distinguishes layers
+    threshold: u32, // dropout: drop where hash < threshold (p * 2^32)
+    scale: f32,     // dropout: 1 / (1 - p)
 }
 
 @group(0) @binding(0) var<uniform> p: Eltwise;
@@ -10,6 +13,8 @@ struct Eltwise {
 @group(0) @binding(2) var<storage, read> y: array<f32>;
 @group(0) @binding(3) var<storage, read> dy: array<f32>;
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
+// Dropout's random stream: [seed, training steps so far].
+@group(0) @binding(5) var<storage, read_write> rng: array<u32>;
 
 @compute @workgroup_size(WG)
 fn sigmoid_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
@@ -50,5 +55,49 @@ fn add(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) n
     let i = linear_index(gid, nwg);
     if (i < p.len) {
         out[i] = x[i] + y[i];
+    }
+}
+
+// A 32-bit integer hash (low bias, full avalanche).
+fn mix(x: u32) -> u32 {
+    var h = x;
+    h ^= h >> 16u;
+    h *= 0x7feb352du;
+    h ^= h >> 15u;
+    h *= 0x846ca68bu;
+    h ^= h >> 16u;
+    return h;
+}
+
+// Inverted dropout's factor for element i in this step: 0 or 1 / (1 - p).
+// The same (seed, layer, step, element) gives the same mask, so backward
+// recomputes it instead of storing it.
+fn dropout_factor(i: u32) -> f32 {
+    let h = mix(mix(mix(rng[0] ^ p.salt) + rng[1]) + i);
+    return select(p.scale, 0.0, h < p.threshold);
+}
+
+@compute @workgroup_size(WG)
+fn dropout_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = linear_index(gid, nwg);
+    if (i < p.len) {
+        out[i] = x[i] * dropout_factor(i);
+    }
+}
+
+@compute @workgroup_size(WG)
+fn dropout_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = linear_index(gid, nwg);
+    if (i < p.len) {
+        out[i] = dy[i] * dropout_factor(i);
+    }
+}
+
+// After a training step: the stream moves on by `len` steps (1), so the
+// next step draws new masks.
+@compute @workgroup_size(WG)
+fn advance_rng(@builtin(local_invocation_index) lane: u32) {
+    if (lane == 0u) {
+        rng[1] += p.len;
     }
 }

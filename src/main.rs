@@ -94,6 +94,9 @@ struct TrainArgs {
     /// Evaluate on the first N test images only.
     #[arg(long)]
     limit_test: Option<usize>,
+    /// Dropout probability for every dropout layer [default: the model's, 0.5 where d2l uses dropout]; 0 disables.
+    #[arg(long)]
+    dropout: Option<f32>,
     /// Print the loss and accuracy of the last N batches every N batches (0: off).
     #[arg(long, default_value_t = 0)]
     log_every: usize,
@@ -124,6 +127,7 @@ fn train_config(args: &TrainArgs) -> Result<TrainConfig> {
         limit_train: args.limit_train,
         limit_test: args.limit_test,
         log_every: args.log_every,
+        dropout: args.dropout,
     })
 }
 

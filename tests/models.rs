@@ -181,7 +181,7 @@ fn check_training_step(gpu: &Gpu, model_name: &str) {
     };
     let data = GpuDataset::upload(gpu, &dataset).unwrap();
     let batch = shape[0];
-    let probe = step_graph(&model, &data, batch, spec.resize, StepKind::Eval).unwrap();
+    let probe = step_graph(&model, &data, batch, spec.resize, Some(0.0), StepKind::Eval).unwrap();
     let store = ParamStore::new(gpu, &probe).unwrap();
     load_golden_init(gpu, &gold, &store);
     let before: Vec<Vec<f32>> = (0..store.specs().len())
@@ -193,7 +193,7 @@ fn check_training_step(gpu: &Gpu, model_name: &str) {
         lr,
         param_floats: (store.bytes / 4) as usize,
     };
-    let g = step_graph(&model, &data, batch, spec.resize, kind).unwrap();
+    let g = step_graph(&model, &data, batch, spec.resize, Some(0.0), kind).unwrap();
     let indices = gpu.storage_buffer("indices", 4 * batch as u64).unwrap();
     let metrics = gpu.storage_buffer("metrics", 16).unwrap();
     let mut externals = Externals::new();

@@ -7,8 +7,8 @@ use common::{assert_close, assert_op_close, gpu, random, run_op, Golden};
 use d2l_wgpu::data::Dataset;
 use d2l_wgpu::graph::{autodiff, DType, Externals, Graph, Init, ParamStore, Plan};
 use d2l_wgpu::ops::{
-    AvgPool2d, BatchNorm, ChannelSum, Conv2d, CpuTensor, GatherResize, Linear, MaxPool2d,
-    PoolWindow, Relu, SgdStep, Sigmoid, SoftmaxCrossEntropy,
+    dropout_keeps, AdvanceRng, AvgPool2d, BatchNorm, ChannelSum, Conv2d, CpuTensor, Dropout,
+    GatherResize, Linear, MaxPool2d, PoolWindow, Relu, SgdStep, Sigmoid, SoftmaxCrossEntropy,
 };
 use d2l_wgpu::train::rng::Rng;
 use d2l_wgpu::train::GpuDataset;
@@ -491,6 +491,90 @@ fn batch_norm_matches_cpu_on_awkward_shapes() {
         );
         let eval = norm.cpu_eval(&x, &gamma, &beta, (&cpu.running_mean, &cpu.running_var));
         assert_op_close(&format!("{case} y_eval"), &r.y_eval, &eval.data);
+    }
+}
+
+/// Inverted dropout: the GPU keeps exactly the elements the CPU mirror of
+/// its hash keeps, scales them by 1 / (1 - p), keeps about 1 - p of them,
+/// routes the gradient through the same mask, and draws a new mask after
+/// the stream advances.
+#[test]
+fn dropout_matches_its_cpu_mask() {
+    let gpu = gpu();
+    let mut rng = Rng::new(31);
+    for (shape, p) in [
+        (vec![64, 1000], 0.5f32),
+        (vec![3, 7, 11], 0.1),
+        (vec![1, 5], 0.9),
+    ] {
+        let x = random(&shape, &mut rng);
+        let dy = random(&shape, &mut rng);
+        let dropout = Dropout { p, salt: 1234 };
+        let mut g = Graph::new(true);
+        let xi = g.leaf(shape.clone());
+        let stream = g.external("dropout_rng", vec![2], DType::U32);
+        let y = g.apply1(dropout, &[xi, stream]).unwrap();
+        let dy_id = g.input(shape.clone(), DType::F32);
+        let grads = autodiff::backward(&mut g, &[(y, dy_id)]).unwrap();
+        g.apply_into(AdvanceRng, &[], &[stream]);
+        let seed = 77u32;
+        let stream_buffer = gpu.storage_buffer("stream", 8).unwrap();
+        gpu.queue
+            .write_buffer(&stream_buffer, 0, bytemuck::cast_slice(&[seed, 0u32]));
+        let mut externals = Externals::new();
+        externals.insert(
+            "dropout_rng",
+            d2l_wgpu::graph::Binding::whole(&stream_buffer),
+        );
+        let store = ParamStore::new(&gpu, &g).unwrap();
+        let plan = Plan::new(&gpu, &g, &store, &externals).unwrap();
+        plan.write_f32(&gpu, &g, xi, &x.data).unwrap();
+        plan.write_f32(&gpu, &g, dy_id, &dy.data).unwrap();
+        let mut masks = Vec::new();
+        for step in 0..2u32 {
+            plan.run(&gpu);
+            let got = plan.read_f32(&gpu, &g, y).unwrap();
+            let dx = plan.read_f32(&gpu, &g, grads[&xi]).unwrap();
+            let keep: Vec<bool> = (0..x.data.len() as u32)
+                .map(|i| dropout_keeps(seed, 1234, step, i, p))
+                .collect();
+            let scale = 1.0 / (1.0 - p);
+            let want: Vec<f32> = x
+                .data
+                .iter()
+                .zip(&keep)
+                .map(|(v, &k)| if k { v * scale } else { 0.0 })
+                .collect();
+            let want_dx: Vec<f32> = dy
+                .data
+                .iter()
+                .zip(&keep)
+                .map(|(v, &k)| if k { v * scale } else { 0.0 })
+                .collect();
+            assert_op_close(
+                &format!("dropout {shape:?} p {p} step {step} y"),
+                &got,
+                &want,
+            );
+            assert_op_close(
+                &format!("dropout {shape:?} p {p} step {step} dx"),
+                &dx,
+                &want_dx,
+            );
+            masks.push(keep);
+        }
+        let counter: Vec<u32> =
+            bytemuck::cast_slice(&gpu.read_bytes(&stream_buffer, 0, 8).unwrap()).to_vec();
+        assert_eq!(counter, [seed, 2], "two steps advance the stream twice");
+        if x.data.len() >= 1000 {
+            let kept = masks[0].iter().filter(|&&k| k).count() as f32 / x.data.len() as f32;
+            assert!(
+                (kept - (1.0 - p)).abs() < 0.01,
+                "kept {kept}, expected about {}",
+                1.0 - p
+            );
+            assert_ne!(masks[0], masks[1], "each step draws a new mask");
+        }
     }
 }
 

@@ -23,6 +23,7 @@ fn training_steps_create_no_gpu_resources() {
         limit_train: Some(1000),
         limit_test: Some(100),
         log_every: 0,
+        dropout: None,
     };
     let session = Session::new(&gpu, &cfg).unwrap();
     let order: Vec<u32> = (0..1000).collect();

@@ -138,6 +138,8 @@ pub struct Graph {
     pub state: Vec<ParamSpec>,
     /// Training mode (batch statistics, dropout) or evaluation mode.
     pub training: bool,
+    /// `--dropout P`: replaces every dropout layer's probability.
+    pub dropout_override: Option<f32>,
 }
 
 impl Graph {

@@ -1,7 +1,7 @@
 //! Layer builders in the shape of `torch.nn`: each adds its nodes and its
 //! parameters (named like PyTorch's `state_dict` keys) to a graph.
 
-use crate::graph::{Graph, Init, TensorId};
+use crate::graph::{DType, Graph, Init, TensorId};
 use crate::ops;
 use anyhow::{Context, Result};
 
@@ -171,6 +171,49 @@ impl Module for BatchNorm {
         self.class_name
     }
 }
+
+/// `nn.Dropout(p)`: inverted dropout in training, the identity in
+/// evaluation (and when p is 0).
+pub struct Dropout {
+    p: f32,
+}
+
+impl Dropout {
+    pub fn new(p: f32) -> Dropout {
+        Dropout { p }
+    }
+}
+
+/// FNV-1a of the layer's name: a per-layer salt for dropout masks.
+fn salt(name: &str) -> u32 {
+    name.bytes().fold(0x811c_9dc5u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    })
+}
+
+impl Module for Dropout {
+    fn forward(&self, g: &mut Graph, x: TensorId, prefix: &str) -> Result<TensorId> {
+        let p = g.dropout_override.unwrap_or(self.p);
+        if !g.training || p == 0.0 {
+            return Ok(x);
+        }
+        let rng = g.external(DROPOUT_RNG, vec![2], DType::U32);
+        g.apply1(
+            ops::Dropout {
+                p,
+                salt: salt(prefix),
+            },
+            &[x, rng],
+        )
+    }
+
+    fn class_name(&self) -> &'static str {
+        "Dropout"
+    }
+}
+
+/// The external tensor holding dropout's random stream `[seed, step]`.
+pub const DROPOUT_RNG: &str = "dropout_rng";
 
 /// `nn.Sigmoid()`.
 pub struct Sigmoid;

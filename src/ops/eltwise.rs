@@ -1,10 +1,19 @@
-//! Elementwise ops: activations with their backward rules, and the gradient
-//! sum autodiff inserts where a tensor feeds several nodes.
+//! Elementwise ops: activations and dropout with their backward rules, and
+//! the gradient sum autodiff inserts where a tensor feeds several nodes.
 
-use super::{CpuTensor, LenParams};
+use super::CpuTensor;
 use crate::gpu::Shader;
-use crate::graph::{DType, Graph, Op, PlanContext, Shape, Tensor, TensorId};
+use crate::graph::{Binding, DType, Graph, Op, PlanContext, Shape, Tensor, TensorId};
 use anyhow::{bail, Result};
+
+#[repr(C)]
+#[derive(Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
+struct EltwiseParams {
+    len: u32,
+    salt: u32,
+    threshold: u32,
+    scale: f32,
+}
 
 /// Records `entry` over every element of `out`, reading `(slot, tensor)` inputs.
 fn elementwise(
@@ -14,13 +23,27 @@ fn elementwise(
     out: TensorId,
 ) -> Result<()> {
     let len = ctx.graph.tensor(out).len();
-    let mut storage: Vec<(u32, crate::graph::Binding)> = inputs
+    let params = EltwiseParams {
+        len: len as u32,
+        ..EltwiseParams::default()
+    };
+    with_params(ctx, entry, &params, inputs, out)
+}
+
+fn with_params(
+    ctx: &mut PlanContext,
+    entry: &'static str,
+    params: &EltwiseParams,
+    inputs: &[(u32, TensorId)],
+    out: TensorId,
+) -> Result<()> {
+    let mut storage: Vec<(u32, Binding)> = inputs
         .iter()
         .map(|&(slot, t)| (slot, ctx.binding(t).clone()))
         .collect();
     storage.push((4, ctx.binding(out).clone()));
-    let refs: Vec<(u32, &crate::graph::Binding)> = storage.iter().map(|(s, b)| (*s, b)).collect();
-    ctx.dispatch(Shader::Eltwise, entry, &LenParams::new(len), &refs, len)
+    let refs: Vec<(u32, &Binding)> = storage.iter().map(|(s, b)| (*s, b)).collect();
+    ctx.dispatch(Shader::Eltwise, entry, params, &refs, params.len as usize)
 }
 
 fn same_shape(inputs: &[&Tensor]) -> Result<Vec<(Shape, DType)>> {
@@ -200,5 +223,142 @@ impl Op for Add {
         _needs: &[bool],
     ) -> Result<Vec<Option<TensorId>>> {
         Ok(vec![output_grads[0], output_grads[0]])
+    }
+}
+
+/// Mirrors the shader's hash: true where dropout keeps element `i` of layer
+/// `salt` in training step `step` (the CPU reference for tests).
+pub fn dropout_keeps(seed: u32, salt: u32, step: u32, i: u32, p: f32) -> bool {
+    fn mix(x: u32) -> u32 {
+        let mut h = x;
+        h ^= h >> 16;
+        h = h.wrapping_mul(0x7feb_352d);
+        h ^= h >> 15;
+        h = h.wrapping_mul(0x846c_a68b);
+        h ^ (h >> 16)
+    }
+    let h = mix(mix(mix(seed ^ salt).wrapping_add(step)).wrapping_add(i));
+    h >= Dropout::threshold(p)
+}
+
+/// `nn.Dropout(p)` in training mode: inverted dropout, kept elements scaled
+/// by 1 / (1 - p). Inputs: x and the random stream `[seed, step]` (u32 [2]),
+/// which `AdvanceRng` moves on after every training step. `salt` tells
+/// layers apart.
+#[derive(Debug, Clone, Copy)]
+pub struct Dropout {
+    pub p: f32,
+    pub salt: u32,
+}
+
+impl Dropout {
+    fn threshold(p: f32) -> u32 {
+        (f64::from(p) * 4_294_967_296.0).min(f64::from(u32::MAX)) as u32
+    }
+
+    fn params(&self, len: usize) -> EltwiseParams {
+        EltwiseParams {
+            len: len as u32,
+            salt: self.salt,
+            threshold: Self::threshold(self.p),
+            scale: 1.0 / (1.0 - self.p),
+        }
+    }
+}
+
+impl Op for Dropout {
+    fn describe(&self) -> String {
+        format!("dropout p {}", self.p)
+    }
+
+    fn infer(&self, inputs: &[&Tensor]) -> Result<Vec<(Shape, DType)>> {
+        if !(0.0..1.0).contains(&self.p) {
+            bail!("dropout probability {} must be in [0, 1)", self.p);
+        }
+        if inputs[1].shape != [2] || inputs[1].dtype != DType::U32 {
+            bail!("dropout's random stream must be u32 [2]");
+        }
+        Ok(vec![(inputs[0].shape.clone(), DType::F32)])
+    }
+
+    fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
+        let params = self.params(ctx.graph.tensor(outputs[0]).len());
+        with_params(
+            ctx,
+            "dropout_forward",
+            &params,
+            &[(1, inputs[0]), (5, inputs[1])],
+            outputs[0],
+        )
+    }
+
+    fn backward(
+        &self,
+        g: &mut Graph,
+        inputs: &[TensorId],
+        _outputs: &[TensorId],
+        output_grads: &[Option<TensorId>],
+        _needs: &[bool],
+    ) -> Result<Vec<Option<TensorId>>> {
+        let dy = output_grads[0].expect("autodiff only asks for gradients it has");
+        Ok(vec![
+            Some(g.apply1(DropoutBackward { dropout: *self }, &[dy, inputs[1]])?),
+            None,
+        ])
+    }
+}
+
+/// dx = dy times the same mask and scale as the forward pass.
+#[derive(Debug)]
+pub struct DropoutBackward {
+    pub dropout: Dropout,
+}
+
+impl Op for DropoutBackward {
+    fn describe(&self) -> String {
+        format!("{} backward", self.dropout.describe())
+    }
+
+    fn infer(&self, inputs: &[&Tensor]) -> Result<Vec<(Shape, DType)>> {
+        Ok(vec![(inputs[0].shape.clone(), DType::F32)])
+    }
+
+    fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
+        let params = self.dropout.params(ctx.graph.tensor(outputs[0]).len());
+        with_params(
+            ctx,
+            "dropout_backward",
+            &params,
+            &[(3, inputs[0]), (5, inputs[1])],
+            outputs[0],
+        )
+    }
+}
+
+/// Moves dropout's random stream to the next step (written in place).
+#[derive(Debug)]
+pub struct AdvanceRng;
+
+impl Op for AdvanceRng {
+    fn describe(&self) -> String {
+        "advance dropout stream".into()
+    }
+
+    fn infer(&self, _inputs: &[&Tensor]) -> Result<Vec<(Shape, DType)>> {
+        bail!("advancing the random stream writes in place (Graph::apply_into)")
+    }
+
+    fn plan(
+        &self,
+        ctx: &mut PlanContext,
+        _inputs: &[TensorId],
+        outputs: &[TensorId],
+    ) -> Result<()> {
+        let rng = ctx.binding(outputs[0]).clone();
+        let one_step = EltwiseParams {
+            len: 1,
+            ..EltwiseParams::default()
+        };
+        ctx.dispatch_single(Shader::Eltwise, "advance_rng", &one_step, &[(5, &rng)])
     }
 }

@@ -14,7 +14,10 @@ mod softmax_xent;
 
 pub use batchnorm::{BatchNorm, BatchNormBackwardData, BatchNormBackwardParams, BatchNormCpu};
 pub use conv2d::{Conv2d, Conv2dBackwardData, Conv2dBackwardFilter};
-pub use eltwise::{Add, Relu, ReluBackward, Sigmoid, SigmoidBackward};
+pub use eltwise::{
+    dropout_keeps, Add, AdvanceRng, Dropout, DropoutBackward, Relu, ReluBackward, Sigmoid,
+    SigmoidBackward,
+};
 pub use input::GatherResize;
 pub use linear::{Linear, MatMul};
 pub use optim::SgdStep;
@@ -62,21 +65,4 @@ fn expect_rank(t: &Tensor, rank: usize, what: &str) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// The uniform struct most elementwise kernels take.
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct LenParams {
-    len: u32,
-    _pad: [u32; 3],
-}
-
-impl LenParams {
-    fn new(len: usize) -> LenParams {
-        LenParams {
-            len: len as u32,
-            _pad: [0; 3],
-        }
-    }
 }

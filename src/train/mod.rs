@@ -7,10 +7,10 @@ pub mod rng;
 
 use crate::data::{Dataset, FashionMnist};
 use crate::gpu::Gpu;
-use crate::graph::{autodiff, Binding, DType, Externals, Graph, ParamStore, Plan};
+use crate::graph::{autodiff, Binding, DType, Externals, Graph, ParamStore, Plan, Storage};
 use crate::models::ModelSpec;
-use crate::nn::Module;
-use crate::ops::{AccumulateMetrics, GatherResize, SgdStep, SoftmaxCrossEntropy};
+use crate::nn::{Module, DROPOUT_RNG};
+use crate::ops::{AccumulateMetrics, AdvanceRng, GatherResize, SgdStep, SoftmaxCrossEntropy};
 use anyhow::{bail, Context, Result};
 use rng::Rng;
 use std::collections::VecDeque;
@@ -79,9 +79,11 @@ pub fn step_graph(
     data: &GpuDataset,
     batch: usize,
     resize: usize,
+    dropout: Option<f32>,
     kind: StepKind,
 ) -> Result<Graph> {
     let mut g = Graph::new(matches!(kind, StepKind::Train { .. }));
+    g.dropout_override = dropout;
     let pixels = g.external("pixels", vec![data.len, data.height, data.width], DType::U8);
     let all_labels = g.external("labels", vec![data.len], DType::U32);
     let indices = g.external("indices", vec![batch], DType::U32);
@@ -100,6 +102,14 @@ pub fn step_graph(
         let grads = g.external("gradients", vec![param_floats], DType::F32);
         let params = g.external("parameters", vec![param_floats], DType::F32);
         g.apply_into(SgdStep { lr }, &[grads], &[params]);
+        let uses_dropout = g
+            .tensors
+            .iter()
+            .any(|t| t.storage == Storage::External(DROPOUT_RNG));
+        if uses_dropout {
+            let rng = g.external(DROPOUT_RNG, vec![2], DType::U32);
+            g.apply_into(AdvanceRng, &[], &[rng]);
+        }
     }
     Ok(g)
 }
@@ -179,7 +189,7 @@ impl Steps {
     ) -> Result<Steps> {
         let batch = cfg.batch_size.min(data.len);
         let plan_for = |size: usize| -> Result<StepPlan> {
-            let graph = step_graph(cfg.model, data, size, cfg.resize, kind)?;
+            let graph = step_graph(cfg.model, data, size, cfg.resize, cfg.dropout, kind)?;
             let indices = gpu.storage_buffer("batch indices", 4 * size as u64)?;
             let mut externals = Externals::new();
             data.bind(&mut externals);
@@ -187,6 +197,7 @@ impl Steps {
             externals.insert("metrics", Binding::whole(&metrics.buffer));
             externals.insert("parameters", Binding::whole(&params.values));
             externals.insert("gradients", Binding::whole(&params.grads));
+            externals.insert(DROPOUT_RNG, Binding::whole(cfg.dropout_rng));
             Ok(StepPlan {
                 plan: Plan::new(gpu, &graph, params, &externals)?,
                 indices,
@@ -257,6 +268,8 @@ pub struct TrainConfig {
     pub limit_test: Option<usize>,
     /// Report progress every N batches (0: only at epoch end).
     pub log_every: usize,
+    /// Replaces every dropout layer's probability (0 disables dropout).
+    pub dropout: Option<f32>,
 }
 
 /// One epoch's figures, as d2l's `train_ch6` reports them.
@@ -291,6 +304,7 @@ pub struct Session {
     test_steps: Steps,
     train_metrics: Metrics,
     test_metrics: Metrics,
+    _dropout_rng: wgpu::Buffer,
 }
 
 impl Session {
@@ -308,12 +322,26 @@ impl Session {
         let train_data = GpuDataset::upload(gpu, &data.train)?;
         let test_data = GpuDataset::upload(gpu, &data.test)?;
         let model = (cfg.model.build)();
+        // Dropout's random stream [seed, step], advanced on the GPU after each training step.
+        let dropout_rng = gpu.storage_buffer("dropout stream", 8)?;
+        let seed = (cfg.seed ^ (cfg.seed >> 32)) as u32;
+        gpu.queue
+            .write_buffer(&dropout_rng, 0, bytemuck::cast_slice(&[seed, 0u32]));
         let setup = Setup {
             model: &model,
             batch_size: cfg.batch_size,
             resize: cfg.resize,
+            dropout: cfg.dropout,
+            dropout_rng: &dropout_rng,
         };
-        let probe = step_graph(&model, &test_data, 1, cfg.resize, StepKind::Eval)?;
+        let probe = step_graph(
+            &model,
+            &test_data,
+            1,
+            cfg.resize,
+            cfg.dropout,
+            StepKind::Eval,
+        )?;
         let params = ParamStore::new(gpu, &probe)?;
         let mut rng = Rng::new(cfg.seed);
         for (i, spec) in params.specs().iter().enumerate() {
@@ -352,6 +380,7 @@ impl Session {
             test_steps,
             train_metrics,
             test_metrics,
+            _dropout_rng: dropout_rng,
         })
     }
 
@@ -428,6 +457,8 @@ struct Setup<'a> {
     model: &'a dyn Module,
     batch_size: usize,
     resize: usize,
+    dropout: Option<f32>,
+    dropout_rng: &'a wgpu::Buffer,
 }
 
 /// Trains `cfg.model` from d2l's initialisation and calls `on_epoch` after
