@@ -187,8 +187,11 @@ impl PlanContext<'_> {
         workgroups: [u32; 3],
     ) -> Result<()> {
         let device = &self.gpu.device;
-        let mut all_constants = vec![("WG", self.gpu.tuning.workgroup)];
-        all_constants.extend_from_slice(constants);
+        // A kernel may choose its own workgroup size; otherwise the adapter's.
+        let mut all_constants = constants.to_vec();
+        if !constants.iter().any(|&(name, _)| name == "WG") {
+            all_constants.insert(0, ("WG", self.gpu.tuning.workgroup));
+        }
         let pipeline = self
             .gpu
             .pipelines

@@ -11,14 +11,11 @@ use anyhow::{bail, Result};
 /// Pixels (or filter taps) per invocation: the vec4 lanes of the shader.
 const PIXELS_PER_INVOCATION: usize = 4;
 
-/// Channels per invocation (the shader's TC): all of them when there are
-/// few (LeNet), otherwise a 16-channel register tile.
+/// Channels per invocation (the shader's TC, at most its MAX_TC of 16): all
+/// of them when there are few (LeNet's 6 and 16), so each gathered input is
+/// reused for every channel, else 16-channel register tiles.
 fn channel_tile(channels: usize) -> usize {
-    if channels <= 8 {
-        8
-    } else {
-        16
-    }
+    channels.clamp(1, 16)
 }
 
 fn kernel(entry: &'static str, tile: usize) -> (Shader, &'static str, [(&'static str, u32); 1]) {
@@ -337,11 +334,16 @@ impl Op for Conv2dBackwardFilter {
         let mut p = self.conv.params(ctx.shape(inputs[0]), &ws);
         let taps = (p.c_in * p.kh * p.kw) as usize;
         let tile = channel_tile(p.c_out as usize);
-        let tap_groups = ctx.groups(taps.div_ceil(PIXELS_PER_INVOCATION))? as usize;
+        // Few taps (LeNet's first layer has 25: 7 invocations) would leave
+        // most of a wide workgroup idle, and idle lanes still cost on CPU
+        // adapters: size the workgroup to the taps, 8 to the adapter's.
+        let tap_lanes = taps.div_ceil(PIXELS_PER_INVOCATION);
+        let workgroup = (tap_lanes.next_power_of_two() as u32).clamp(8, ctx.gpu.tuning.workgroup);
+        let tap_groups = tap_lanes.div_ceil(workgroup as usize);
         let channel_blocks = (p.c_out as usize).div_ceil(tile);
         let positions = (p.batch * p.ho * p.wo) as usize;
         let len = ws.iter().product::<usize>();
-        let lanes = tap_groups * channel_blocks * ctx.gpu.tuning.workgroup as usize;
+        let lanes = tap_groups * channel_blocks * workgroup as usize;
         let splits = split_count(positions, lanes, len, ctx.gpu);
         p.splits = splits as u32;
         p.chunk = positions.div_ceil(splits) as u32;
@@ -351,9 +353,9 @@ impl Op for Conv2dBackwardFilter {
             ctx.binding(inputs[1]).clone(),
             ctx.binding(outputs[0]).clone(),
         );
-        let (shader, entry, constants) = kernel("backward_filter", tile);
+        let constants = [("TC", tile as u32), ("WG", workgroup)];
         ctx.dispatch_grid(
-            (shader, entry, &constants),
+            (Shader::Conv2d, "backward_filter", &constants),
             &p,
             &[(1, &x), (5, &dy), (7, &partial)],
             [tap_groups, channel_blocks, splits],
