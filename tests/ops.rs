@@ -7,8 +7,8 @@ use common::{assert_close, assert_op_close, gpu, random, run_op, Golden};
 use d2l_wgpu::data::Dataset;
 use d2l_wgpu::graph::{autodiff, DType, Externals, Graph, Init, ParamStore, Plan};
 use d2l_wgpu::ops::{
-    dropout_keeps, AdvanceRng, AvgPool2d, BatchNorm, ChannelSum, Conv2d, CpuTensor, Dropout,
-    GatherResize, Linear, MaxPool2d, PoolWindow, Relu, SgdStep, Sigmoid, SoftmaxCrossEntropy,
+    dropout_keeps, Activation, AdvanceRng, AvgPool2d, BatchNorm, ChannelSum, Conv2d, CpuTensor,
+    Dropout, GatherResize, Linear, MaxPool2d, PoolWindow, SgdStep, SoftmaxCrossEntropy,
 };
 use d2l_wgpu::train::rng::Rng;
 use d2l_wgpu::train::GpuDataset;
@@ -24,6 +24,13 @@ fn golden_ops(prefix: &str) -> Vec<String> {
     names.sort();
     assert!(!names.is_empty(), "no goldens named {prefix}*");
     names
+}
+
+/// Compares each `(key, values)` with the golden tensor of that name.
+fn assert_golden(what: &str, gold: &Golden, results: &[(&str, &[f32])]) {
+    for (key, got) in results {
+        assert_op_close(&format!("{what} {key}"), got, &gold.f32(key).data);
+    }
 }
 
 /// `y = F.conv2d(x, weight, bias, stride, padding)` and `y.backward(dy)`:
@@ -45,33 +52,21 @@ fn conv2d_matches_pytorch() {
             gold.f32("dy"),
         );
         let r = run_op(&gpu, conv, &[&x, &w, &b], &dy);
-        assert_op_close(&format!("{name} y"), &r.output, &gold.f32("y").data);
-        assert_op_close(
-            &format!("{name} dx"),
-            &r.input_grads[0],
-            &gold.f32("dx").data,
+        let [dx, dw, db] = [&r.input_grads[0], &r.input_grads[1], &r.input_grads[2]];
+        assert_golden(
+            &name,
+            &gold,
+            &[("y", &r.output), ("dx", dx), ("dweight", dw), ("dbias", db)],
         );
-        assert_op_close(
-            &format!("{name} dweight"),
-            &r.input_grads[1],
-            &gold.f32("dweight").data,
-        );
-        assert_op_close(
-            &format!("{name} dbias"),
-            &r.input_grads[2],
-            &gold.f32("dbias").data,
-        );
-
-        let y_cpu = conv.cpu_forward(&x, &w, &b.data);
+        let y = conv.cpu_forward(&x, &w, &b.data);
         let (dx, dw, db) = conv.cpu_backward(&x, &w, &dy);
-        assert_op_close(&format!("{name} cpu y"), &y_cpu.data, &gold.f32("y").data);
-        assert_op_close(&format!("{name} cpu dx"), &dx.data, &gold.f32("dx").data);
-        assert_op_close(
-            &format!("{name} cpu dweight"),
-            &dw.data,
-            &gold.f32("dweight").data,
-        );
-        assert_op_close(&format!("{name} cpu dbias"), &db, &gold.f32("dbias").data);
+        let cpu = [
+            ("y", &y.data[..]),
+            ("dx", &dx.data),
+            ("dweight", &dw.data),
+            ("dbias", &db),
+        ];
+        assert_golden(&format!("{name} cpu"), &gold, &cpu);
     }
 }
 
@@ -149,35 +144,21 @@ fn linear_matches_pytorch() {
             gold.f32("dy"),
         );
         let r = run_op(&gpu, Linear, &[&x, &w, &b], &dy);
-        assert_op_close(&format!("{name} y"), &r.output, &gold.f32("y").data);
-        assert_op_close(
-            &format!("{name} dx"),
-            &r.input_grads[0],
-            &gold.f32("dx").data,
+        let [dx, dw, db] = [&r.input_grads[0], &r.input_grads[1], &r.input_grads[2]];
+        assert_golden(
+            &name,
+            &gold,
+            &[("y", &r.output), ("dx", dx), ("dweight", dw), ("dbias", db)],
         );
-        assert_op_close(
-            &format!("{name} dweight"),
-            &r.input_grads[1],
-            &gold.f32("dweight").data,
-        );
-        assert_op_close(
-            &format!("{name} dbias"),
-            &r.input_grads[2],
-            &gold.f32("dbias").data,
-        );
+        let y = Linear::cpu_forward(&x, &w, &b.data);
         let (dx, dw, db) = Linear::cpu_backward(&x, &w, &dy);
-        assert_op_close(
-            &format!("{name} cpu y"),
-            &Linear::cpu_forward(&x, &w, &b.data).data,
-            &gold.f32("y").data,
-        );
-        assert_op_close(&format!("{name} cpu dx"), &dx.data, &gold.f32("dx").data);
-        assert_op_close(
-            &format!("{name} cpu dweight"),
-            &dw.data,
-            &gold.f32("dweight").data,
-        );
-        assert_op_close(&format!("{name} cpu dbias"), &db, &gold.f32("dbias").data);
+        let cpu = [
+            ("y", &y.data[..]),
+            ("dx", &dx.data),
+            ("dweight", &dw.data),
+            ("dbias", &db),
+        ];
+        assert_golden(&format!("{name} cpu"), &gold, &cpu);
     }
 }
 
@@ -578,33 +559,23 @@ fn dropout_matches_its_cpu_mask() {
     }
 }
 
+/// `torch.sigmoid(x)` and `torch.relu(x)` with their gradients.
 #[test]
-fn sigmoid_and_relu_match_pytorch() {
+fn activations_match_pytorch() {
     let gpu = gpu();
-    let gold = Golden::load("ops/sigmoid.safetensors");
-    let (x, dy) = (gold.f32("x"), gold.f32("dy"));
-    let r = run_op(&gpu, Sigmoid, &[&x], &dy);
-    assert_op_close("sigmoid y", &r.output, &gold.f32("y").data);
-    assert_op_close("sigmoid dx", &r.input_grads[0], &gold.f32("dx").data);
-    let y = Sigmoid::cpu_forward(&x);
-    assert_op_close("sigmoid cpu y", &y.data, &gold.f32("y").data);
-    assert_op_close(
-        "sigmoid cpu dx",
-        &Sigmoid::cpu_backward(&y, &dy).data,
-        &gold.f32("dx").data,
-    );
-
-    let gold = Golden::load("ops/relu.safetensors");
-    let (x, dy) = (gold.f32("x"), gold.f32("dy"));
-    let r = run_op(&gpu, Relu, &[&x], &dy);
-    assert_op_close("relu y", &r.output, &gold.f32("y").data);
-    assert_op_close("relu dx", &r.input_grads[0], &gold.f32("dx").data);
-    let y = Relu::cpu_forward(&x);
-    assert_op_close(
-        "relu cpu dx",
-        &Relu::cpu_backward(&y, &dy).data,
-        &gold.f32("dx").data,
-    );
+    for (name, act) in [("sigmoid", Activation::Sigmoid), ("relu", Activation::Relu)] {
+        let gold = Golden::load(&format!("ops/{name}.safetensors"));
+        let (x, dy) = (gold.f32("x"), gold.f32("dy"));
+        let r = run_op(&gpu, act, &[&x], &dy);
+        assert_golden(name, &gold, &[("y", &r.output), ("dx", &r.input_grads[0])]);
+        let y = act.cpu_forward(&x);
+        let dx = act.cpu_backward(&y, &dy);
+        assert_golden(
+            &format!("{name} cpu"),
+            &gold,
+            &[("y", &y.data), ("dx", &dx.data)],
+        );
+    }
 }
 
 /// An elementwise op over more elements than 65,535 workgroups cover, on
@@ -615,14 +586,11 @@ fn elementwise_beyond_one_grid_dimension() {
     let mut rng = Rng::new(13);
     let x = random(&[65_535 * 64 + 77], &mut rng);
     let dy = random(&x.shape, &mut rng);
-    let r = run_op(&gpu, Sigmoid, &[&x], &dy);
-    let y = Sigmoid::cpu_forward(&x);
+    let r = run_op(&gpu, Activation::Sigmoid, &[&x], &dy);
+    let y = Activation::Sigmoid.cpu_forward(&x);
     assert_op_close("sigmoid y", &r.output, &y.data);
-    assert_op_close(
-        "sigmoid dx",
-        &r.input_grads[0],
-        &Sigmoid::cpu_backward(&y, &dy).data,
-    );
+    let dx = Activation::Sigmoid.cpu_backward(&y, &dy);
+    assert_op_close("sigmoid dx", &r.input_grads[0], &dx.data);
 }
 
 /// Channel sums (bias gradients) over many terms, odd channel counts and

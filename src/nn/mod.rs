@@ -220,7 +220,7 @@ pub struct Sigmoid;
 
 impl Module for Sigmoid {
     fn forward(&self, g: &mut Graph, x: TensorId, _prefix: &str) -> Result<TensorId> {
-        g.apply1(ops::Sigmoid, &[x])
+        g.apply1(ops::Activation::Sigmoid, &[x])
     }
 
     fn class_name(&self) -> &'static str {
@@ -233,7 +233,7 @@ pub struct ReLU;
 
 impl Module for ReLU {
     fn forward(&self, g: &mut Graph, x: TensorId, _prefix: &str) -> Result<TensorId> {
-        g.apply1(ops::Relu, &[x])
+        g.apply1(ops::Activation::Relu, &[x])
     }
 
     fn class_name(&self) -> &'static str {

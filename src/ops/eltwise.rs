@@ -54,33 +54,63 @@ fn same_shape(inputs: &[&Tensor]) -> Result<Vec<(Shape, DType)>> {
     Ok(vec![(first.clone(), DType::F32)])
 }
 
-/// `nn.Sigmoid`.
-#[derive(Debug)]
-pub struct Sigmoid;
+/// `nn.Sigmoid` and `nn.ReLU`. Both backward rules need only the output y:
+/// sigmoid' = y (1 - y); ReLU passes dy where y > 0 (PyTorch gives 0 at x = 0).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    Sigmoid,
+    Relu,
+}
 
-impl Sigmoid {
-    pub fn cpu_forward(x: &CpuTensor) -> CpuTensor {
-        CpuTensor::new(
-            &x.shape,
-            x.data.iter().map(|v| 1.0 / (1.0 + (-v).exp())).collect(),
-        )
+impl Activation {
+    fn name(self) -> &'static str {
+        match self {
+            Activation::Sigmoid => "sigmoid",
+            Activation::Relu => "relu",
+        }
     }
 
-    pub fn cpu_backward(y: &CpuTensor, dy: &CpuTensor) -> CpuTensor {
+    /// Shader entry points: (forward, backward).
+    fn entries(self) -> (&'static str, &'static str) {
+        match self {
+            Activation::Sigmoid => ("sigmoid_forward", "sigmoid_backward"),
+            Activation::Relu => ("relu_forward", "relu_backward"),
+        }
+    }
+
+    pub fn cpu_forward(self, x: &CpuTensor) -> CpuTensor {
+        let f = |v: f32| match self {
+            Activation::Sigmoid => 1.0 / (1.0 + (-v).exp()),
+            Activation::Relu => v.max(0.0),
+        };
+        CpuTensor::new(&x.shape, x.data.iter().map(|&v| f(v)).collect())
+    }
+
+    pub fn cpu_backward(self, y: &CpuTensor, dy: &CpuTensor) -> CpuTensor {
+        let df = |y: f32, g: f32| match self {
+            Activation::Sigmoid => g * y * (1.0 - y),
+            Activation::Relu => {
+                if y > 0.0 {
+                    g
+                } else {
+                    0.0
+                }
+            }
+        };
         CpuTensor::new(
             &y.shape,
             y.data
                 .iter()
                 .zip(&dy.data)
-                .map(|(y, g)| g * y * (1.0 - y))
+                .map(|(&y, &g)| df(y, g))
                 .collect(),
         )
     }
 }
 
-impl Op for Sigmoid {
+impl Op for Activation {
     fn describe(&self) -> String {
-        "sigmoid".into()
+        self.name().into()
     }
 
     fn infer(&self, inputs: &[&Tensor]) -> Result<Vec<(Shape, DType)>> {
@@ -88,7 +118,7 @@ impl Op for Sigmoid {
     }
 
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
-        elementwise(ctx, "sigmoid_forward", &[(1, inputs[0])], outputs[0])
+        elementwise(ctx, self.entries().0, &[(1, inputs[0])], outputs[0])
     }
 
     fn backward(
@@ -100,17 +130,19 @@ impl Op for Sigmoid {
         _needs: &[bool],
     ) -> Result<Vec<Option<TensorId>>> {
         let dy = output_grads[0].expect("autodiff only asks for gradients it has");
-        Ok(vec![Some(g.apply1(SigmoidBackward, &[outputs[0], dy])?)])
+        Ok(vec![Some(
+            g.apply1(ActivationBackward(*self), &[outputs[0], dy])?,
+        )])
     }
 }
 
-/// dx = dy * y * (1 - y), from the sigmoid's output y.
+/// dx from the activation's output y and dy.
 #[derive(Debug)]
-pub struct SigmoidBackward;
+pub struct ActivationBackward(pub Activation);
 
-impl Op for SigmoidBackward {
+impl Op for ActivationBackward {
     fn describe(&self) -> String {
-        "sigmoid backward".into()
+        format!("{} backward", self.0.name())
     }
 
     fn infer(&self, inputs: &[&Tensor]) -> Result<Vec<(Shape, DType)>> {
@@ -120,77 +152,7 @@ impl Op for SigmoidBackward {
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
         elementwise(
             ctx,
-            "sigmoid_backward",
-            &[(2, inputs[0]), (3, inputs[1])],
-            outputs[0],
-        )
-    }
-}
-
-/// `nn.ReLU`.
-#[derive(Debug)]
-pub struct Relu;
-
-impl Relu {
-    pub fn cpu_forward(x: &CpuTensor) -> CpuTensor {
-        CpuTensor::new(&x.shape, x.data.iter().map(|v| v.max(0.0)).collect())
-    }
-
-    pub fn cpu_backward(y: &CpuTensor, dy: &CpuTensor) -> CpuTensor {
-        CpuTensor::new(
-            &y.shape,
-            y.data
-                .iter()
-                .zip(&dy.data)
-                .map(|(y, g)| if *y > 0.0 { *g } else { 0.0 })
-                .collect(),
-        )
-    }
-}
-
-impl Op for Relu {
-    fn describe(&self) -> String {
-        "relu".into()
-    }
-
-    fn infer(&self, inputs: &[&Tensor]) -> Result<Vec<(Shape, DType)>> {
-        same_shape(inputs)
-    }
-
-    fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
-        elementwise(ctx, "relu_forward", &[(1, inputs[0])], outputs[0])
-    }
-
-    fn backward(
-        &self,
-        g: &mut Graph,
-        _inputs: &[TensorId],
-        outputs: &[TensorId],
-        output_grads: &[Option<TensorId>],
-        _needs: &[bool],
-    ) -> Result<Vec<Option<TensorId>>> {
-        let dy = output_grads[0].expect("autodiff only asks for gradients it has");
-        Ok(vec![Some(g.apply1(ReluBackward, &[outputs[0], dy])?)])
-    }
-}
-
-/// dx = dy where the ReLU's output is positive, else 0.
-#[derive(Debug)]
-pub struct ReluBackward;
-
-impl Op for ReluBackward {
-    fn describe(&self) -> String {
-        "relu backward".into()
-    }
-
-    fn infer(&self, inputs: &[&Tensor]) -> Result<Vec<(Shape, DType)>> {
-        same_shape(inputs)
-    }
-
-    fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
-        elementwise(
-            ctx,
-            "relu_backward",
+            self.0.entries().1,
             &[(2, inputs[0]), (3, inputs[1])],
             outputs[0],
         )

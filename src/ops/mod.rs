@@ -15,8 +15,7 @@ mod softmax_xent;
 pub use batchnorm::{BatchNorm, BatchNormBackwardData, BatchNormBackwardParams, BatchNormCpu};
 pub use conv2d::{Conv2d, Conv2dBackwardData, Conv2dBackwardFilter};
 pub use eltwise::{
-    dropout_keeps, Add, AdvanceRng, Dropout, DropoutBackward, Relu, ReluBackward, Sigmoid,
-    SigmoidBackward,
+    dropout_keeps, Activation, ActivationBackward, Add, AdvanceRng, Dropout, DropoutBackward,
 };
 pub use input::GatherResize;
 pub use linear::{Linear, MatMul};
