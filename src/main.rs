@@ -74,7 +74,7 @@ struct TrainArgs {
     #[arg(long)]
     epochs: Option<usize>,
     /// Learning rate [default: the model's d2l default, LeNet 0.9].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     lr: Option<f32>,
     /// Mini-batch size [default: the model's d2l default, LeNet 256].
     #[arg(long)]
@@ -133,6 +133,7 @@ fn train_config(args: &TrainArgs) -> Result<TrainConfig> {
 
 fn run_train(args: &TrainArgs) -> Result<()> {
     let cfg = train_config(args)?;
+    cfg.validate()?;
     let gpu = Gpu::new(&adapter_request(&args.gpu))?;
     println!(
         "training {} for {} epochs: lr {}, batch size {}, resize {}, seed {}",

@@ -91,3 +91,57 @@ fn devices_lists_an_adapter() {
     let text = stdout(&out);
     assert!(text.contains("max storage buffer binding"), "{text}");
 }
+
+/// Impossible settings are refused before any data is read or GPU work
+/// starts, with exit code 2 and a message naming the allowed values.
+#[test]
+fn impossible_settings_are_refused_up_front() {
+    let cases: [(&[&str], &str); 6] = [
+        (&["--batch-size", "0"], "--batch-size must be at least 1"),
+        (&["--lr", "-1"], "--lr must be a positive number, got -1"),
+        (&["--epochs", "0"], "--epochs must be at least 1"),
+        (&["--dropout", "1"], "--dropout must be in [0, 1), got 1"),
+        (&["--limit-train", "0"], "--limit-train must be at least 1"),
+        (
+            &["--resize", "8"],
+            "--resize 8 is too small for lenet: it takes sizes from 12 (d2l uses 28)",
+        ),
+    ];
+    for (args, message) in cases {
+        let out = d2l_wgpu(
+            &[
+                &[
+                    "--model",
+                    "lenet",
+                    "--backend",
+                    "gl",
+                    "--adapter",
+                    "no such adapter",
+                ],
+                args,
+            ]
+            .concat(),
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(message), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn a_batch_larger_than_the_dataset_is_refused() {
+    let out = d2l_wgpu(&[
+        "--model",
+        "lenet",
+        "--limit-train",
+        "100",
+        "--batch-size",
+        "256",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--batch-size 256 is larger than the 100 training images"),
+        "{err}"
+    );
+}

@@ -109,3 +109,22 @@ pub fn summary(spec: &ModelSpec, resize: usize) -> Result<Summary> {
         params,
     })
 }
+
+/// Fails unless `spec`'s model takes `resize` x `resize` images, naming the
+/// smallest size it takes (found with the shape rules alone, no GPU).
+pub fn check_resize(spec: &ModelSpec, resize: usize) -> Result<()> {
+    const LARGEST: usize = 1024;
+    if resize > LARGEST {
+        bail!("--resize {resize} is larger than the {LARGEST} this program accepts");
+    }
+    match summary(spec, resize) {
+        Ok(_) => Ok(()),
+        Err(e) => match (1..=LARGEST).find(|&r| summary(spec, r).is_ok()) {
+            Some(smallest) => Err(e.context(format!(
+                "--resize {resize} is too small for {}: it takes sizes from {smallest} (d2l uses {})",
+                spec.name, spec.resize
+            ))),
+            None => Err(e),
+        },
+    }
+}

@@ -8,7 +8,7 @@ pub mod rng;
 use crate::data::{Dataset, FashionMnist};
 use crate::gpu::Gpu;
 use crate::graph::{autodiff, Binding, DType, Externals, Graph, ParamStore, Plan, Storage};
-use crate::models::ModelSpec;
+use crate::models::{self, ModelSpec};
 use crate::nn::{Module, DROPOUT_RNG};
 use crate::ops::{AccumulateMetrics, AdvanceRng, GatherResize, SgdStep, SoftmaxCrossEntropy};
 use anyhow::{bail, Context, Result};
@@ -272,6 +272,35 @@ pub struct TrainConfig {
     pub dropout: Option<f32>,
 }
 
+impl TrainConfig {
+    /// Checks the settings before any data is read or GPU work starts.
+    pub fn validate(&self) -> Result<()> {
+        if self.batch_size == 0 {
+            bail!("--batch-size must be at least 1");
+        }
+        if self.epochs == 0 {
+            bail!("--epochs must be at least 1");
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            bail!("--lr must be a positive number, got {}", self.lr);
+        }
+        if let Some(p) = self.dropout {
+            if !(0.0..1.0).contains(&p) {
+                bail!("--dropout must be in [0, 1), got {p}");
+            }
+        }
+        for (flag, limit) in [
+            ("--limit-train", self.limit_train),
+            ("--limit-test", self.limit_test),
+        ] {
+            if limit == Some(0) {
+                bail!("{flag} must be at least 1");
+            }
+        }
+        models::check_resize(self.model, self.resize)
+    }
+}
+
 /// One epoch's figures, as d2l's `train_ch6` reports them.
 #[derive(Clone, Debug)]
 pub struct EpochReport {
@@ -309,15 +338,20 @@ pub struct Session {
 
 impl Session {
     pub fn new(gpu: &Gpu, cfg: &TrainConfig) -> Result<Session> {
-        if cfg.batch_size == 0 {
-            bail!("--batch-size must be at least 1");
-        }
+        cfg.validate()?;
         let mut data = FashionMnist::load(&cfg.data_dir)?;
         if let Some(n) = cfg.limit_train {
             data.train.truncate(n);
         }
         if let Some(n) = cfg.limit_test {
             data.test.truncate(n);
+        }
+        if cfg.batch_size > data.train.len() {
+            bail!(
+                "--batch-size {} is larger than the {} training images",
+                cfg.batch_size,
+                data.train.len()
+            );
         }
         let train_data = GpuDataset::upload(gpu, &data.train)?;
         let test_data = GpuDataset::upload(gpu, &data.test)?;
