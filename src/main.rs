@@ -97,6 +97,9 @@ struct TrainArgs {
     /// Dropout probability for every dropout layer [default: the model's, 0.5 where d2l uses dropout]; 0 disables.
     #[arg(long)]
     dropout: Option<f32>,
+    /// Write one row per epoch (epoch, losses, accuracies, examples/s, seconds) to FILE.csv or FILE.json.
+    #[arg(long, value_name = "FILE")]
+    metrics: Option<PathBuf>,
     /// Print the loss and accuracy of the last N batches every N batches (0: off).
     #[arg(long, default_value_t = 0)]
     log_every: usize,
@@ -128,6 +131,7 @@ fn train_config(args: &TrainArgs) -> Result<TrainConfig> {
         limit_test: args.limit_test,
         log_every: args.log_every,
         dropout: args.dropout,
+        metrics: args.metrics.clone(),
     })
 }
 

@@ -96,7 +96,11 @@ fn devices_lists_an_adapter() {
 /// starts, with exit code 2 and a message naming the allowed values.
 #[test]
 fn impossible_settings_are_refused_up_front() {
-    let cases: [(&[&str], &str); 6] = [
+    let cases: [(&[&str], &str); 7] = [
+        (
+            &["--metrics", "out.txt"],
+            "--metrics out.txt: the file name must end in .csv or .json",
+        ),
         (&["--batch-size", "0"], "--batch-size must be at least 1"),
         (&["--lr", "-1"], "--lr must be a positive number, got -1"),
         (&["--epochs", "0"], "--epochs must be at least 1"),
@@ -144,4 +148,68 @@ fn a_batch_larger_than_the_dataset_is_refused() {
         err.contains("--batch-size 256 is larger than the 100 training images"),
         "{err}"
     );
+}
+
+/// `--metrics` files hold one parseable row per finished epoch, matching
+/// the printed epoch lines.
+#[test]
+fn metrics_files_hold_one_row_per_epoch() {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("metrics");
+    std::fs::create_dir_all(&dir).unwrap();
+    for name in ["m.csv", "m.json"] {
+        let path = dir.join(name);
+        let _ = std::fs::remove_file(&path);
+        let out = d2l_wgpu(&[
+            "--epochs",
+            "2",
+            "--limit-train",
+            "300",
+            "--limit-test",
+            "100",
+            "--batch-size",
+            "100",
+            "--metrics",
+            path.to_str().unwrap(),
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let printed: Vec<String> = stdout(&out)
+            .lines()
+            .filter(|l| l.starts_with("epoch "))
+            .map(|l| {
+                l.split("loss ")
+                    .nth(1)
+                    .unwrap()
+                    .split(',')
+                    .next()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let losses: Vec<f64> = if name.ends_with(".csv") {
+            let mut lines = text.lines();
+            assert_eq!(
+                lines.next(),
+                Some("epoch,train_loss,train_acc,test_loss,test_acc,examples_per_sec,seconds")
+            );
+            lines
+                .map(|l| l.split(',').nth(1).unwrap().parse().unwrap())
+                .collect()
+        } else {
+            let rows: serde_json::Value = serde_json::from_str(&text).unwrap();
+            rows.as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r["train_loss"].as_f64().unwrap())
+                .collect()
+        };
+        assert_eq!(losses.len(), 2, "{name}: {text}");
+        for (loss, shown) in losses.iter().zip(&printed) {
+            assert_eq!(format!("{loss:.3}"), *shown, "{name}");
+        }
+    }
 }

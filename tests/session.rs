@@ -24,6 +24,7 @@ fn training_steps_create_no_gpu_resources() {
         limit_test: Some(100),
         log_every: 0,
         dropout: None,
+        metrics: None,
     };
     let session = Session::new(&gpu, &cfg).unwrap();
     let order: Vec<u32> = (0..1000).collect();

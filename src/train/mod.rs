@@ -3,7 +3,10 @@
 
 pub mod bench;
 pub mod init;
+mod metrics_file;
 pub mod rng;
+
+pub use metrics_file::MetricsFile;
 
 use crate::data::{Dataset, FashionMnist};
 use crate::gpu::Gpu;
@@ -270,6 +273,8 @@ pub struct TrainConfig {
     pub log_every: usize,
     /// Replaces every dropout layer's probability (0 disables dropout).
     pub dropout: Option<f32>,
+    /// Where to write one row per epoch (`.csv` or `.json`).
+    pub metrics: Option<PathBuf>,
 }
 
 impl TrainConfig {
@@ -296,6 +301,9 @@ impl TrainConfig {
             if limit == Some(0) {
                 bail!("{flag} must be at least 1");
             }
+        }
+        if let Some(path) = &self.metrics {
+            MetricsFile::new(path)?;
         }
         models::check_resize(self.model, self.resize)
     }
@@ -504,6 +512,7 @@ pub fn train(
     mut on_epoch: impl FnMut(&EpochReport),
 ) -> Result<Vec<EpochReport>> {
     let session = Session::new(gpu, cfg)?;
+    let metrics_file = cfg.metrics.as_deref().map(MetricsFile::new).transpose()?;
     let mut shuffle_rng = Rng::new(cfg.seed ^ 0x5eed_5eed_5eed_5eed);
     let mut order: Vec<u32> = (0..session.train_data.len as u32).collect();
     let mut reports = Vec::new();
@@ -531,6 +540,9 @@ pub fn train(
         };
         on_epoch(&report);
         reports.push(report);
+        if let Some(file) = &metrics_file {
+            file.write(&reports)?;
+        }
     }
     Ok(reports)
 }
