@@ -35,7 +35,7 @@ enum Command {
 
 #[derive(Args)]
 struct SummaryArgs {
-    /// Model: lenet, lenet-bn.
+    /// Model: lenet, lenet-bn, resnet.
     #[arg(long, default_value = "lenet")]
     model: String,
     /// Input size [default: the model's d2l resize].
@@ -67,7 +67,7 @@ struct GpuArgs {
 
 #[derive(Args)]
 struct TrainArgs {
-    /// Model to train: lenet, lenet-bn.
+    /// Model to train: lenet, lenet-bn, resnet.
     #[arg(long, default_value = "lenet")]
     model: String,
     /// Epochs [default: the model's d2l default, 10].

@@ -2,9 +2,11 @@
 
 mod lenet;
 mod lenet_bn;
+mod resnet;
 
 pub use lenet::lenet;
 pub use lenet_bn::lenet_bn;
+pub use resnet::resnet18;
 
 use crate::graph::{DType, Graph, Shape};
 use crate::nn::Sequential;
@@ -35,6 +37,14 @@ pub const MODELS: &[ModelSpec] = &[
         resize: 28,
         batch_size: 256,
         lr: 1.0,
+        epochs: 10,
+    },
+    ModelSpec {
+        name: "resnet",
+        build: resnet18,
+        resize: 96,
+        batch_size: 256,
+        lr: 0.05,
         epochs: 10,
     },
 ];
