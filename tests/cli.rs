@@ -213,3 +213,35 @@ fn metrics_files_hold_one_row_per_epoch() {
         }
     }
 }
+
+/// A loss that turns non-finite stops training within 50 steps, naming the
+/// epoch and step and suggesting a lower learning rate.
+#[test]
+fn divergence_stops_training_early() {
+    let out = d2l_wgpu(&[
+        "--lr",
+        "3e38",
+        "--epochs",
+        "1",
+        "--limit-train",
+        "3000",
+        "--limit-test",
+        "100",
+        "--batch-size",
+        "16",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("epoch 1: training diverged; try a lower --lr"),
+        "{err}"
+    );
+    assert!(
+        err.contains("the training loss became NaN by step 50 of 188"),
+        "{err}"
+    );
+    assert!(
+        !stdout(&out).contains("epoch 1, loss"),
+        "no epoch line after divergence"
+    );
+}

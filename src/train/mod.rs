@@ -23,6 +23,9 @@ use std::time::Instant;
 /// Number of steps the CPU may queue ahead of the GPU.
 const STEPS_IN_FLIGHT: usize = 2;
 
+/// Training steps between checks for a non-finite loss.
+const DIVERGENCE_CHECK: usize = 50;
+
 /// A dataset uploaded to the GPU once: u8 pixels (four per word) and u32 labels.
 pub struct GpuDataset {
     pixels: wgpu::Buffer,
@@ -219,17 +222,15 @@ impl Steps {
     }
 
     /// Runs one step per batch of `order`, keeping at most
-    /// `STEPS_IN_FLIGHT` submissions queued; after every `every` batches
-    /// (and the last) calls `checkpoint` with the number of batches done.
+    /// `STEPS_IN_FLIGHT` submissions queued, and calls `after_step` with the
+    /// number of batches submitted so far (it decides whether to read anything).
     fn run_epoch(
         &self,
         gpu: &Gpu,
         order: &[u32],
-        every: usize,
-        mut checkpoint: impl FnMut(usize) -> Result<()>,
+        mut after_step: impl FnMut(usize) -> Result<()>,
     ) -> Result<()> {
         let mut in_flight = VecDeque::new();
-        let batches = order.len().div_ceil(self.batch);
         for (i, chunk) in order.chunks(self.batch).enumerate() {
             let step = if chunk.len() == self.batch {
                 &self.full
@@ -249,9 +250,7 @@ impl Steps {
                     })
                     .context("waiting for the GPU")?;
             }
-            if (i + 1) % every.max(1) == 0 || i + 1 == batches {
-                checkpoint(i + 1)?;
-            }
+            after_step(i + 1)?;
         }
         gpu.check_errors()
     }
@@ -427,8 +426,10 @@ impl Session {
     }
 
     /// One pass over the training examples in `order`: (mean loss,
-    /// accuracy). With `progress`, reports every `every` batches the loss
-    /// and accuracy over those batches (the only reads during the epoch).
+    /// accuracy). Every `DIVERGENCE_CHECK` batches (and at the end) the
+    /// running sums are read and a non-finite loss stops the epoch; with
+    /// `every > 0`, `progress` gets the loss and accuracy over each `every`
+    /// batches. These are the only reads during the epoch.
     pub fn train_epoch(
         &self,
         gpu: &Gpu,
@@ -438,24 +439,40 @@ impl Session {
     ) -> Result<(f64, f64)> {
         self.train_metrics.reset(gpu);
         let batches = order.len().div_ceil(self.train_steps.batch);
-        if every == 0 {
-            self.train_steps
-                .run_epoch(gpu, order, batches, |_| Ok(()))?;
-        } else {
-            let mut last = MetricSums::default();
-            self.train_steps.run_epoch(gpu, order, every, |done| {
-                let now = self.train_metrics.sums(gpu)?;
-                let seen = f64::from((now.seen - last.seen).max(1));
+        let mut reported = MetricSums::default();
+        let mut checked = MetricSums::default();
+        self.train_steps.run_epoch(gpu, order, |done| {
+            let report = every > 0 && (done % every == 0 || done == batches);
+            if !report && done % DIVERGENCE_CHECK != 0 && done != batches {
+                return Ok(());
+            }
+            let now = self.train_metrics.sums(gpu)?;
+            if !now.loss_sum.is_finite() {
+                let earlier = match checked.seen {
+                    0 => "no earlier check".to_string(),
+                    seen => format!(
+                        "the last finite mean loss was {:.3}",
+                        checked.loss_sum / f64::from(seen)
+                    ),
+                };
+                bail!(
+                    "the training loss became {} by step {done} of {batches} ({earlier})",
+                    now.loss_sum
+                );
+            }
+            checked = now;
+            if report {
+                let seen = f64::from((now.seen - reported.seen).max(1));
                 progress(&Progress {
                     batches_done: done,
                     batches,
-                    loss: (now.loss_sum - last.loss_sum) / seen,
-                    acc: f64::from(now.correct - last.correct) / seen,
+                    loss: (now.loss_sum - reported.loss_sum) / seen,
+                    acc: f64::from(now.correct - reported.correct) / seen,
                 });
-                last = now;
-                Ok(())
-            })?;
-        }
+                reported = now;
+            }
+            Ok(())
+        })?;
         self.train_metrics.read(gpu)
     }
 
@@ -463,16 +480,14 @@ impl Session {
     /// back: each step uploads its batch indices and submits its recorded
     /// dispatches, creating no buffer, bind group or pipeline.
     pub fn queue_training_steps(&self, gpu: &Gpu, order: &[u32]) -> Result<()> {
-        let batches = order.len().div_ceil(self.train_steps.batch);
-        self.train_steps.run_epoch(gpu, order, batches, |_| Ok(()))
+        self.train_steps.run_epoch(gpu, order, |_| Ok(()))
     }
 
     /// Loss and accuracy on the whole test set, in evaluation mode.
     pub fn evaluate(&self, gpu: &Gpu) -> Result<(f64, f64)> {
         let order: Vec<u32> = (0..self.test_data.len as u32).collect();
         self.test_metrics.reset(gpu);
-        self.test_steps
-            .run_epoch(gpu, &order, order.len(), |_| Ok(()))?;
+        self.test_steps.run_epoch(gpu, &order, |_| Ok(()))?;
         self.test_metrics.read(gpu)
     }
 
@@ -519,15 +534,15 @@ pub fn train(
     for epoch in 1..=cfg.epochs {
         let start = Instant::now();
         shuffle_rng.shuffle(&mut order);
-        let (train_loss, train_acc) =
-            session.train_epoch(gpu, &order, cfg.log_every, &mut on_progress)?;
+        let (train_loss, train_acc) = session
+            .train_epoch(gpu, &order, cfg.log_every, &mut on_progress)
+            .with_context(|| {
+                format!(
+                    "epoch {epoch}: training diverged; try a lower --lr (now {})",
+                    cfg.lr
+                )
+            })?;
         let train_seconds = start.elapsed().as_secs_f64();
-        if !train_loss.is_finite() {
-            bail!(
-                "epoch {epoch}: the training loss is {train_loss}; training diverged. Try a lower --lr (now {})",
-                cfg.lr
-            );
-        }
         let (test_loss, test_acc) = session.evaluate(gpu)?;
         let report = EpochReport {
             epoch,
