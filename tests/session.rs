@@ -9,6 +9,70 @@ use d2l_wgpu::train::{Session, TrainConfig};
 /// After planning, training steps create no buffer, bind group or pipeline
 /// and read nothing back (a readback needs a staging buffer): each step only
 /// uploads its batch indices and submits recorded dispatches.
+fn small_config(seed: u64) -> TrainConfig {
+    TrainConfig {
+        model: models::find("lenet-bn").unwrap(),
+        epochs: 2,
+        lr: 1.0,
+        batch_size: 64,
+        resize: 28,
+        seed,
+        data_dir: FashionMnist::default_dir(),
+        limit_train: Some(640),
+        limit_test: Some(128),
+        log_every: 0,
+        dropout: None,
+        metrics: None,
+    }
+}
+
+/// Two epochs, shuffled, with batch statistics: (loss, accuracy) per epoch
+/// and every parameter and state value afterwards, as raw bits.
+fn run(gpu: &d2l_wgpu::gpu::Gpu, seed: u64) -> (Vec<(u64, u64)>, Vec<u32>) {
+    let cfg = small_config(seed);
+    let session = Session::new(gpu, &cfg).unwrap();
+    let mut order: Vec<u32> = (0..640).collect();
+    let mut rng = d2l_wgpu::train::rng::Rng::new(seed);
+    let mut metrics = Vec::new();
+    for _ in 0..cfg.epochs {
+        rng.shuffle(&mut order);
+        let (loss, acc) = session.train_epoch(gpu, &order, 0, |_| ()).unwrap();
+        metrics.push((loss.to_bits(), acc.to_bits()));
+    }
+    let mut bits = Vec::new();
+    for i in 0..session.params.specs().len() {
+        bits.extend(
+            session
+                .params
+                .read(gpu, i)
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits()),
+        );
+    }
+    for i in 0..session.params.state_specs().len() {
+        bits.extend(
+            session
+                .params
+                .read_state(gpu, i)
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits()),
+        );
+    }
+    (metrics, bits)
+}
+
+/// The same seed on the same adapter gives bit-identical metrics, weights
+/// and running statistics (no float atomics anywhere); another seed differs.
+#[test]
+fn same_seed_same_bits() {
+    let gpu = common::gpu();
+    let first = run(&gpu, 5);
+    assert_eq!(first, run(&gpu, 5));
+    assert_ne!(first.1, run(&gpu, 6).1);
+}
+
 #[test]
 fn training_steps_create_no_gpu_resources() {
     let gpu = common::gpu();
