@@ -6,6 +6,7 @@ use super::{DType, Graph, Storage, TensorId};
 use crate::gpu::{grid, tiled_grid, Gpu, Shader, MAX_GROUPS};
 use crate::graph::ParamStore;
 use anyhow::{bail, Context, Result};
+use std::borrow::Borrow;
 use std::collections::HashMap;
 
 /// A byte range of a buffer, bound as one shader storage array.
@@ -76,6 +77,15 @@ impl PlanContext<'_> {
             .expect("every tensor is bound before ops are planned")
     }
 
+    /// The bindings of `tensors`, each paired with its shader slot, ready
+    /// for `dispatch` (scratch bindings may be pushed on).
+    pub fn bind(&self, tensors: &[(u32, TensorId)]) -> Vec<(u32, Binding)> {
+        tensors
+            .iter()
+            .map(|&(slot, t)| (slot, self.binding(t).clone()))
+            .collect()
+    }
+
     /// A private buffer for an op's intermediate results (split-K partial sums).
     pub fn scratch(&mut self, bytes: u64) -> Result<Binding> {
         let buffer = self
@@ -93,7 +103,7 @@ impl PlanContext<'_> {
         shader: Shader,
         entry: &'static str,
         params: &P,
-        storage: &[(u32, &Binding)],
+        storage: &[(u32, impl Borrow<Binding>)],
         invocations: usize,
     ) -> Result<()> {
         let workgroups = self.groups(invocations)?;
@@ -106,7 +116,7 @@ impl PlanContext<'_> {
         &mut self,
         kernel: (Shader, &'static str, &[(&'static str, u32)]),
         params: &P,
-        storage: &[(u32, &Binding)],
+        storage: &[(u32, impl Borrow<Binding>)],
         lanes: usize,
         blocks: usize,
     ) -> Result<()> {
@@ -128,7 +138,7 @@ impl PlanContext<'_> {
         &mut self,
         kernel: (Shader, &'static str, &[(&'static str, u32)]),
         params: &P,
-        storage: &[(u32, &Binding)],
+        storage: &[(u32, impl Borrow<Binding>)],
         workgroups: [usize; 3],
     ) -> Result<()> {
         let [x, y, z] = workgroups;
@@ -147,7 +157,7 @@ impl PlanContext<'_> {
         shader: Shader,
         entry: &'static str,
         params: &P,
-        storage: &[(u32, &Binding)],
+        storage: &[(u32, impl Borrow<Binding>)],
     ) -> Result<()> {
         self.dispatch_workgroups(shader, entry, &[], params, storage, [1, 1, 1])
     }
@@ -183,7 +193,7 @@ impl PlanContext<'_> {
         entry: &'static str,
         constants: &[(&'static str, u32)],
         params: &P,
-        storage: &[(u32, &Binding)],
+        storage: &[(u32, impl Borrow<Binding>)],
         workgroups: [u32; 3],
     ) -> Result<()> {
         let device = &self.gpu.device;
@@ -206,7 +216,7 @@ impl PlanContext<'_> {
         }];
         entries.extend(storage.iter().map(|(slot, b)| wgpu::BindGroupEntry {
             binding: *slot,
-            resource: b.resource(),
+            resource: b.borrow().resource(),
         }));
         let bind_group = self.gpu.bind_group(&wgpu::BindGroupDescriptor {
             label: Some(&self.label),
@@ -335,10 +345,6 @@ impl Plan {
             _buffers: all_buffers,
             activation_bytes,
         })
-    }
-
-    pub fn dispatch_count(&self) -> usize {
-        self.dispatches.len()
     }
 
     pub fn binding(&self, t: TensorId) -> &Binding {

@@ -5,7 +5,7 @@
 use super::reduce::split_count;
 use super::CpuTensor;
 use crate::gpu::Shader;
-use crate::graph::{Binding, DType, Graph, Op, PlanContext, Shape, Tensor, TensorId};
+use crate::graph::{DType, Graph, Op, PlanContext, Shape, Tensor, TensorId};
 use anyhow::{bail, Result};
 
 /// Inputs: x `[n, c]` or `[n, c, h, w]`, gamma, beta, running_mean,
@@ -176,17 +176,6 @@ impl BatchNorm {
     }
 }
 
-fn bound(ctx: &PlanContext, tensors: &[(u32, TensorId)]) -> Vec<(u32, Binding)> {
-    tensors
-        .iter()
-        .map(|&(slot, t)| (slot, ctx.binding(t).clone()))
-        .collect()
-}
-
-fn refs(bound: &[(u32, Binding)]) -> Vec<(u32, &Binding)> {
-    bound.iter().map(|(s, b)| (*s, b)).collect()
-}
-
 impl Op for BatchNorm {
     fn describe(&self) -> String {
         format!("batch_norm{}", if self.training { "" } else { " (eval)" })
@@ -220,56 +209,45 @@ impl Op for BatchNorm {
             bail!("batch norm takes five inputs")
         };
         if !self.training {
-            let b = bound(
-                ctx,
-                &[
-                    (1, *x),
-                    (3, *gamma),
-                    (4, *beta),
-                    (8, *running_mean),
-                    (9, *running_var),
-                    (10, outputs[0]),
-                ],
-            );
-            return ctx.dispatch(Shader::BatchNorm, "normalize_eval", &p, &refs(&b), len);
+            let b = ctx.bind(&[
+                (1, *x),
+                (3, *gamma),
+                (4, *beta),
+                (8, *running_mean),
+                (9, *running_var),
+                (10, outputs[0]),
+            ]);
+            return ctx.dispatch(Shader::BatchNorm, "normalize_eval", &p, &b, len);
         }
         let (y, mean, invstd) = (outputs[0], outputs[1], outputs[2]);
         let partial = ctx.scratch(8 * (p.splits * p.channels) as u64)?;
         let splits = p.splits as usize * p.channels as usize;
-        let b = bound(ctx, &[(1, *x)]);
-        let mut r = refs(&b);
-        r.push((5, &partial));
-        ctx.dispatch(Shader::BatchNorm, "stats_partial", &p, &r, splits)?;
-        let b = bound(
-            ctx,
-            &[
-                (6, mean),
-                (7, invstd),
-                (8, *running_mean),
-                (9, *running_var),
-            ],
-        );
-        let mut r = refs(&b);
-        r.push((5, &partial));
+        let mut b = ctx.bind(&[(1, *x)]);
+        b.push((5, partial.clone()));
+        ctx.dispatch(Shader::BatchNorm, "stats_partial", &p, &b, splits)?;
+        let mut b = ctx.bind(&[
+            (6, mean),
+            (7, invstd),
+            (8, *running_mean),
+            (9, *running_var),
+        ]);
+        b.push((5, partial.clone()));
         ctx.dispatch(
             Shader::BatchNorm,
             "stats_finalize",
             &p,
-            &r,
+            &b,
             p.channels as usize,
         )?;
-        let b = bound(
-            ctx,
-            &[
-                (1, *x),
-                (3, *gamma),
-                (4, *beta),
-                (10, y),
-                (11, mean),
-                (12, invstd),
-            ],
-        );
-        ctx.dispatch(Shader::BatchNorm, "normalize", &p, &refs(&b), len)
+        let b = ctx.bind(&[
+            (1, *x),
+            (3, *gamma),
+            (4, *beta),
+            (10, y),
+            (11, mean),
+            (12, invstd),
+        ]);
+        ctx.dispatch(Shader::BatchNorm, "normalize", &p, &b, len)
     }
 
     fn backward(
@@ -318,32 +296,27 @@ impl Op for BatchNormBackwardParams {
         let shape = ctx.shape(inputs[0]).to_vec();
         let p = self.norm.params(ctx, &shape);
         let partial = ctx.scratch(8 * (p.splits * p.channels) as u64)?;
-        let b = bound(
-            ctx,
-            &[
-                (1, inputs[0]),
-                (2, inputs[1]),
-                (11, inputs[2]),
-                (12, inputs[3]),
-            ],
-        );
-        let mut r = refs(&b);
-        r.push((5, &partial));
+        let mut b = ctx.bind(&[
+            (1, inputs[0]),
+            (2, inputs[1]),
+            (11, inputs[2]),
+            (12, inputs[3]),
+        ]);
+        b.push((5, partial.clone()));
         ctx.dispatch(
             Shader::BatchNorm,
             "backward_partial",
             &p,
-            &r,
+            &b,
             (p.splits * p.channels) as usize,
         )?;
-        let b = bound(ctx, &[(13, outputs[0]), (14, outputs[1])]);
-        let mut r = refs(&b);
-        r.push((5, &partial));
+        let mut b = ctx.bind(&[(13, outputs[0]), (14, outputs[1])]);
+        b.push((5, partial.clone()));
         ctx.dispatch(
             Shader::BatchNorm,
             "backward_finalize",
             &p,
-            &r,
+            &b,
             p.channels as usize,
         )
     }
@@ -371,12 +344,12 @@ impl Op for BatchNormBackwardData {
         let mut tensors: Vec<(u32, TensorId)> =
             slots.iter().copied().zip(inputs.iter().copied()).collect();
         tensors.push((10, outputs[0]));
-        let b = bound(ctx, &tensors);
+        let b = ctx.bind(&tensors);
         ctx.dispatch(
             Shader::BatchNorm,
             "backward_data",
             &p,
-            &refs(&b),
+            &b,
             shape.iter().product(),
         )
     }

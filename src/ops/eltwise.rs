@@ -3,7 +3,7 @@
 
 use super::CpuTensor;
 use crate::gpu::Shader;
-use crate::graph::{Binding, DType, Graph, Op, PlanContext, Shape, Tensor, TensorId};
+use crate::graph::{DType, Graph, Op, PlanContext, Shape, Tensor, TensorId};
 use anyhow::{bail, Result};
 
 #[repr(C)]
@@ -37,13 +37,15 @@ fn with_params(
     inputs: &[(u32, TensorId)],
     out: TensorId,
 ) -> Result<()> {
-    let mut storage: Vec<(u32, Binding)> = inputs
-        .iter()
-        .map(|&(slot, t)| (slot, ctx.binding(t).clone()))
-        .collect();
+    let mut storage = ctx.bind(inputs);
     storage.push((4, ctx.binding(out).clone()));
-    let refs: Vec<(u32, &Binding)> = storage.iter().map(|(s, b)| (*s, b)).collect();
-    ctx.dispatch(Shader::Eltwise, entry, params, &refs, params.len as usize)
+    ctx.dispatch(
+        Shader::Eltwise,
+        entry,
+        params,
+        &storage,
+        params.len as usize,
+    )
 }
 
 fn same_shape(inputs: &[&Tensor]) -> Result<Vec<(Shape, DType)>> {

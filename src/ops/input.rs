@@ -88,12 +88,10 @@ impl Op for GatherResize {
             scale_w: src[2] as f32 / self.size as f32,
             _pad: 0,
         };
-        let bound: Vec<_> = inputs
-            .iter()
-            .chain(outputs)
-            .map(|&t| ctx.binding(t).clone())
-            .collect();
-        let storage: Vec<(u32, &_)> = (1..).zip(&bound).collect();
+        // Inputs then outputs, in binding slots 1, 2, ...
+        let slots: Vec<(u32, TensorId)> =
+            (1..).zip(inputs.iter().chain(outputs).copied()).collect();
+        let storage = ctx.bind(&slots);
         ctx.dispatch(
             Shader::Data,
             "gather_resize",

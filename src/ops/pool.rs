@@ -137,12 +137,8 @@ impl PoolWindow {
         len: usize,
     ) -> Result<()> {
         let p = self.params(input_shape);
-        let bound: Vec<(u32, crate::graph::Binding)> = storage
-            .iter()
-            .map(|&(slot, t)| (slot, ctx.binding(t).clone()))
-            .collect();
-        let refs: Vec<(u32, &crate::graph::Binding)> = bound.iter().map(|(s, b)| (*s, b)).collect();
-        ctx.dispatch(Shader::Pool, entry, &p, &refs, len)
+        let bound = ctx.bind(storage);
+        ctx.dispatch(Shader::Pool, entry, &p, &bound, len)
     }
 }
 

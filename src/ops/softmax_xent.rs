@@ -77,12 +77,10 @@ impl Op for SoftmaxCrossEntropy {
             grad_scale: 1.0 / shape[0] as f32,
             _pad: 0,
         };
-        let bound: Vec<_> = inputs
-            .iter()
-            .chain(outputs)
-            .map(|&t| ctx.binding(t).clone())
-            .collect();
-        let storage: Vec<(u32, &_)> = (1..).zip(&bound).collect();
+        // Inputs then outputs, in binding slots 1, 2, ...
+        let slots: Vec<(u32, TensorId)> =
+            (1..).zip(inputs.iter().chain(outputs).copied()).collect();
+        let storage = ctx.bind(&slots);
         let entry = if self.with_grad {
             "forward_backward"
         } else {
