@@ -3,7 +3,7 @@
 
 mod pipelines;
 
-pub use pipelines::{Constants, PipelineCache, Shader};
+pub use pipelines::{PipelineCache, Shader};
 
 use anyhow::{bail, Context, Result};
 use std::sync::atomic::{AtomicUsize, Ordering};

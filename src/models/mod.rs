@@ -65,7 +65,6 @@ pub fn find(name: &str) -> Result<&'static ModelSpec> {
 /// What d2l's `layer_summary` shows: each top-level layer's class and
 /// output shape for one image, and the parameter count.
 pub struct Summary {
-    pub input: Shape,
     pub layers: Vec<(&'static str, Shape)>,
     pub params: usize,
 }
@@ -93,8 +92,7 @@ impl Summary {
 pub fn summary(spec: &ModelSpec, resize: usize) -> Result<Summary> {
     let model = (spec.build)();
     let mut g = Graph::new(false);
-    let input = vec![1, 1, resize, resize];
-    let mut x = g.input(input.clone(), DType::F32);
+    let mut x = g.input(vec![1, 1, resize, resize], DType::F32);
     let mut layers = Vec::new();
     for (i, layer) in model.layers().iter().enumerate() {
         x = layer
@@ -113,11 +111,7 @@ pub fn summary(spec: &ModelSpec, resize: usize) -> Result<Summary> {
         .iter()
         .map(|p| p.shape.iter().product::<usize>())
         .sum();
-    Ok(Summary {
-        input,
-        layers,
-        params,
-    })
+    Ok(Summary { layers, params })
 }
 
 /// Fails unless `spec`'s model takes `resize` x `resize` images, naming the
