@@ -19,6 +19,10 @@ struct Norm {
     eps: f32,
     momentum: f32,
     _pad: u32,
+    // graph::Layout of x, dy and out: (offset, sample stride)
+    x_at: vec2<u32>,
+    dy_at: vec2<u32>,
+    out_at: vec2<u32>,
 }
 
 @group(0) @binding(0) var<uniform> p: Norm;
@@ -39,9 +43,15 @@ struct Norm {
 @group(0) @binding(15) var<storage, read> dgamma_in: array<f32>;
 @group(0) @binding(16) var<storage, read> dbeta_in: array<f32>;
 
-// Element q of channel c: q runs over the (sample, position) pairs.
-fn at(c: u32, q: u32) -> u32 {
-    return ((q / p.spatial) * p.channels + c) * p.spatial + q % p.spatial;
+// Element q of channel c in a tensor laid out as `l`: q runs over the
+// (sample, position) pairs.
+fn at(l: vec2<u32>, c: u32, q: u32) -> u32 {
+    return l.x + (q / p.spatial) * l.y + c * p.spatial + q % p.spatial;
+}
+
+// Flat element i of a tensor laid out as `l`.
+fn flat(l: vec2<u32>, i: u32) -> u32 {
+    return strided(l, p.channels * p.spatial, i);
 }
 
 fn split_range(split: u32) -> vec2<u32> {
@@ -61,12 +71,12 @@ fn stats_partial(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wor
     let range = split_range(id / p.channels);
     var sum = 0.0;
     for (var q = range.x; q < range.y; q++) {
-        sum += x[at(c, q)];
+        sum += x[at(p.x_at, c, q)];
     }
     let m = sum / f32(max(range.y - range.x, 1u));
     var m2 = 0.0;
     for (var q = range.x; q < range.y; q++) {
-        let d = x[at(c, q)] - m;
+        let d = x[at(p.x_at, c, q)] - m;
         m2 += d * d;
     }
     partial[id] = vec2<f32>(m, m2);
@@ -109,7 +119,7 @@ fn normalize(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgro
         return;
     }
     let c = (i / p.spatial) % p.channels;
-    out[i] = (x[i] - saved_mean[c]) * saved_invstd[c] * gamma[c] + beta[c];
+    out[flat(p.out_at, i)] = (x[flat(p.x_at, i)] - saved_mean[c]) * saved_invstd[c] * gamma[c] + beta[c];
 }
 
 @compute @workgroup_size(WG)
@@ -119,7 +129,7 @@ fn normalize_eval(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
         return;
     }
     let c = (i / p.spatial) % p.channels;
-    out[i] = (x[i] - running_mean[c]) / sqrt(running_var[c] + p.eps) * gamma[c] + beta[c];
+    out[flat(p.out_at, i)] = (x[flat(p.x_at, i)] - running_mean[c]) / sqrt(running_var[c] + p.eps) * gamma[c] + beta[c];
 }
 
 // partial[split, c] = (sum dy * xhat, sum dy) over the split.
@@ -136,9 +146,9 @@ fn backward_partial(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_
     var dxhat = 0.0;
     var dsum = 0.0;
     for (var q = range.x; q < range.y; q++) {
-        let i = at(c, q);
-        dxhat += dy[i] * (x[i] - m) * s;
-        dsum += dy[i];
+        let g = dy[at(p.dy_at, c, q)];
+        dxhat += g * (x[at(p.x_at, c, q)] - m) * s;
+        dsum += g;
     }
     partial[id] = vec2<f32>(dxhat, dsum);
 }
@@ -166,6 +176,6 @@ fn backward_data(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wor
     let c = (i / p.spatial) % p.channels;
     let count = f32(p.batch * p.spatial);
     let s = saved_invstd[c];
-    let xhat = (x[i] - saved_mean[c]) * s;
-    out[i] = gamma[c] * s / count * (count * dy[i] - dbeta_in[c] - xhat * dgamma_in[c]);
+    let xhat = (x[flat(p.x_at, i)] - saved_mean[c]) * s;
+    out[flat(p.out_at, i)] = gamma[c] * s / count * (count * dy[flat(p.dy_at, i)] - dbeta_in[c] - xhat * dgamma_in[c]);
 }

@@ -32,6 +32,11 @@ struct Conv {
     splits: u32, // backward_filter only
     chunk: u32,  // backward_filter: output positions per split
     _pad: u32,
+    // graph::Layout of each tensor: (offset, sample stride)
+    x_at: vec2<u32>,
+    y_at: vec2<u32>,
+    dy_at: vec2<u32>,
+    dx_at: vec2<u32>,
 }
 
 override TC: u32 = 8u; // channels per invocation, at most MAX_TC
@@ -76,7 +81,7 @@ fn forward(
     let co0 = wid.y * TC;
     let q = min(vec4<u32>(q0) + LANES, vec4<u32>(pixels - 1u));
     let r = q % plane;
-    let image = vec4<i32>((q / plane) * p.c_in * p.h * p.w);
+    let image = vec4<i32>(p.x_at.x + (q / plane) * p.x_at.y);
     let iy0 = vec4<i32>((r / p.wo) * p.stride_h) - i32(p.pad_h);
     let ix0 = vec4<i32>((r % p.wo) * p.stride_w) - i32(p.pad_w);
     let h = i32(p.h);
@@ -102,7 +107,7 @@ fn forward(
         }
     }
 
-    let out_image = (q / plane) * p.c_out * plane + r;
+    let out_image = p.y_at.x + (q / plane) * p.y_at.y + r;
     for (var c = 0u; c < TC; c++) {
         let co = co0 + c;
         if (co >= p.c_out) {
@@ -133,7 +138,7 @@ fn backward_data(
     let q = min(vec4<u32>(q0) + LANES, vec4<u32>(pixels - 1u));
     let r = q % plane;
     let out_plane = p.ho * p.wo;
-    let image = vec4<i32>((q / plane) * p.c_out * out_plane);
+    let image = vec4<i32>(p.dy_at.x + (q / plane) * p.dy_at.y);
     // Output position (oy, ox) meets input (iy, ix) through tap (ky, kx)
     // when oy * s = iy + p - ky.
     let ty0 = vec4<i32>(r / p.w + p.pad_h);
@@ -164,7 +169,7 @@ fn backward_data(
         }
     }
 
-    let out_image = (q / plane) * p.c_in * plane + r;
+    let out_image = p.dx_at.x + (q / plane) * p.dx_at.y + r;
     for (var c = 0u; c < TC; c++) {
         let ci = ci0 + c;
         if (ci >= p.c_in) {
@@ -206,8 +211,8 @@ fn backward_filter(
         let iy = tap_y + i32((r / p.wo) * p.stride_h);
         let ix = tap_x + i32((r % p.wo) * p.stride_w);
         let inside = (iy >= vec4<i32>(0)) & (iy < vec4<i32>(h)) & (ix >= vec4<i32>(0)) & (ix < vec4<i32>(w));
-        let xv = gather_x(i32(n * p.c_in * p.h * p.w) + tap_plane + iy * w + ix, inside);
-        let dy_base = n * p.c_out * plane + r;
+        let xv = gather_x(i32(p.x_at.x + n * p.x_at.y) + tap_plane + iy * w + ix, inside);
+        let dy_base = p.dy_at.x + n * p.dy_at.y + r;
         for (var c = 0u; c < TC; c++) {
             acc[c] += dy[dy_base + min(co0 + c, p.c_out - 1u) * plane] * xv;
         }

@@ -6,6 +6,13 @@ struct Eltwise {
     salt: u32,      // dropout: distinguishes layers
     threshold: u32, // dropout: drop where hash < threshold (p * 2^32)
     scale: f32,     // dropout: 1 / (1 - p)
+    sample: u32,    // elements per sample
+    _pad: u32,
+    // graph::Layout of each tensor: (offset, sample stride)
+    x_at: vec2<u32>,
+    y_at: vec2<u32>,
+    dy_at: vec2<u32>,
+    out_at: vec2<u32>,
 }
 
 @group(0) @binding(0) var<uniform> p: Eltwise;
@@ -16,11 +23,16 @@ struct Eltwise {
 // Dropout's random stream: [seed, training steps so far].
 @group(0) @binding(5) var<storage, read_write> rng: array<u32>;
 
+fn at_x(i: u32) -> u32 { return strided(p.x_at, p.sample, i); }
+fn at_y(i: u32) -> u32 { return strided(p.y_at, p.sample, i); }
+fn at_dy(i: u32) -> u32 { return strided(p.dy_at, p.sample, i); }
+fn at_out(i: u32) -> u32 { return strided(p.out_at, p.sample, i); }
+
 @compute @workgroup_size(WG)
 fn sigmoid_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = linear_index(gid, nwg);
     if (i < p.len) {
-        out[i] = 1.0 / (1.0 + exp(-x[i]));
+        out[at_out(i)] = 1.0 / (1.0 + exp(-x[at_x(i)]));
     }
 }
 
@@ -29,7 +41,8 @@ fn sigmoid_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_w
 fn sigmoid_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = linear_index(gid, nwg);
     if (i < p.len) {
-        out[i] = dy[i] * y[i] * (1.0 - y[i]);
+        let v = y[at_y(i)];
+        out[at_out(i)] = dy[at_dy(i)] * v * (1.0 - v);
     }
 }
 
@@ -37,7 +50,7 @@ fn sigmoid_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_
 fn relu_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = linear_index(gid, nwg);
     if (i < p.len) {
-        out[i] = max(x[i], 0.0);
+        out[at_out(i)] = max(x[at_x(i)], 0.0);
     }
 }
 
@@ -46,7 +59,7 @@ fn relu_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
 fn relu_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = linear_index(gid, nwg);
     if (i < p.len) {
-        out[i] = select(0.0, dy[i], y[i] > 0.0);
+        out[at_out(i)] = select(0.0, dy[at_dy(i)], y[at_y(i)] > 0.0);
     }
 }
 
@@ -54,7 +67,7 @@ fn relu_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wor
 fn add(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = linear_index(gid, nwg);
     if (i < p.len) {
-        out[i] = x[i] + y[i];
+        out[at_out(i)] = x[at_x(i)] + y[at_y(i)];
     }
 }
 
@@ -81,7 +94,7 @@ fn dropout_factor(i: u32) -> f32 {
 fn dropout_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = linear_index(gid, nwg);
     if (i < p.len) {
-        out[i] = x[i] * dropout_factor(i);
+        out[at_out(i)] = x[at_x(i)] * dropout_factor(i);
     }
 }
 
@@ -89,7 +102,7 @@ fn dropout_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_w
 fn dropout_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = linear_index(gid, nwg);
     if (i < p.len) {
-        out[i] = dy[i] * dropout_factor(i);
+        out[at_out(i)] = dy[at_dy(i)] * dropout_factor(i);
     }
 }
 

@@ -15,3 +15,10 @@ fn linear_index(gid: vec3<u32>, num_workgroups: vec3<u32>) -> u32 {
 fn lane_group(wid: vec3<u32>, num_workgroups: vec3<u32>) -> u32 {
     return wid.x + wid.z * num_workgroups.x;
 }
+
+// Flat element i of a tensor whose samples lie as graph::Layout says:
+// `at` = (offset, sample stride), `sample` = elements per sample. A channel
+// slice of a concatenation is not contiguous across samples.
+fn strided(at: vec2<u32>, sample: u32, i: u32) -> u32 {
+    return at.x + (i / sample) * at.y + i % sample;
+}

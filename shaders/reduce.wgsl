@@ -8,6 +8,7 @@ struct Reduce {
     splits: u32,
     chunk: u32, // (sample, position) pairs per split
     len: u32,   // sum_splits: values per split
+    src_at: vec2<u32>, // channel_sums: graph::Layout of src
 }
 
 @group(0) @binding(0) var<uniform> p: Reduce;
@@ -29,7 +30,7 @@ fn channel_sums(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
     var sum = 0.0;
     for (var q = first; q < last; q++) {
         let n = q / p.spatial;
-        sum += src[(n * p.channels + c) * p.spatial + q % p.spatial];
+        sum += src[p.src_at.x + n * p.src_at.y + c * p.spatial + q % p.spatial];
     }
     partial[id] = sum;
 }

@@ -77,6 +77,13 @@ impl PlanContext<'_> {
             .expect("every tensor is bound before ops are planned")
     }
 
+    /// `[offset, sample stride]` in elements, for a kernel's uniform: where
+    /// each sample of `t` starts in its binding (see `graph::Layout`).
+    pub fn layout(&self, t: TensorId) -> [u32; 2] {
+        let l = self.graph.layout(t);
+        [l.offset as u32, l.sample_stride as u32]
+    }
+
     /// The bindings of `tensors`, each paired with its shader slot, ready
     /// for `dispatch` (scratch bindings may be pushed on).
     pub fn bind(&self, tensors: &[(u32, TensorId)]) -> Vec<(u32, Binding)> {
@@ -293,7 +300,7 @@ impl Plan {
             allocate_activations(gpu, graph, &producer)?;
         for (i, t) in graph.tensors.iter().enumerate() {
             bindings[i] = match &t.storage {
-                Storage::Activation | Storage::View(_) => continue,
+                Storage::Activation | Storage::View(_) | Storage::ChannelSlice { .. } => continue,
                 Storage::Parameter(p) => Some(params.value_binding(*p)),
                 Storage::Gradient(p) => Some(params.grad_binding(*p)),
                 Storage::State(p) => Some(params.state_binding(*p)),
@@ -306,14 +313,24 @@ impl Plan {
             };
         }
         for i in 0..graph.tensors.len() {
-            if let Storage::View(_) = graph.tensors[i].storage {
-                let root = graph.storage_root(TensorId(i));
-                let mut b = bindings[root.0]
-                    .clone()
-                    .context("view of an unbound tensor")?;
-                b.size = graph.tensors[i].bytes().max(4);
-                bindings[i] = Some(b);
+            let id = TensorId(i);
+            let root = graph.storage_root(id);
+            if root == id {
+                continue;
             }
+            let mut b = bindings[root.0]
+                .clone()
+                .context("view of an unbound tensor")?;
+            if graph.is_channel_slice(id) {
+                // Kernels find the slice's samples through its layout.
+                let (shape, root_shape) = (graph.shape(id), graph.shape(root));
+                if shape.first() != root_shape.first() {
+                    bail!("a view {shape:?} of a channel slice of {root_shape:?} must keep the batch dimension");
+                }
+            } else {
+                b.size = graph.tensors[i].bytes().max(4);
+            }
+            bindings[i] = Some(b);
         }
         let mut ctx = PlanContext {
             gpu,
@@ -325,6 +342,16 @@ impl Plan {
         };
         for node in &graph.nodes {
             ctx.label = node.op.describe();
+            let mut tensors = node.inputs.iter().chain(&node.outputs);
+            if let Some(&t) = tensors.find(|&&t| graph.is_channel_slice(t)) {
+                if !node.op.handles_channel_slices() {
+                    bail!(
+                        "{} cannot read or write {:?}, a channel slice of a concatenation",
+                        ctx.label,
+                        graph.shape(t)
+                    );
+                }
+            }
             node.op
                 .plan(&mut ctx, &node.inputs, &node.outputs)
                 .with_context(|| format!("planning {}", ctx.label))?;

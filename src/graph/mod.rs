@@ -50,6 +50,10 @@ pub enum Storage {
     External(&'static str),
     /// The same bytes as another tensor (reshape/flatten: no copy).
     View(TensorId),
+    /// Channels `channel..channel + C` of a 4-D tensor with more channels:
+    /// a branch of a concatenation writes here directly, and the gradient
+    /// of a concatenated input is the matching slice of the output's.
+    ChannelSlice { of: TensorId, channel: usize },
 }
 
 #[derive(Clone, Debug)]
@@ -72,6 +76,16 @@ impl Tensor {
     pub fn bytes(&self) -> u64 {
         self.dtype.bytes(self.len())
     }
+}
+
+/// Where a tensor's samples lie in its buffer: sample `n` is the elements
+/// from `offset + n * sample_stride` on, in row-major order. Contiguous
+/// tensors have `sample_stride` = elements per sample; a channel slice of a
+/// concatenation keeps the whole concatenation's stride.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    pub offset: usize,
+    pub sample_stride: usize,
 }
 
 /// How a parameter starts (d2l's `init_cnn`: Xavier-uniform weights, zero
@@ -102,6 +116,12 @@ pub trait Op: std::fmt::Debug {
 
     /// True when the single output shares its input's bytes (no GPU work).
     fn is_view(&self) -> bool {
+        false
+    }
+
+    /// True when the op's kernels address every (N, ...) tensor through
+    /// `PlanContext::layout`, so that any of them may be a channel slice.
+    fn handles_channel_slices(&self) -> bool {
         false
     }
 
@@ -255,11 +275,101 @@ impl Graph {
         });
     }
 
-    /// The tensor whose bytes `id` uses, following views.
+    /// The tensor whose buffer `id` uses, following views and slices.
     pub fn storage_root(&self, mut id: TensorId) -> TensorId {
-        while let Storage::View(source) = self.tensor(id).storage {
-            id = source;
+        loop {
+            match self.tensor(id).storage {
+                Storage::View(source) | Storage::ChannelSlice { of: source, .. } => id = source,
+                _ => return id,
+            }
         }
-        id
+    }
+
+    /// True when `id`'s samples are not contiguous in its buffer: a channel
+    /// slice, or a view of one.
+    pub fn is_channel_slice(&self, mut id: TensorId) -> bool {
+        loop {
+            match self.tensor(id).storage {
+                Storage::ChannelSlice { .. } => return true,
+                Storage::View(source) => id = source,
+                _ => return false,
+            }
+        }
+    }
+
+    /// Where `id`'s samples lie in its buffer.
+    pub fn layout(&self, id: TensorId) -> Layout {
+        let t = self.tensor(id);
+        let contiguous = Layout {
+            offset: 0,
+            sample_stride: t.shape.first().map_or(t.len(), |&n| t.len() / n.max(1)),
+        };
+        match t.storage {
+            Storage::ChannelSlice { of, channel } => {
+                let parent = self.layout(of);
+                let plane: usize = t.shape[2..].iter().product();
+                Layout {
+                    offset: parent.offset + channel * plane,
+                    sample_stride: parent.sample_stride,
+                }
+            }
+            Storage::View(source) if self.is_channel_slice(source) => self.layout(source),
+            _ => contiguous,
+        }
+    }
+
+    /// A tensor that is channels `channel..channel + channels` of `of` (N, C, H, W).
+    pub fn channel_slice(&mut self, of: TensorId, channel: usize, channels: usize) -> TensorId {
+        let mut shape = self.shape(of).to_vec();
+        shape[1] = channels;
+        self.add_tensor(
+            shape,
+            DType::F32,
+            Storage::ChannelSlice { of, channel },
+            false,
+        )
+    }
+
+    /// `torch.cat(inputs, dim=1)` without a copy: the output is allocated
+    /// once and every input becomes a slice of it, so the ops producing the
+    /// inputs write straight into their channels.
+    pub fn concat(&mut self, inputs: &[TensorId]) -> Result<TensorId> {
+        let first = self.shape(inputs[0]).to_vec();
+        let mut channels = 0;
+        for &t in inputs {
+            let tensor = self.tensor(t);
+            let shape = &tensor.shape;
+            if shape.len() != 4
+                || tensor.dtype != DType::F32
+                || shape[0] != first[0]
+                || shape[2..] != first[2..]
+            {
+                bail!(
+                    "concatenation needs f32 (N, C, H, W) tensors that differ only in C, got {first:?} and {shape:?}"
+                );
+            }
+            if tensor.storage != Storage::Activation {
+                bail!(
+                    "a {shape:?} tensor stored as {:?} cannot become part of a concatenation \
+                     (only an op's own output can, and only once)",
+                    tensor.storage
+                );
+            }
+            channels += shape[1];
+        }
+        let requires_grad = inputs.iter().any(|&t| self.tensor(t).requires_grad);
+        let shape = vec![first[0], channels, first[2], first[3]];
+        let out = self.add_tensor(shape, DType::F32, Storage::Activation, requires_grad);
+        let mut channel = 0;
+        for &t in inputs {
+            self.tensors[t.0].storage = Storage::ChannelSlice { of: out, channel };
+            channel += self.shape(t)[1];
+        }
+        self.nodes.push(Node {
+            op: Rc::new(crate::ops::Concat),
+            inputs: inputs.to_vec(),
+            outputs: vec![out],
+        });
+        Ok(out)
     }
 }

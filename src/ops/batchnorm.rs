@@ -30,6 +30,9 @@ struct NormParams {
     eps: f32,
     momentum: f32,
     _pad: u32,
+    x_at: [u32; 2],
+    dy_at: [u32; 2],
+    out_at: [u32; 2],
 }
 
 /// The CPU reference's results for one training forward.
@@ -49,10 +52,21 @@ impl BatchNorm {
         }
     }
 
-    /// Uniform parameters with the channel sums cut into splits.
-    fn params(&self, ctx: &PlanContext, x: &[usize]) -> NormParams {
-        let (batch, channels) = (x[0], x[1]);
-        let spatial: usize = x[2..].iter().product();
+    /// Uniform parameters with the channel sums cut into splits, for
+    /// input `x` and, where the kernels use them, `dy` and `out`.
+    fn params(
+        &self,
+        ctx: &PlanContext,
+        x: TensorId,
+        dy: Option<TensorId>,
+        out: Option<TensorId>,
+    ) -> NormParams {
+        let x_shape = ctx.shape(x);
+        let (batch, channels) = (x_shape[0], x_shape[1]);
+
+        let spatial: usize = x_shape[2..].iter().product();
+        let contiguous = [0, (channels * spatial) as u32];
+        let layout = |t: Option<TensorId>| t.map_or(contiguous, |t| ctx.layout(t));
         let terms = batch * spatial;
         let splits = split_count(terms, channels, 2 * channels, ctx.gpu);
         NormParams {
@@ -64,6 +78,9 @@ impl BatchNorm {
             eps: self.eps,
             momentum: self.momentum,
             _pad: 0,
+            x_at: ctx.layout(x),
+            dy_at: layout(dy),
+            out_at: layout(out),
         }
     }
 
@@ -201,10 +218,13 @@ impl Op for BatchNorm {
         Ok(outputs)
     }
 
+    fn handles_channel_slices(&self) -> bool {
+        true
+    }
+
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
-        let shape = ctx.shape(inputs[0]).to_vec();
-        let p = self.params(ctx, &shape);
-        let len = shape.iter().product();
+        let len = ctx.graph.tensor(inputs[0]).len();
+        let p = self.params(ctx, inputs[0], None, Some(outputs[0]));
         let [x, gamma, beta, running_mean, running_var] = inputs else {
             bail!("batch norm takes five inputs")
         };
@@ -292,9 +312,12 @@ impl Op for BatchNormBackwardParams {
         Ok(vec![(vec![c], DType::F32), (vec![c], DType::F32)])
     }
 
+    fn handles_channel_slices(&self) -> bool {
+        true
+    }
+
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
-        let shape = ctx.shape(inputs[0]).to_vec();
-        let p = self.norm.params(ctx, &shape);
+        let p = self.norm.params(ctx, inputs[0], Some(inputs[1]), None);
         let partial = ctx.scratch(8 * (p.splits * p.channels) as u64)?;
         let mut b = ctx.bind(&[
             (1, inputs[0]),
@@ -337,20 +360,20 @@ impl Op for BatchNormBackwardData {
         Ok(vec![(inputs[0].shape.clone(), DType::F32)])
     }
 
+    fn handles_channel_slices(&self) -> bool {
+        true
+    }
+
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
-        let shape = ctx.shape(inputs[0]).to_vec();
-        let p = self.norm.params(ctx, &shape);
+        let len = ctx.graph.tensor(inputs[0]).len();
+        let p = self
+            .norm
+            .params(ctx, inputs[0], Some(inputs[1]), Some(outputs[0]));
         let slots = [1, 2, 11, 12, 3, 15, 16];
         let mut tensors: Vec<(u32, TensorId)> =
             slots.iter().copied().zip(inputs.iter().copied()).collect();
         tensors.push((10, outputs[0]));
         let b = ctx.bind(&tensors);
-        ctx.dispatch(
-            Shader::BatchNorm,
-            "backward_data",
-            &p,
-            &b,
-            shape.iter().product(),
-        )
+        ctx.dispatch(Shader::BatchNorm, "backward_data", &p, &b, len)
     }
 }

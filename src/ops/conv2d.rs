@@ -47,6 +47,10 @@ struct ConvParams {
     splits: u32,
     chunk: u32,
     _pad: u32,
+    x_at: [u32; 2],
+    y_at: [u32; 2],
+    dy_at: [u32; 2],
+    dx_at: [u32; 2],
 }
 
 impl Conv2d {
@@ -91,6 +95,10 @@ impl Conv2d {
             splits: 1,
             chunk: 0,
             _pad: 0,
+            x_at: [0, 0],
+            y_at: [0, 0],
+            dy_at: [0, 0],
+            dx_at: [0, 0],
         }
     }
 
@@ -209,8 +217,13 @@ impl Op for Conv2d {
         Ok(vec![(vec![xs[0], ws[0], ho, wo], DType::F32)])
     }
 
+    fn handles_channel_slices(&self) -> bool {
+        true
+    }
+
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
-        let p = self.params(ctx.shape(inputs[0]), ctx.shape(inputs[1]));
+        let mut p = self.params(ctx.shape(inputs[0]), ctx.shape(inputs[1]));
+        (p.x_at, p.y_at) = (ctx.layout(inputs[0]), ctx.layout(outputs[0]));
         let pixels = (p.batch * p.ho * p.wo) as usize;
         let tile = channel_tile(p.c_out as usize);
         let (x, w, b, y) = (
@@ -289,8 +302,13 @@ impl Op for Conv2dBackwardData {
         Ok(vec![(self.input.clone(), DType::F32)])
     }
 
+    fn handles_channel_slices(&self) -> bool {
+        true
+    }
+
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
-        let p = self.conv.params(&self.input, ctx.shape(inputs[1]));
+        let mut p = self.conv.params(&self.input, ctx.shape(inputs[1]));
+        (p.dy_at, p.dx_at) = (ctx.layout(inputs[0]), ctx.layout(outputs[0]));
         let pixels = (p.batch * p.h * p.w) as usize;
         let tile = channel_tile(p.c_in as usize);
         let (dy, w, dx) = (
@@ -329,9 +347,14 @@ impl Op for Conv2dBackwardFilter {
         )])
     }
 
+    fn handles_channel_slices(&self) -> bool {
+        true
+    }
+
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
         let ws = ctx.shape(outputs[0]).to_vec();
         let mut p = self.conv.params(ctx.shape(inputs[0]), &ws);
+        (p.x_at, p.dy_at) = (ctx.layout(inputs[0]), ctx.layout(inputs[1]));
         let taps = (p.c_in * p.kh * p.kw) as usize;
         let tile = channel_tile(p.c_out as usize);
         // Few taps (LeNet's first layer has 25: 7 invocations) would leave

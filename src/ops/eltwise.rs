@@ -13,6 +13,12 @@ struct EltwiseParams {
     salt: u32,
     threshold: u32,
     scale: f32,
+    sample: u32,
+    _pad: u32,
+    x_at: [u32; 2],
+    y_at: [u32; 2],
+    dy_at: [u32; 2],
+    out_at: [u32; 2],
 }
 
 /// Records `entry` over every element of `out`, reading `(slot, tensor)` inputs.
@@ -37,12 +43,27 @@ fn with_params(
     inputs: &[(u32, TensorId)],
     out: TensorId,
 ) -> Result<()> {
+    let mut params = *params;
+    let out_tensor = ctx.graph.tensor(out);
+    params.sample =
+        (out_tensor.len() / out_tensor.shape.first().copied().unwrap_or(1).max(1)) as u32;
+    let contiguous = [0, params.sample];
+    (params.x_at, params.y_at, params.dy_at) = (contiguous, contiguous, contiguous);
+    params.out_at = ctx.layout(out);
+    for &(slot, t) in inputs {
+        match slot {
+            1 => params.x_at = ctx.layout(t),
+            2 => params.y_at = ctx.layout(t),
+            3 => params.dy_at = ctx.layout(t),
+            _ => {}
+        }
+    }
     let mut storage = ctx.bind(inputs);
     storage.push((4, ctx.binding(out).clone()));
     ctx.dispatch(
         Shader::Eltwise,
         entry,
-        params,
+        &params,
         &storage,
         params.len as usize,
     )
@@ -119,6 +140,10 @@ impl Op for Activation {
         same_shape(inputs)
     }
 
+    fn handles_channel_slices(&self) -> bool {
+        true
+    }
+
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
         elementwise(ctx, self.entries().0, &[(1, inputs[0])], outputs[0])
     }
@@ -151,6 +176,10 @@ impl Op for ActivationBackward {
         same_shape(inputs)
     }
 
+    fn handles_channel_slices(&self) -> bool {
+        true
+    }
+
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
         elementwise(
             ctx,
@@ -172,6 +201,10 @@ impl Op for Add {
 
     fn infer(&self, inputs: &[&Tensor]) -> Result<Vec<(Shape, DType)>> {
         same_shape(inputs)
+    }
+
+    fn handles_channel_slices(&self) -> bool {
+        true
     }
 
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
@@ -226,6 +259,7 @@ impl Dropout {
             salt: self.salt,
             threshold: Self::threshold(self.p),
             scale: 1.0 / (1.0 - self.p),
+            ..EltwiseParams::default()
         }
     }
 }
@@ -243,6 +277,10 @@ impl Op for Dropout {
             bail!("dropout's random stream must be u32 [2]");
         }
         Ok(vec![(inputs[0].shape.clone(), DType::F32)])
+    }
+
+    fn handles_channel_slices(&self) -> bool {
+        true
     }
 
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
@@ -285,6 +323,10 @@ impl Op for DropoutBackward {
 
     fn infer(&self, inputs: &[&Tensor]) -> Result<Vec<(Shape, DType)>> {
         Ok(vec![(inputs[0].shape.clone(), DType::F32)])
+    }
+
+    fn handles_channel_slices(&self) -> bool {
+        true
     }
 
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {

@@ -2,6 +2,7 @@
 //! reference, read side by side. Each pairs with a file in `shaders/`.
 
 mod batchnorm;
+mod concat;
 mod conv2d;
 mod eltwise;
 mod input;
@@ -13,6 +14,7 @@ mod reshape;
 mod softmax_xent;
 
 pub use batchnorm::{BatchNorm, BatchNormBackwardData, BatchNormBackwardParams, BatchNormCpu};
+pub use concat::Concat;
 pub use conv2d::{Conv2d, Conv2dBackwardData, Conv2dBackwardFilter};
 pub use eltwise::{
     dropout_keeps, Activation, ActivationBackward, Add, AdvanceRng, Dropout, DropoutBackward,

@@ -28,7 +28,9 @@ struct PoolParams {
     stride_w: u32,
     pad_h: u32,
     pad_w: u32,
-    _pad: u32,
+    channels: u32,
+    src_at: [u32; 2],
+    dst_at: [u32; 2],
 }
 
 impl PoolWindow {
@@ -91,7 +93,9 @@ impl PoolWindow {
             stride_w: u(self.stride.1),
             pad_h: u(self.padding.0),
             pad_w: u(self.padding.1),
-            _pad: 0,
+            channels: u(x[1]),
+            src_at: [0, 0],
+            dst_at: [0, 0],
         }
     }
 
@@ -136,7 +140,14 @@ impl PoolWindow {
         storage: &[(u32, TensorId)],
         len: usize,
     ) -> Result<()> {
-        let p = self.params(input_shape);
+        let mut p = self.params(input_shape);
+        for &(slot, t) in storage {
+            match slot {
+                1 => p.src_at = ctx.layout(t),
+                2 => p.dst_at = ctx.layout(t),
+                _ => {}
+            }
+        }
         let bound = ctx.bind(storage);
         ctx.dispatch(Shader::Pool, entry, &p, &bound, len)
     }
@@ -183,6 +194,10 @@ impl Op for AvgPool2d {
         )])
     }
 
+    fn handles_channel_slices(&self) -> bool {
+        true
+    }
+
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
         let shape = ctx.shape(inputs[0]).to_vec();
         let len = ctx.graph.tensor(outputs[0]).len();
@@ -226,6 +241,10 @@ impl Op for AvgPool2dBackward {
 
     fn infer(&self, _inputs: &[&Tensor]) -> Result<Vec<(Shape, DType)>> {
         Ok(vec![(self.input.clone(), DType::F32)])
+    }
+
+    fn handles_channel_slices(&self) -> bool {
+        true
     }
 
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
@@ -282,6 +301,10 @@ impl Op for MaxPool2d {
         Ok(vec![(shape.clone(), DType::F32), (shape, DType::U32)])
     }
 
+    fn handles_channel_slices(&self) -> bool {
+        true
+    }
+
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
         let shape = ctx.shape(inputs[0]).to_vec();
         let len = ctx.graph.tensor(outputs[0]).len();
@@ -320,6 +343,10 @@ impl Op for MaxPool2dBackward {
 
     fn infer(&self, _inputs: &[&Tensor]) -> Result<Vec<(Shape, DType)>> {
         Ok(vec![(self.input.clone(), DType::F32)])
+    }
+
+    fn handles_channel_slices(&self) -> bool {
+        true
     }
 
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {

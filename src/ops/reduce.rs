@@ -16,7 +16,8 @@ pub(super) struct ReduceParams {
     splits: u32,
     chunk: u32,
     len: u32,
-    _pad: [u32; 2],
+    /// graph::Layout of the summed tensor.
+    src_at: [u32; 2],
 }
 
 impl ReduceParams {
@@ -28,7 +29,7 @@ impl ReduceParams {
             splits: splits as u32,
             chunk: 0,
             len: len as u32,
-            _pad: [0; 2],
+            src_at: [0, 0],
         }
     }
 }
@@ -100,6 +101,10 @@ impl Op for ChannelSum {
         Ok(vec![(vec![x[1]], DType::F32)])
     }
 
+    fn handles_channel_slices(&self) -> bool {
+        true
+    }
+
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
         let shape = ctx.shape(inputs[0]).to_vec();
         let (batch, channels) = (shape[0], shape[1]);
@@ -113,7 +118,7 @@ impl Op for ChannelSum {
             splits: splits as u32,
             chunk: terms.div_ceil(splits) as u32,
             len: channels as u32,
-            _pad: [0; 2],
+            src_at: ctx.layout(inputs[0]),
         };
         let partial = ctx.scratch(4 * (splits * channels) as u64)?;
         let (x, out) = (

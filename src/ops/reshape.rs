@@ -34,6 +34,12 @@ impl Op for Reshape {
         true
     }
 
+    /// A view keeps its source's layout (the executor checks that the
+    /// batch dimension stays).
+    fn handles_channel_slices(&self) -> bool {
+        true
+    }
+
     fn plan(
         &self,
         _ctx: &mut PlanContext,
