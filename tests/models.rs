@@ -79,10 +79,14 @@ fn check_state_after(gpu: &Gpu, gold: &Golden, store: &ParamStore) {
 
 /// Compares every parameter gradient: in full, or at the sampled indices
 /// the golden file stores for large parameters. Besides 2e-3 of each
-/// tensor's own largest value, differences up to 1e-5 of the largest
+/// tensor's own largest value, differences up to 5e-5 of the largest
 /// gradient in the whole model pass: some gradients are zero up to rounding
 /// (a conv bias followed by batch norm, which removes the mean), and both
-/// PyTorch's and our values there are noise of that size.
+/// PyTorch's and our values there are noise of that size (DenseNet's
+/// `0.0.bias`: 2e-5 of the model's largest). GoogLeNet's deep bias
+/// gradients are sums over mostly dead ReLUs: our own two runs here, whose
+/// inputs differ only by the resize's rounding, differ by 2% there, up to
+/// 3e-5 of the model's largest gradient, as much as they differ from PyTorch.
 ///
 /// In deep nets a ReLU input within rounding of zero passes the gradient in
 /// one implementation and blocks it in the other; ResNet-18 at batch 4 has
@@ -118,9 +122,8 @@ fn check_gradients(gold: &Golden, store: &ParamStore, grads: &[Vec<f32>]) {
     for ((key, idx, want), grad) in wanted.iter().zip(grads) {
         let got: Vec<f32> = idx.iter().map(|&i| grad[i]).collect();
         let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        let atol = (2e-3 * scale).max(1e-5 * model_scale);
+        let atol = (2e-3 * scale).max(5e-5 * model_scale);
         let what = format!("{} {key}", gold.name);
-        assert_close(&what, &got, want, 2.0 * atol, 0.0);
         let misses = got
             .iter()
             .zip(want)
@@ -131,6 +134,7 @@ fn check_gradients(gold: &Golden, store: &ParamStore, grads: &[Vec<f32>]) {
             misses <= allowed,
             "{what}: {misses} elements miss the tolerance {atol}; at most {allowed} may"
         );
+        assert_close(&what, &got, want, 2.0 * atol, 0.0);
     }
 }
 
@@ -148,6 +152,7 @@ fn check_forward_backward(gpu: &Gpu, model_name: &str) {
     let mut g = Graph::new(true);
     let x = g.input(input.shape.clone(), DType::F32);
     let y = g.input(vec![labels.len()], DType::U32);
+    g.dropout_override = Some(0.0);
     let logits = model.forward(&mut g, x, "").unwrap();
     let loss = g
         .apply(SoftmaxCrossEntropy { with_grad: true }, &[logits, y])
@@ -180,6 +185,26 @@ fn check_forward_backward(gpu: &Gpu, model_name: &str) {
         .map(|i| store.read_grad(gpu, i).unwrap())
         .collect();
     check_gradients(&gold, &store, &grads);
+}
+
+/// Evaluation mode (running statistics, no dropout) with the initial weights.
+fn check_eval_forward(gpu: &Gpu, model_name: &str) {
+    let gold = Golden::load(&format!("models/{model_name}.safetensors"));
+    let model = (models::find(model_name).unwrap().build)();
+    let input = gold.f32("input");
+    let mut g = Graph::new(false);
+    let x = g.input(input.shape.clone(), DType::F32);
+    let logits = model.forward(&mut g, x, "").unwrap();
+    let store = ParamStore::new(gpu, &g).unwrap();
+    load_golden_init(gpu, &gold, &store);
+    let plan = Plan::new(gpu, &g, &store, &Externals::new()).unwrap();
+    plan.write_f32(gpu, &g, x, &input.data).unwrap();
+    plan.run(gpu);
+    assert_model_close(
+        &format!("{} eval_logits", gold.name),
+        &plan.read_f32(gpu, &g, logits).unwrap(),
+        &gold.f32("eval_logits").data,
+    );
 }
 
 /// The training step the trainer runs (GPU gather and resize from the u8
@@ -252,23 +277,50 @@ fn check_training_step(gpu: &Gpu, model_name: &str) {
     );
 }
 
-#[test]
-fn lenet_matches_pytorch_training_step() {
+/// Eval forward, training forward and backward, and the trainer's step.
+fn check_model(model_name: &str) {
     let gpu = gpu();
-    check_forward_backward(&gpu, "lenet");
-    check_training_step(&gpu, "lenet");
+    check_eval_forward(&gpu, model_name);
+    check_forward_backward(&gpu, model_name);
+    check_training_step(&gpu, model_name);
 }
 
 #[test]
-fn lenet_bn_matches_pytorch_training_step() {
-    let gpu = gpu();
-    check_forward_backward(&gpu, "lenet-bn");
-    check_training_step(&gpu, "lenet-bn");
+fn lenet_matches_pytorch() {
+    check_model("lenet");
 }
 
 #[test]
-fn resnet_matches_pytorch_training_step() {
-    let gpu = gpu();
-    check_forward_backward(&gpu, "resnet");
-    check_training_step(&gpu, "resnet");
+fn lenet_bn_matches_pytorch() {
+    check_model("lenet-bn");
+}
+
+#[test]
+fn alexnet_matches_pytorch() {
+    check_model("alexnet");
+}
+
+#[test]
+fn vgg_matches_pytorch() {
+    check_model("vgg");
+}
+
+#[test]
+fn nin_matches_pytorch() {
+    check_model("nin");
+}
+
+#[test]
+fn googlenet_matches_pytorch() {
+    check_model("googlenet");
+}
+
+#[test]
+fn resnet_matches_pytorch() {
+    check_model("resnet");
+}
+
+#[test]
+fn densenet_matches_pytorch() {
+    check_model("densenet");
 }

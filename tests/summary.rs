@@ -55,3 +55,70 @@ fn lenet_cannot_take_a_smaller_input() {
     );
     assert!(message.contains("does not fit"), "{message}");
 }
+
+/// The same shape rules at 64x64, where PyTorch's floor((in + 2p - k) / s) + 1
+/// gives: stem convolution 7x7/2 (padding 3) 64 -> 32, max pool 3x3/2
+/// (padding 1) 32 -> 16, then every halving stage 16 -> 8 -> 4 -> 2.
+#[test]
+fn summaries_follow_the_shape_rules_at_64() {
+    let expected: [(&str, &[&str]); 3] = [
+        (
+            "googlenet",
+            &[
+                "(1, 64, 16, 16)",
+                "(1, 192, 8, 8)",
+                "(1, 480, 4, 4)",
+                "(1, 832, 2, 2)",
+                "(1, 1024)",
+                "(1, 10)",
+            ],
+        ),
+        (
+            "resnet",
+            &[
+                "(1, 64, 16, 16)",
+                "(1, 64, 16, 16)",
+                "(1, 128, 8, 8)",
+                "(1, 256, 4, 4)",
+                "(1, 512, 2, 2)",
+                "(1, 512, 1, 1)",
+                "(1, 512)",
+                "(1, 10)",
+            ],
+        ),
+        (
+            "densenet",
+            &[
+                "(1, 64, 16, 16)",
+                "(1, 192, 16, 16)",
+                "(1, 96, 8, 8)",
+                "(1, 224, 8, 8)",
+                "(1, 112, 4, 4)",
+                "(1, 240, 4, 4)",
+                "(1, 120, 2, 2)",
+                "(1, 248, 2, 2)",
+                "(1, 248, 2, 2)",
+                "(1, 248, 2, 2)",
+                "(1, 248, 1, 1)",
+                "(1, 248)",
+                "(1, 10)",
+            ],
+        ),
+    ];
+    for (model, shapes) in expected {
+        let spec = models::find(model).unwrap();
+        let at_64 = models::summary(spec, 64).unwrap();
+        let got: Vec<String> = at_64
+            .lines()
+            .iter()
+            .map(|l| l.rsplit('\t').next().unwrap().to_string())
+            .collect();
+        assert_eq!(got, shapes, "{model} at 64");
+        // Parameter counts do not depend on the input size here: every
+        // model ends in global pooling before its classifier.
+        assert_eq!(
+            at_64.params,
+            models::summary(spec, spec.resize).unwrap().params
+        );
+    }
+}

@@ -1,12 +1,22 @@
 //! The d2l architectures and the training defaults d2l uses for each.
 
+mod alexnet;
+mod densenet;
+mod googlenet;
 mod lenet;
 mod lenet_bn;
+mod nin;
 mod resnet;
+mod vgg;
 
+pub use alexnet::alexnet;
+pub use densenet::densenet;
+pub use googlenet::googlenet;
 pub use lenet::lenet;
 pub use lenet_bn::lenet_bn;
+pub use nin::nin;
 pub use resnet::resnet18;
+pub use vgg::vgg11_small;
 
 use crate::graph::{DType, Graph, Shape};
 use crate::nn::Sequential;
@@ -40,11 +50,51 @@ pub const MODELS: &[ModelSpec] = &[
         epochs: 10,
     },
     ModelSpec {
+        name: "alexnet",
+        build: alexnet,
+        resize: 224,
+        batch_size: 128,
+        lr: 0.01,
+        epochs: 10,
+    },
+    ModelSpec {
+        name: "vgg",
+        build: vgg11_small,
+        resize: 224,
+        batch_size: 128,
+        lr: 0.05,
+        epochs: 10,
+    },
+    ModelSpec {
+        name: "nin",
+        build: nin,
+        resize: 224,
+        batch_size: 128,
+        lr: 0.1,
+        epochs: 10,
+    },
+    ModelSpec {
+        name: "googlenet",
+        build: googlenet,
+        resize: 96,
+        batch_size: 128,
+        lr: 0.1,
+        epochs: 10,
+    },
+    ModelSpec {
         name: "resnet",
         build: resnet18,
         resize: 96,
         batch_size: 256,
         lr: 0.05,
+        epochs: 10,
+    },
+    ModelSpec {
+        name: "densenet",
+        build: densenet,
+        resize: 96,
+        batch_size: 256,
+        lr: 0.1,
         epochs: 10,
     },
 ];

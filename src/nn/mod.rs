@@ -5,6 +5,12 @@ use crate::graph::{DType, Graph, Init, TensorId};
 use crate::ops;
 use anyhow::{Context, Result};
 
+mod blocks;
+pub use blocks::{
+    conv_block, dropout_classifier, nin_block, transition_block, vgg_block, DenseBlock, Inception,
+    Residual,
+};
+
 /// A layer or block. `prefix` is its `state_dict` path, e.g. `"3."`.
 pub trait Module {
     fn forward(&self, g: &mut Graph, x: TensorId, prefix: &str) -> Result<TensorId>;
@@ -299,60 +305,6 @@ impl Module for GlobalAvgPool2d {
 
     fn class_name(&self) -> &'static str {
         "AdaptiveAvgPool2d"
-    }
-}
-
-/// d2l's `Residual` block: two 3x3 convolutions with batch norm, added to
-/// the input (through a strided 1x1 convolution when the shape changes).
-pub struct Residual {
-    channels: usize,
-    use_1x1conv: bool,
-    stride: usize,
-}
-
-impl Residual {
-    pub fn new(channels: usize) -> Residual {
-        Residual {
-            channels,
-            use_1x1conv: false,
-            stride: 1,
-        }
-    }
-
-    /// `Residual(channels, use_1x1conv=True, strides=stride)`.
-    pub fn downsampling(channels: usize, stride: usize) -> Residual {
-        Residual {
-            channels,
-            use_1x1conv: true,
-            stride,
-        }
-    }
-}
-
-impl Module for Residual {
-    fn forward(&self, g: &mut Graph, x: TensorId, prefix: &str) -> Result<TensorId> {
-        let c = self.channels;
-        let conv1 = Conv2d::new(c, 3).padding(1).stride(self.stride);
-        let y = conv1.forward(g, x, &format!("{prefix}conv1."))?;
-        let y = BatchNorm::new_2d().forward(g, y, &format!("{prefix}bn1."))?;
-        let y = ReLU.forward(g, y, prefix)?;
-        let y = Conv2d::new(c, 3)
-            .padding(1)
-            .forward(g, y, &format!("{prefix}conv2."))?;
-        let y = BatchNorm::new_2d().forward(g, y, &format!("{prefix}bn2."))?;
-        let shortcut = if self.use_1x1conv {
-            Conv2d::new(c, 1)
-                .stride(self.stride)
-                .forward(g, x, &format!("{prefix}conv3."))?
-        } else {
-            x
-        };
-        let sum = g.apply1(ops::Add, &[y, shortcut])?;
-        ReLU.forward(g, sum, prefix)
-    }
-
-    fn class_name(&self) -> &'static str {
-        "Residual"
     }
 }
 
