@@ -8,7 +8,9 @@
 //              dx = gamma * invstd / m * (m * dy - dbeta - xhat * dgamma)
 //
 // Sums over batch and positions run in splits, each writing partial results
-// that a per-channel pass combines in a fixed order: no float atomics.
+// that a per-channel pass combines in a fixed order: no float atomics. A
+// batch too large to bind at once is read in chunks, each writing its own
+// splits; the per-element kernels then see one chunk (`batch`) at a time.
 
 struct Norm {
     batch: u32,
@@ -18,11 +20,13 @@ struct Norm {
     chunk: u32,   // (sample, position) pairs per split
     eps: f32,
     momentum: f32,
-    _pad: u32,
+    first_split: u32, // *_partial: this batch chunk's first split
     // graph::Layout of x, dy and out: (offset, sample stride)
     x_at: vec2<u32>,
     dy_at: vec2<u32>,
     out_at: vec2<u32>,
+    count: u32, // (sample, position) pairs in the whole batch
+    _pad: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Norm;
@@ -30,7 +34,7 @@ struct Norm {
 @group(0) @binding(2) var<storage, read> dy: array<f32>;
 @group(0) @binding(3) var<storage, read> gamma: array<f32>;
 @group(0) @binding(4) var<storage, read> beta: array<f32>;
-@group(0) @binding(5) var<storage, read_write> partial: array<vec2<f32>>;
+@group(0) @binding(5) var<storage, read_write> partial: array<vec4<f32>>;
 @group(0) @binding(6) var<storage, read_write> mean: array<f32>;
 @group(0) @binding(7) var<storage, read_write> invstd: array<f32>;
 @group(0) @binding(8) var<storage, read_write> running_mean: array<f32>;
@@ -59,7 +63,7 @@ fn split_range(split: u32) -> vec2<u32> {
     return vec2<u32>(first, min(first + p.chunk, p.batch * p.spatial));
 }
 
-// partial[split, c] = (mean, M2) of channel c over the split: two passes, so
+// partial[split, c] = (mean, M2, count) of channel c over the split: two passes, so
 // the squares are of deviations from the split's own mean (stable).
 @compute @workgroup_size(WG)
 fn stats_partial(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
@@ -79,7 +83,7 @@ fn stats_partial(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wor
         let d = x[at(p.x_at, c, q)] - m;
         m2 += d * d;
     }
-    partial[id] = vec2<f32>(m, m2);
+    partial[p.first_split * p.channels + id] = vec4<f32>(m, m2, f32(range.y - range.x), 0.0);
 }
 
 // Per channel: merge the splits in order (Chan et al.), then the batch
@@ -94,12 +98,11 @@ fn stats_finalize(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
     var m = 0.0;
     var m2 = 0.0;
     for (var s = 0u; s < p.splits; s++) {
-        let range = split_range(s);
-        let nb = f32(range.y - range.x);
+        let part = partial[s * p.channels + c];
+        let nb = part.z;
         if (nb == 0.0) {
             continue;
         }
-        let part = partial[s * p.channels + c];
         let delta = part.x - m;
         let total = n + nb;
         m += delta * nb / total;
@@ -150,7 +153,7 @@ fn backward_partial(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_
         dxhat += g * (x[at(p.x_at, c, q)] - m) * s;
         dsum += g;
     }
-    partial[id] = vec2<f32>(dxhat, dsum);
+    partial[p.first_split * p.channels + id] = vec4<f32>(dxhat, dsum, 0.0, 0.0);
 }
 
 @compute @workgroup_size(WG)
@@ -161,7 +164,7 @@ fn backward_finalize(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num
     }
     var total = vec2<f32>(0.0);
     for (var s = 0u; s < p.splits; s++) {
-        total += partial[s * p.channels + c];
+        total += partial[s * p.channels + c].xy;
     }
     dgamma[c] = total.x;
     dbeta[c] = total.y;
@@ -174,7 +177,7 @@ fn backward_data(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wor
         return;
     }
     let c = (i / p.spatial) % p.channels;
-    let count = f32(p.batch * p.spatial);
+    let count = f32(p.count);
     let s = saved_invstd[c];
     let xhat = (x[flat(p.x_at, i)] - saved_mean[c]) * s;
     out[flat(p.out_at, i)] = gamma[c] * s / count * (count * dy[flat(p.dy_at, i)] - dbeta_in[c] - xhat * dgamma_in[c]);

@@ -31,7 +31,7 @@ struct Conv {
     pad_w: u32,
     splits: u32, // backward_filter only
     chunk: u32,  // backward_filter: output positions per split
-    _pad: u32,
+    first_split: u32, // backward_filter: this batch chunk's first split
     // graph::Layout of each tensor: (offset, sample stride)
     x_at: vec2<u32>,
     y_at: vec2<u32>,
@@ -218,7 +218,7 @@ fn backward_filter(
         }
     }
 
-    let out_base = split * p.c_out * taps;
+    let out_base = (p.first_split + split) * p.c_out * taps;
     for (var c = 0u; c < TC; c++) {
         let co = co0 + c;
         if (co >= p.c_out) {

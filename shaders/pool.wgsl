@@ -19,6 +19,10 @@ struct Pool {
     // graph::Layout of src and dst: (offset, sample stride)
     src_at: vec2<u32>,
     dst_at: vec2<u32>,
+    // Where the (contiguous) argmax tensor starts in its binding: a batch
+    // chunk's first element need not start the binding.
+    argmax_offset: u32,
+    _pad: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Pool;
@@ -134,7 +138,7 @@ fn max_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
         }
     }
     dst[dst_index(plane, p.ho * p.wo, i % (p.ho * p.wo))] = best;
-    argmax[i] = best_at;
+    argmax[p.argmax_offset + i] = best_at;
 }
 
 // dx[y, x] = sum of dy over the windows whose maximum was at (y, x).
@@ -151,7 +155,7 @@ fn max_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
     for (var oy = win.oy_first; oy <= win.oy_last; oy++) {
         for (var ox = win.ox_first; ox <= win.ox_last; ox++) {
             let o = oy * p.wo + ox;
-            if (argmax_in[plane * p.ho * p.wo + o] == at) {
+            if (argmax_in[p.argmax_offset + plane * p.ho * p.wo + o] == at) {
                 sum += src[src_index(plane, p.ho * p.wo, o)];
             }
         }

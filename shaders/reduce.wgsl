@@ -9,6 +9,7 @@ struct Reduce {
     chunk: u32, // (sample, position) pairs per split
     len: u32,   // sum_splits: values per split
     src_at: vec2<u32>, // channel_sums: graph::Layout of src
+    first_split: u32,  // channel_sums: this batch chunk's first split
 }
 
 @group(0) @binding(0) var<uniform> p: Reduce;
@@ -32,7 +33,7 @@ fn channel_sums(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
         let n = q / p.spatial;
         sum += src[p.src_at.x + n * p.src_at.y + c * p.spatial + q % p.spatial];
     }
-    partial[id] = sum;
+    partial[p.first_split * p.channels + id] = sum;
 }
 
 @group(0) @binding(3) var<storage, read_write> total: array<f32>;

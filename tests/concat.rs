@@ -118,8 +118,10 @@ fn cpu(w: &Weights) -> (CpuTensor, Vec<Vec<f32>>) {
     (y, grads)
 }
 
-fn gpu_run(w: &Weights) -> (Vec<f32>, Vec<Vec<f32>>) {
-    let gpu = gpu();
+/// Runs the graph on the GPU, binding at most `binding_limit` bytes at once.
+fn gpu_run(w: &Weights, binding_limit: u64) -> anyhow::Result<(Vec<f32>, Vec<Vec<f32>>)> {
+    let mut gpu = gpu();
+    gpu.tuning.binding_limit = binding_limit;
     let mut g = Graph::new(true);
     let param = |g: &mut Graph, name: &str, shape: &[usize]| -> TensorId {
         g.param(name.into(), shape.to_vec(), Init::Zeros)
@@ -165,45 +167,83 @@ fn gpu_run(w: &Weights) -> (Vec<f32>, Vec<Vec<f32>>) {
     }
     store.write_state(&gpu, 0, &vec![0.0; c]).unwrap();
     store.write_state(&gpu, 1, &vec![1.0; c]).unwrap();
-    let plan = Plan::new(&gpu, &g, &store, &Externals::new()).unwrap();
+    let plan = Plan::new(&gpu, &g, &store, &Externals::new())?;
     plan.write_f32(&gpu, &g, dy, &w.dy.data).unwrap();
     plan.run(&gpu);
     let grads = (0..values.len())
         .map(|i| store.read_grad(&gpu, i).unwrap())
         .collect();
-    (plan.read_f32(&gpu, &g, y).unwrap(), grads)
+    Ok((plan.read_f32(&gpu, &g, y).unwrap(), grads))
+}
+
+/// Random weights for the graph above at batch `n`, `ci` input channels.
+fn weights(n: usize, ci: usize, h: usize, w: usize, rng: &mut Rng) -> Weights {
+    let (g1, g2, k) = (2, 3, 5);
+    let z2 = ci + g1 + g2;
+    Weights {
+        x: random(&[n, ci, h, w], rng),
+        w1: random(&[g1, ci, 3, 3], rng),
+        b1: random(&[g1], rng).data,
+        gamma: random(&[ci + g1], rng).data,
+        beta: random(&[ci + g1], rng).data,
+        w2: random(&[g2, ci + g1, 1, 1], rng),
+        b2: random(&[g2], rng).data,
+        w3: random(&[k, z2, 1, 1], rng),
+        b3: random(&[k], rng).data,
+        dy: random(&[n, k + z2, h, w], rng),
+    }
+}
+
+fn check(case: &str, w: &Weights, binding_limit: u64) {
+    let names = [
+        "dx", "dw1", "db1", "dgamma", "dbeta", "dw2", "db2", "dw3", "db3",
+    ];
+    let (want_y, want_grads) = cpu(w);
+    let (got_y, got_grads) = gpu_run(w, binding_limit).unwrap();
+    assert_op_close(&format!("{case} y"), &got_y, &want_y.data);
+    for ((name, got), want) in names.iter().zip(&got_grads).zip(&want_grads) {
+        assert_op_close(&format!("{case} {name}"), got, want);
+    }
 }
 
 #[test]
 fn concatenated_slices_match_cpu() {
-    let names = [
-        "dx", "dw1", "db1", "dgamma", "dbeta", "dw2", "db2", "dw3", "db3",
-    ];
     let mut rng = Rng::new(11);
     // Batch 1 (slices contiguous) and 3 (strided), odd planes, odd channels.
     for (n, ci, h, w) in [(1, 3, 5, 7), (3, 3, 7, 5), (2, 1, 4, 9)] {
-        let (g1, g2, k) = (2, 3, 5);
-        let z2 = ci + g1 + g2;
-        let weights = Weights {
-            x: random(&[n, ci, h, w], &mut rng),
-            w1: random(&[g1, ci, 3, 3], &mut rng),
-            b1: random(&[g1], &mut rng).data,
-            gamma: random(&[ci + g1], &mut rng).data,
-            beta: random(&[ci + g1], &mut rng).data,
-            w2: random(&[g2, ci + g1, 1, 1], &mut rng),
-            b2: random(&[g2], &mut rng).data,
-            w3: random(&[k, z2, 1, 1], &mut rng),
-            b3: random(&[k], &mut rng).data,
-            dy: random(&[n, k + z2, h, w], &mut rng),
-        };
-        let (want_y, want_grads) = cpu(&weights);
-        let (got_y, got_grads) = gpu_run(&weights);
-        let case = format!("n {n} c {ci} {h}x{w}");
-        assert_op_close(&format!("{case} y"), &got_y, &want_y.data);
-        for ((name, got), want) in names.iter().zip(&got_grads).zip(&want_grads) {
-            assert_op_close(&format!("{case} {name}"), got, want);
-        }
+        let weights = weights(n, ci, h, w, &mut rng);
+        check(&format!("n {n} c {ci} {h}x{w}"), &weights, u64::MAX);
     }
+}
+
+/// Tensors larger than one binding are planned in batch chunks: per-sample
+/// ops chunk by chunk, sums over the batch (conv filter and bias gradients,
+/// batch-norm statistics) with each chunk's partial sums combined.
+#[test]
+fn batch_chunks_match_cpu() {
+    let mut rng = Rng::new(12);
+    // The output holds 1,540 bytes per sample: 4 KiB bindings take two
+    // samples (chunks 0..1 and 1..3 of 3, starting off the 32-byte
+    // alignment), 2 KiB ones a sample each.
+    for (n, limit) in [(3, 4096), (5, 4096), (4, 2048)] {
+        let weights = weights(n, 3, 7, 5, &mut rng);
+        check(&format!("n {n} binding limit {limit}"), &weights, limit);
+    }
+}
+
+#[test]
+fn a_sample_larger_than_a_binding_is_refused() {
+    let mut rng = Rng::new(13);
+    let weights = weights(2, 3, 7, 5, &mut rng);
+    let err = gpu_run(&weights, 1024).expect_err("1 KiB cannot hold a sample");
+    let message = format!("{err:#}");
+    assert!(
+        message.contains(
+            "one sample of [2, 8, 7, 5] needs 1120 bytes, more than the adapter's largest \
+             storage binding (1024 bytes); try a smaller --resize"
+        ),
+        "{message}"
+    );
 }
 
 #[test]

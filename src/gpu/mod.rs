@@ -65,6 +65,9 @@ pub struct Gpu {
 pub struct Tuning {
     /// Invocations per workgroup (the `WG` override constant).
     pub workgroup: u32,
+    /// Binds at most this many bytes at once even where the adapter allows
+    /// more (tests use it to exercise batch chunking on small tensors).
+    pub binding_limit: u64,
 }
 
 impl Default for Tuning {
@@ -74,7 +77,10 @@ impl Default for Tuning {
     /// want 64-256. Kernels with few invocations choose their own (conv
     /// filter gradients).
     fn default() -> Tuning {
-        Tuning { workgroup: 64 }
+        Tuning {
+            workgroup: 64,
+            binding_limit: u64::MAX,
+        }
     }
 }
 
@@ -193,7 +199,7 @@ impl Gpu {
     /// parts of a binding exactly `maxStorageBufferRange` long (found by
     /// tests/ops.rs at 128 MiB); a binding one unit shorter reads correctly.
     pub fn max_binding(&self) -> u64 {
-        (self.limits.max_storage_buffer_binding_size - 1) & !255
+        ((self.limits.max_storage_buffer_binding_size - 1) & !255).min(self.tuning.binding_limit)
     }
 
     /// How many buffers, bind groups and pipelines this device has had

@@ -2,7 +2,7 @@
 //! pipelines, uniforms and bind groups, all created once. Running a step
 //! replays the recorded dispatches in one compute pass and one submit.
 
-use super::{DType, Graph, Storage, TensorId};
+use super::{DType, Graph, Shape, Storage, TensorId};
 use crate::gpu::{grid, tiled_grid, Gpu, Shader, MAX_GROUPS};
 use crate::graph::ParamStore;
 use anyhow::{bail, Context, Result};
@@ -55,6 +55,15 @@ impl Dispatch {
     }
 }
 
+/// Samples `first..first + count` of the batch. While an op plans one
+/// chunk, each of its `batched` tensors looks like a batch of `count`,
+/// bound to just the byte range that holds those samples.
+struct Chunk {
+    first: usize,
+    count: usize,
+    batched: Vec<TensorId>,
+}
+
 /// What an op sees while it plans: tensor shapes and bindings, scratch
 /// memory, and `dispatch` to record its kernels.
 pub struct PlanContext<'a> {
@@ -64,24 +73,125 @@ pub struct PlanContext<'a> {
     dispatches: Vec<Dispatch>,
     scratch: Vec<wgpu::Buffer>,
     label: String,
+    chunk: Option<Chunk>,
 }
 
 impl PlanContext<'_> {
-    pub fn shape(&self, t: TensorId) -> &[usize] {
-        self.graph.shape(t)
+    /// The chunk `t` is seen through, if it is one of the batched tensors.
+    fn chunk_of(&self, t: TensorId) -> Option<&Chunk> {
+        self.chunk.as_ref().filter(|c| c.batched.contains(&t))
     }
 
-    pub fn binding(&self, t: TensorId) -> &Binding {
-        self.bindings[t.0]
-            .as_ref()
-            .expect("every tensor is bound before ops are planned")
+    pub fn shape(&self, t: TensorId) -> Shape {
+        let mut shape = self.graph.shape(t).to_vec();
+        if let Some(chunk) = self.chunk_of(t) {
+            shape[0] = chunk.count;
+        }
+        shape
+    }
+
+    /// Elements of `t` (of the current chunk).
+    pub fn len(&self, t: TensorId) -> usize {
+        self.shape(t).iter().product()
+    }
+
+    /// Where a chunk of `t` starts in its buffer: (binding offset in
+    /// elements, aligned as bindings must be; first element of the chunk).
+    fn chunk_range(&self, t: TensorId, chunk: &Chunk) -> (usize, usize) {
+        let layout = self.graph.layout(t);
+        let start = layout.offset + chunk.first * layout.sample_stride;
+        let align = (self.gpu.limits.min_storage_buffer_offset_alignment as usize / 4).max(1);
+        (start - start % align, start)
+    }
+
+    pub fn binding(&self, t: TensorId) -> Binding {
+        let whole = self.bindings[t.0]
+            .clone()
+            .expect("every tensor is bound before ops are planned");
+        let Some(chunk) = self.chunk_of(t) else {
+            return whole;
+        };
+        let (base, start) = self.chunk_range(t, chunk);
+        let layout = self.graph.layout(t);
+        let sample = self.graph.tensor(t).len() / self.graph.shape(t)[0];
+        let end = start + (chunk.count - 1) * layout.sample_stride + sample;
+        let elements = self.graph.tensor(t).dtype.bytes(1);
+        Binding {
+            offset: whole.offset + base as u64 * elements,
+            size: (end - base) as u64 * elements,
+            buffer: whole.buffer,
+        }
     }
 
     /// `[offset, sample stride]` in elements, for a kernel's uniform: where
     /// each sample of `t` starts in its binding (see `graph::Layout`).
     pub fn layout(&self, t: TensorId) -> [u32; 2] {
         let l = self.graph.layout(t);
-        [l.offset as u32, l.sample_stride as u32]
+        let offset = match self.chunk_of(t) {
+            Some(chunk) => {
+                let (base, start) = self.chunk_range(t, chunk);
+                start - base
+            }
+            None => l.offset,
+        };
+        [offset as u32, l.sample_stride as u32]
+    }
+
+    /// How to cut the batch so that every tensor in `batched` binds within
+    /// the adapter's limit: `(first, count)` per chunk, as even as can be;
+    /// one chunk when everything fits.
+    pub fn batch_chunks(&self, batched: &[TensorId]) -> Result<Vec<(usize, usize)>> {
+        let batch = self.graph.shape(batched[0])[0];
+        let max_binding = self.gpu.max_binding() as usize;
+        let align = self.gpu.limits.min_storage_buffer_offset_alignment as usize;
+        let mut most = batch;
+        for &t in batched {
+            let tensor = self.graph.tensor(t);
+            let element = tensor.dtype.bytes(1) as usize;
+            let sample = element * tensor.len() / tensor.shape[0];
+            let stride = element * self.graph.layout(t).sample_stride;
+            if sample + align > max_binding {
+                bail!(
+                    "one sample of {:?} needs {sample} bytes, more than the adapter's largest \
+                     storage binding ({max_binding} bytes); try a smaller --resize",
+                    tensor.shape
+                );
+            }
+            most = most.min((max_binding - align - sample) / stride + 1);
+        }
+        let chunks = batch.div_ceil(most);
+        Ok((0..chunks)
+            .map(|c| {
+                let first = c * batch / chunks;
+                (first, (c + 1) * batch / chunks - first)
+            })
+            .collect())
+    }
+
+    /// Runs `plan` once per chunk of the batch (see `batch_chunks`), each
+    /// time with `batched` narrowed to that chunk; passes the chunk index.
+    pub fn for_each_chunk(
+        &mut self,
+        batched: &[TensorId],
+        mut plan: impl FnMut(&mut Self, usize) -> Result<()>,
+    ) -> Result<usize> {
+        let chunks = self.batch_chunks(batched)?;
+        if chunks.len() == 1 {
+            plan(self, 0)?;
+            return Ok(1);
+        }
+        log::info!("{}: {} batch chunks", self.label, chunks.len());
+        for (i, &(first, count)) in chunks.iter().enumerate() {
+            self.chunk = Some(Chunk {
+                first,
+                count,
+                batched: batched.to_vec(),
+            });
+            let planned = plan(self, i);
+            self.chunk = None;
+            planned?;
+        }
+        Ok(chunks.len())
     }
 
     /// The bindings of `tensors`, each paired with its shader slot, ready
@@ -89,7 +199,7 @@ impl PlanContext<'_> {
     pub fn bind(&self, tensors: &[(u32, TensorId)]) -> Vec<(u32, Binding)> {
         tensors
             .iter()
-            .map(|&(slot, t)| (slot, self.binding(t).clone()))
+            .map(|&(slot, t)| (slot, self.binding(t)))
             .collect()
     }
 
@@ -217,6 +327,15 @@ impl PlanContext<'_> {
             &format!("{} params", self.label),
             bytemuck::bytes_of(params),
         );
+        let max_binding = self.gpu.max_binding();
+        if let Some((_, b)) = storage.iter().find(|(_, b)| b.borrow().size > max_binding) {
+            bail!(
+                "{}: binds {} bytes at once, more than the adapter's largest storage binding \
+                 ({max_binding} bytes); try a smaller --batch-size or --resize",
+                self.label,
+                b.borrow().size
+            );
+        }
         let mut entries = vec![wgpu::BindGroupEntry {
             binding: 0,
             resource: uniform.as_entire_binding(),
@@ -251,13 +370,13 @@ pub struct Plan {
 
 /// Gives every activation tensor a buffer of its own. wgpu tracks read and
 /// write usage per buffer, so a dispatch may not read one range of a buffer
-/// while writing another: tensors cannot share one arena.
+/// while writing another: tensors cannot share one arena. A buffer may be
+/// larger than one binding: ops then bind it a batch chunk at a time.
 fn allocate_activations(
     gpu: &Gpu,
     graph: &Graph,
     producer: &[String],
 ) -> Result<(Vec<Option<Binding>>, Vec<wgpu::Buffer>, u64)> {
-    let max_binding = gpu.max_binding();
     let mut bindings = vec![None; graph.tensors.len()];
     let mut buffers = Vec::new();
     let mut total = 0;
@@ -266,15 +385,9 @@ fn allocate_activations(
             continue;
         }
         let size = t.bytes().max(4).next_multiple_of(4);
-        if size > max_binding {
-            bail!(
-                "{}: its output {:?} needs {size} bytes, more than the adapter's largest storage binding ({max_binding} bytes); \
-                 try a smaller --batch-size or --resize",
-                producer[i],
-                t.shape
-            );
-        }
-        let buffer = gpu.storage_buffer(&producer[i], size)?;
+        let buffer = gpu
+            .storage_buffer(&producer[i], size)
+            .with_context(|| format!("the output {:?} of {}", t.shape, producer[i]))?;
         bindings[i] = Some(Binding::whole(&buffer));
         buffers.push(buffer);
         total += size;
@@ -339,6 +452,7 @@ impl Plan {
             dispatches: Vec::new(),
             scratch: Vec::new(),
             label: String::new(),
+            chunk: None,
         };
         for node in &graph.nodes {
             ctx.label = node.op.describe();
@@ -352,9 +466,23 @@ impl Plan {
                     );
                 }
             }
-            node.op
-                .plan(&mut ctx, &node.inputs, &node.outputs)
-                .with_context(|| format!("planning {}", ctx.label))?;
+            let planned = match node.op.shared_inputs() {
+                // Per-sample work: cut along the batch when a tensor is too
+                // large to bind whole.
+                Some(shared) => {
+                    let batched: Vec<TensorId> = (node.inputs.iter().enumerate())
+                        .filter(|(i, _)| !shared.contains(i))
+                        .map(|(_, &t)| t)
+                        .chain(node.outputs.iter().copied())
+                        .collect();
+                    ctx.for_each_chunk(&batched, |ctx, _| {
+                        node.op.plan(ctx, &node.inputs, &node.outputs)
+                    })
+                    .map(drop)
+                }
+                None => node.op.plan(&mut ctx, &node.inputs, &node.outputs),
+            };
+            planned.with_context(|| format!("planning {}", ctx.label))?;
         }
         gpu.check_errors()
             .context("creating the plan's pipelines and bind groups")?;

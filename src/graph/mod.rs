@@ -119,6 +119,14 @@ pub trait Op: std::fmt::Debug {
         false
     }
 
+    /// For ops whose every output sample depends only on the same sample
+    /// of the inputs: the inputs that are not batched (weights, biases).
+    /// The executor may then plan the op on chunks of the batch. `None`:
+    /// the op needs the whole batch at once (or chunks it itself).
+    fn shared_inputs(&self) -> Option<&'static [usize]> {
+        None
+    }
+
     /// True when the op's kernels address every (N, ...) tensor through
     /// `PlanContext::layout`, so that any of them may be a channel slice.
     fn handles_channel_slices(&self) -> bool {

@@ -2,10 +2,10 @@
 //! training mode (batch statistics, running statistics updated) or
 //! evaluation mode (running statistics). Pairs with `shaders/batchnorm.wgsl`.
 
-use super::reduce::split_count;
+use super::reduce::chunked_splits;
 use super::CpuTensor;
 use crate::gpu::Shader;
-use crate::graph::{DType, Graph, Op, PlanContext, Shape, Tensor, TensorId};
+use crate::graph::{Binding, DType, Graph, Op, PlanContext, Shape, Tensor, TensorId};
 use anyhow::{bail, Result};
 
 /// Inputs: x `[n, c]` or `[n, c, h, w]`, gamma, beta, running_mean,
@@ -29,10 +29,12 @@ struct NormParams {
     chunk: u32,
     eps: f32,
     momentum: f32,
-    _pad: u32,
+    first_split: u32,
     x_at: [u32; 2],
     dy_at: [u32; 2],
     out_at: [u32; 2],
+    count: u32,
+    _pad: u32,
 }
 
 /// The CPU reference's results for one training forward.
@@ -52,23 +54,22 @@ impl BatchNorm {
         }
     }
 
-    /// Uniform parameters with the channel sums cut into splits, for
-    /// input `x` and, where the kernels use them, `dy` and `out`.
+    /// Uniform parameters for input `x` (of the current batch chunk) and,
+    /// where the kernels use them, `dy` and `out`, with the channel sums
+    /// cut into `splits`.
     fn params(
         &self,
         ctx: &PlanContext,
-        x: TensorId,
-        dy: Option<TensorId>,
-        out: Option<TensorId>,
+        tensors: (TensorId, Option<TensorId>, Option<TensorId>),
+        splits: usize,
     ) -> NormParams {
+        let (x, dy, out) = tensors;
         let x_shape = ctx.shape(x);
         let (batch, channels) = (x_shape[0], x_shape[1]);
-
         let spatial: usize = x_shape[2..].iter().product();
         let contiguous = [0, (channels * spatial) as u32];
         let layout = |t: Option<TensorId>| t.map_or(contiguous, |t| ctx.layout(t));
         let terms = batch * spatial;
-        let splits = split_count(terms, channels, 2 * channels, ctx.gpu);
         NormParams {
             batch: batch as u32,
             channels: channels as u32,
@@ -77,11 +78,40 @@ impl BatchNorm {
             chunk: terms.div_ceil(splits) as u32,
             eps: self.eps,
             momentum: self.momentum,
-            _pad: 0,
+            first_split: 0,
             x_at: ctx.layout(x),
             dy_at: layout(dy),
             out_at: layout(out),
+            count: (ctx.graph.shape(x)[0] * spatial) as u32,
+            _pad: 0,
         }
+    }
+
+    /// Records `entry` once per batch chunk of `batched` (x first), each
+    /// chunk writing its `splits` partial sums per channel behind the
+    /// earlier chunks' into `partial`; returns the total number of splits.
+    fn record_partials(
+        &self,
+        ctx: &mut PlanContext,
+        entry: &'static str,
+        batched: &[TensorId],
+        storage: &[(u32, TensorId)],
+    ) -> Result<(Binding, usize)> {
+        let x = batched[0];
+        let shape = ctx.shape(x);
+        let channels = shape[1];
+        let spatial: usize = shape[2..].iter().product();
+        let (chunks, splits) = chunked_splits(ctx, batched, spatial, channels, 4 * channels)?;
+        let partial = ctx.scratch(16 * (chunks * splits * channels) as u64)?;
+        let dy = batched.get(1).copied();
+        ctx.for_each_chunk(batched, |ctx, chunk| {
+            let mut p = self.params(ctx, (x, dy, None), splits);
+            p.first_split = (chunk * splits) as u32;
+            let mut b = ctx.bind(storage);
+            b.push((5, partial.clone()));
+            ctx.dispatch(Shader::BatchNorm, entry, &p, &b, splits * channels)
+        })?;
+        Ok((partial, chunks * splits))
     }
 
     /// Per channel (mean, biased variance) over batch and positions, in f64.
@@ -223,35 +253,31 @@ impl Op for BatchNorm {
     }
 
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
-        let len = ctx.graph.tensor(inputs[0]).len();
-        let p = self.params(ctx, inputs[0], None, Some(outputs[0]));
-        let [x, gamma, beta, running_mean, running_var] = inputs else {
+        let &[x, gamma, beta, running_mean, running_var] = inputs else {
             bail!("batch norm takes five inputs")
         };
+        let y = outputs[0];
         if !self.training {
-            let b = ctx.bind(&[
-                (1, *x),
-                (3, *gamma),
-                (4, *beta),
-                (8, *running_mean),
-                (9, *running_var),
-                (10, outputs[0]),
-            ]);
-            return ctx.dispatch(Shader::BatchNorm, "normalize_eval", &p, &b, len);
+            return ctx
+                .for_each_chunk(&[x, y], |ctx, _| {
+                    let p = self.params(ctx, (x, None, Some(y)), 1);
+                    let b = ctx.bind(&[
+                        (1, x),
+                        (3, gamma),
+                        (4, beta),
+                        (8, running_mean),
+                        (9, running_var),
+                        (10, y),
+                    ]);
+                    ctx.dispatch(Shader::BatchNorm, "normalize_eval", &p, &b, ctx.len(x))
+                })
+                .map(drop);
         }
-        let (y, mean, invstd) = (outputs[0], outputs[1], outputs[2]);
-        let partial = ctx.scratch(8 * (p.splits * p.channels) as u64)?;
-        let splits = p.splits as usize * p.channels as usize;
-        let mut b = ctx.bind(&[(1, *x)]);
-        b.push((5, partial.clone()));
-        ctx.dispatch(Shader::BatchNorm, "stats_partial", &p, &b, splits)?;
-        let mut b = ctx.bind(&[
-            (6, mean),
-            (7, invstd),
-            (8, *running_mean),
-            (9, *running_var),
-        ]);
-        b.push((5, partial.clone()));
+        let (mean, invstd) = (outputs[1], outputs[2]);
+        let (partial, splits) = self.record_partials(ctx, "stats_partial", &[x], &[(1, x)])?;
+        let p = self.params(ctx, (x, None, None), splits);
+        let mut b = ctx.bind(&[(6, mean), (7, invstd), (8, running_mean), (9, running_var)]);
+        b.push((5, partial));
         ctx.dispatch(
             Shader::BatchNorm,
             "stats_finalize",
@@ -259,15 +285,19 @@ impl Op for BatchNorm {
             &b,
             p.channels as usize,
         )?;
-        let b = ctx.bind(&[
-            (1, *x),
-            (3, *gamma),
-            (4, *beta),
-            (10, y),
-            (11, mean),
-            (12, invstd),
-        ]);
-        ctx.dispatch(Shader::BatchNorm, "normalize", &p, &b, len)
+        ctx.for_each_chunk(&[x, y], |ctx, _| {
+            let p = self.params(ctx, (x, None, Some(y)), 1);
+            let b = ctx.bind(&[
+                (1, x),
+                (3, gamma),
+                (4, beta),
+                (10, y),
+                (11, mean),
+                (12, invstd),
+            ]);
+            ctx.dispatch(Shader::BatchNorm, "normalize", &p, &b, ctx.len(x))
+        })
+        .map(drop)
     }
 
     fn backward(
@@ -317,24 +347,16 @@ impl Op for BatchNormBackwardParams {
     }
 
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
-        let p = self.norm.params(ctx, inputs[0], Some(inputs[1]), None);
-        let partial = ctx.scratch(8 * (p.splits * p.channels) as u64)?;
-        let mut b = ctx.bind(&[
-            (1, inputs[0]),
-            (2, inputs[1]),
-            (11, inputs[2]),
-            (12, inputs[3]),
-        ]);
-        b.push((5, partial.clone()));
-        ctx.dispatch(
-            Shader::BatchNorm,
-            "backward_partial",
-            &p,
-            &b,
-            (p.splits * p.channels) as usize,
-        )?;
+        let &[x, dy, mean, invstd] = inputs else {
+            bail!("batch norm's parameter gradients take four inputs")
+        };
+        let storage = [(1, x), (2, dy), (11, mean), (12, invstd)];
+        let (partial, splits) =
+            self.norm
+                .record_partials(ctx, "backward_partial", &[x, dy], &storage)?;
+        let p = self.norm.params(ctx, (x, Some(dy), None), splits);
         let mut b = ctx.bind(&[(13, outputs[0]), (14, outputs[1])]);
-        b.push((5, partial.clone()));
+        b.push((5, partial));
         ctx.dispatch(
             Shader::BatchNorm,
             "backward_finalize",
@@ -365,15 +387,16 @@ impl Op for BatchNormBackwardData {
     }
 
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
-        let len = ctx.graph.tensor(inputs[0]).len();
-        let p = self
-            .norm
-            .params(ctx, inputs[0], Some(inputs[1]), Some(outputs[0]));
+        let (x, dy, dx) = (inputs[0], inputs[1], outputs[0]);
         let slots = [1, 2, 11, 12, 3, 15, 16];
         let mut tensors: Vec<(u32, TensorId)> =
             slots.iter().copied().zip(inputs.iter().copied()).collect();
-        tensors.push((10, outputs[0]));
-        let b = ctx.bind(&tensors);
-        ctx.dispatch(Shader::BatchNorm, "backward_data", &p, &b, len)
+        tensors.push((10, dx));
+        ctx.for_each_chunk(&[x, dy, dx], |ctx, _| {
+            let p = self.norm.params(ctx, (x, Some(dy), Some(dx)), 1);
+            let b = ctx.bind(&tensors);
+            ctx.dispatch(Shader::BatchNorm, "backward_data", &p, &b, ctx.len(x))
+        })
+        .map(drop)
     }
 }

@@ -2,7 +2,7 @@
 //! bias `[c_out]`. Forward, data gradient and filter gradient are each an
 //! implicit GEMM in `shaders/conv2d.wgsl`; the bias gradient is a channel sum.
 
-use super::reduce::{split_count, sum_splits, ReduceParams};
+use super::reduce::{chunked_splits, sum_splits, ReduceParams};
 use super::{expect_rank, ChannelSum, CpuTensor};
 use crate::gpu::Shader;
 use crate::graph::{DType, Graph, Op, PlanContext, Shape, Tensor, TensorId};
@@ -46,7 +46,7 @@ struct ConvParams {
     pad_w: u32,
     splits: u32,
     chunk: u32,
-    _pad: u32,
+    first_split: u32,
     x_at: [u32; 2],
     y_at: [u32; 2],
     dy_at: [u32; 2],
@@ -94,7 +94,7 @@ impl Conv2d {
             pad_w: u(self.padding.1),
             splits: 1,
             chunk: 0,
-            _pad: 0,
+            first_split: 0,
             x_at: [0, 0],
             y_at: [0, 0],
             dy_at: [0, 0],
@@ -221,8 +221,12 @@ impl Op for Conv2d {
         true
     }
 
+    fn shared_inputs(&self) -> Option<&'static [usize]> {
+        Some(&[1, 2])
+    }
+
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
-        let mut p = self.params(ctx.shape(inputs[0]), ctx.shape(inputs[1]));
+        let mut p = self.params(&ctx.shape(inputs[0]), &ctx.shape(inputs[1]));
         (p.x_at, p.y_at) = (ctx.layout(inputs[0]), ctx.layout(outputs[0]));
         let pixels = (p.batch * p.ho * p.wo) as usize;
         let tile = channel_tile(p.c_out as usize);
@@ -306,8 +310,14 @@ impl Op for Conv2dBackwardData {
         true
     }
 
+    fn shared_inputs(&self) -> Option<&'static [usize]> {
+        Some(&[1])
+    }
+
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
-        let mut p = self.conv.params(&self.input, ctx.shape(inputs[1]));
+        let mut p = self
+            .conv
+            .params(&ctx.shape(outputs[0]), &ctx.shape(inputs[1]));
         (p.dy_at, p.dx_at) = (ctx.layout(inputs[0]), ctx.layout(outputs[0]));
         let pixels = (p.batch * p.h * p.w) as usize;
         let tile = channel_tile(p.c_in as usize);
@@ -352,37 +362,43 @@ impl Op for Conv2dBackwardFilter {
     }
 
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
-        let ws = ctx.shape(outputs[0]).to_vec();
-        let mut p = self.conv.params(ctx.shape(inputs[0]), &ws);
-        (p.x_at, p.dy_at) = (ctx.layout(inputs[0]), ctx.layout(inputs[1]));
-        let taps = (p.c_in * p.kh * p.kw) as usize;
-        let tile = channel_tile(p.c_out as usize);
+        let (x, dy) = (inputs[0], inputs[1]);
+        let ws = ctx.shape(outputs[0]);
+        let whole = self.conv.params(&ctx.shape(x), &ws);
+        let taps = (whole.c_in * whole.kh * whole.kw) as usize;
+        let tile = channel_tile(whole.c_out as usize);
         // Few taps (LeNet's first layer has 25: 7 invocations) would leave
         // most of a wide workgroup idle, and idle lanes still cost on CPU
         // adapters: size the workgroup to the taps, 8 to the adapter's.
         let tap_lanes = taps.div_ceil(PIXELS_PER_INVOCATION);
         let workgroup = (tap_lanes.next_power_of_two() as u32).clamp(8, ctx.gpu.tuning.workgroup);
         let tap_groups = tap_lanes.div_ceil(workgroup as usize);
-        let channel_blocks = (p.c_out as usize).div_ceil(tile);
-        let positions = (p.batch * p.ho * p.wo) as usize;
+        let channel_blocks = (whole.c_out as usize).div_ceil(tile);
+        let plane = (whole.ho * whole.wo) as usize;
         let len = ws.iter().product::<usize>();
         let lanes = tap_groups * channel_blocks * workgroup as usize;
-        let splits = split_count(positions, lanes, len, ctx.gpu);
-        p.splits = splits as u32;
-        p.chunk = positions.div_ceil(splits) as u32;
-        let partial = ctx.scratch(4 * (splits * len) as u64)?;
-        let (x, dy, dw) = (
-            ctx.binding(inputs[0]).clone(),
-            ctx.binding(inputs[1]).clone(),
-            ctx.binding(outputs[0]).clone(),
-        );
+        let (chunks, splits) = chunked_splits(ctx, &[x, dy], plane, lanes, len)?;
+        let partial = ctx.scratch(4 * (chunks * splits * len) as u64)?;
         let constants = [("TC", tile as u32), ("WG", workgroup)];
-        ctx.dispatch_grid(
-            (Shader::Conv2d, "backward_filter", &constants),
-            &p,
-            &[(1, &x), (5, &dy), (7, &partial)],
-            [tap_groups, channel_blocks, splits],
-        )?;
-        sum_splits(ctx, &ReduceParams::sum_splits(len, splits), &partial, &dw)
+        ctx.for_each_chunk(&[x, dy], |ctx, chunk| {
+            let mut p = self.conv.params(&ctx.shape(x), &ws);
+            (p.x_at, p.dy_at) = (ctx.layout(x), ctx.layout(dy));
+            p.splits = splits as u32;
+            p.chunk = (p.batch as usize * plane).div_ceil(splits) as u32;
+            p.first_split = (chunk * splits) as u32;
+            let storage = [
+                (1, ctx.binding(x)),
+                (5, ctx.binding(dy)),
+                (7, partial.clone()),
+            ];
+            ctx.dispatch_grid(
+                (Shader::Conv2d, "backward_filter", &constants),
+                &p,
+                &storage,
+                [tap_groups, channel_blocks, splits],
+            )
+        })?;
+        let total = ReduceParams::sum_splits(len, chunks * splits);
+        sum_splits(ctx, &total, &partial, &ctx.binding(outputs[0]))
     }
 }

@@ -28,7 +28,7 @@ fn elementwise(
     inputs: &[(u32, TensorId)],
     out: TensorId,
 ) -> Result<()> {
-    let len = ctx.graph.tensor(out).len();
+    let len = ctx.len(out);
     let params = EltwiseParams {
         len: len as u32,
         ..EltwiseParams::default()
@@ -44,9 +44,9 @@ fn with_params(
     out: TensorId,
 ) -> Result<()> {
     let mut params = *params;
-    let out_tensor = ctx.graph.tensor(out);
-    params.sample =
-        (out_tensor.len() / out_tensor.shape.first().copied().unwrap_or(1).max(1)) as u32;
+    let shape = ctx.shape(out);
+    params.len = ctx.len(out) as u32;
+    params.sample = params.len / shape.first().copied().unwrap_or(1).max(1) as u32;
     let contiguous = [0, params.sample];
     (params.x_at, params.y_at, params.dy_at) = (contiguous, contiguous, contiguous);
     params.out_at = ctx.layout(out);
@@ -144,6 +144,10 @@ impl Op for Activation {
         true
     }
 
+    fn shared_inputs(&self) -> Option<&'static [usize]> {
+        Some(&[])
+    }
+
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
         elementwise(ctx, self.entries().0, &[(1, inputs[0])], outputs[0])
     }
@@ -180,6 +184,10 @@ impl Op for ActivationBackward {
         true
     }
 
+    fn shared_inputs(&self) -> Option<&'static [usize]> {
+        Some(&[])
+    }
+
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
         elementwise(
             ctx,
@@ -205,6 +213,10 @@ impl Op for Add {
 
     fn handles_channel_slices(&self) -> bool {
         true
+    }
+
+    fn shared_inputs(&self) -> Option<&'static [usize]> {
+        Some(&[])
     }
 
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {

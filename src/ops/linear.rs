@@ -70,7 +70,7 @@ impl MatMul {
         bias: Option<TensorId>,
         c: TensorId,
     ) -> Result<()> {
-        let p = self.params(ctx.shape(a), ctx.shape(b));
+        let p = self.params(&ctx.shape(a), &ctx.shape(b));
         if p.k as usize > MAX_LOOP_TRIPS {
             bail!(
                 "{}: an inner dimension of {} is longer than the {MAX_LOOP_TRIPS} terms one kernel loop may sum",

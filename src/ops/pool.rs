@@ -31,6 +31,8 @@ struct PoolParams {
     channels: u32,
     src_at: [u32; 2],
     dst_at: [u32; 2],
+    argmax_offset: u32,
+    _pad: u32,
 }
 
 impl PoolWindow {
@@ -96,6 +98,8 @@ impl PoolWindow {
             channels: u(x[1]),
             src_at: [0, 0],
             dst_at: [0, 0],
+            argmax_offset: 0,
+            _pad: 0,
         }
     }
 
@@ -145,6 +149,7 @@ impl PoolWindow {
             match slot {
                 1 => p.src_at = ctx.layout(t),
                 2 => p.dst_at = ctx.layout(t),
+                3 | 4 => p.argmax_offset = ctx.layout(t)[0],
                 _ => {}
             }
         }
@@ -198,9 +203,13 @@ impl Op for AvgPool2d {
         true
     }
 
+    fn shared_inputs(&self) -> Option<&'static [usize]> {
+        Some(&[])
+    }
+
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
         let shape = ctx.shape(inputs[0]).to_vec();
-        let len = ctx.graph.tensor(outputs[0]).len();
+        let len = ctx.len(outputs[0]);
         self.0.record(
             ctx,
             "avg_forward",
@@ -247,12 +256,16 @@ impl Op for AvgPool2dBackward {
         true
     }
 
+    fn shared_inputs(&self) -> Option<&'static [usize]> {
+        Some(&[])
+    }
+
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
-        let len = ctx.graph.tensor(outputs[0]).len();
+        let len = ctx.len(outputs[0]);
         self.pool.0.record(
             ctx,
             "avg_backward",
-            &self.input,
+            &ctx.shape(outputs[0]),
             &[(1, inputs[0]), (2, outputs[0])],
             len,
         )
@@ -305,9 +318,13 @@ impl Op for MaxPool2d {
         true
     }
 
+    fn shared_inputs(&self) -> Option<&'static [usize]> {
+        Some(&[])
+    }
+
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
         let shape = ctx.shape(inputs[0]).to_vec();
-        let len = ctx.graph.tensor(outputs[0]).len();
+        let len = ctx.len(outputs[0]);
         let storage = [(1, inputs[0]), (2, outputs[0]), (3, outputs[1])];
         self.0.record(ctx, "max_forward", &shape, &storage, len)
     }
@@ -349,11 +366,15 @@ impl Op for MaxPool2dBackward {
         true
     }
 
+    fn shared_inputs(&self) -> Option<&'static [usize]> {
+        Some(&[])
+    }
+
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
-        let len = ctx.graph.tensor(outputs[0]).len();
+        let len = ctx.len(outputs[0]);
         let storage = [(1, inputs[0]), (4, inputs[1]), (2, outputs[0])];
         self.pool
             .0
-            .record(ctx, "max_backward", &self.input, &storage, len)
+            .record(ctx, "max_backward", &ctx.shape(outputs[0]), &storage, len)
     }
 }

@@ -18,6 +18,9 @@ pub(super) struct ReduceParams {
     len: u32,
     /// graph::Layout of the summed tensor.
     src_at: [u32; 2],
+    /// channel_sums: where this batch chunk's splits start in `partial`.
+    first_split: u32,
+    _pad: u32,
 }
 
 impl ReduceParams {
@@ -30,6 +33,8 @@ impl ReduceParams {
             chunk: 0,
             len: len as u32,
             src_at: [0, 0],
+            first_split: 0,
+            _pad: 0,
         }
     }
 }
@@ -54,6 +59,23 @@ pub(super) fn split_count(k: usize, tiles: usize, len: usize, gpu: &Gpu) -> usiz
         .min(by_memory)
         .max(by_loop)
         .max(1)
+}
+
+/// For a sum over the batch of `batched` tensors: how many batch chunks
+/// their bindings need (see `PlanContext::batch_chunks`) and how many
+/// splits each chunk's `spatial`-long samples get, with `tiles` invocations
+/// per split and `len` results per split.
+pub(super) fn chunked_splits(
+    ctx: &PlanContext,
+    batched: &[TensorId],
+    spatial: usize,
+    tiles: usize,
+    len: usize,
+) -> Result<(usize, usize)> {
+    let chunks = ctx.batch_chunks(batched)?;
+    let largest = chunks.iter().map(|&(_, count)| count).max().unwrap_or(1);
+    let splits = split_count(largest * spatial, tiles, len * chunks.len(), ctx.gpu);
+    Ok((chunks.len(), splits))
 }
 
 /// Records `total[i] = sum_s partial[s * len + i]`.
@@ -106,32 +128,35 @@ impl Op for ChannelSum {
     }
 
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
-        let shape = ctx.shape(inputs[0]).to_vec();
-        let (batch, channels) = (shape[0], shape[1]);
+        let x = inputs[0];
+        let shape = ctx.shape(x);
+        let channels = shape[1];
         let spatial: usize = shape[2..].iter().product();
-        let terms = batch * spatial;
-        let splits = split_count(terms, channels, channels, ctx.gpu);
-        let p = ReduceParams {
-            batch: batch as u32,
-            channels: channels as u32,
-            spatial: spatial as u32,
-            splits: splits as u32,
-            chunk: terms.div_ceil(splits) as u32,
-            len: channels as u32,
-            src_at: ctx.layout(inputs[0]),
-        };
-        let partial = ctx.scratch(4 * (splits * channels) as u64)?;
-        let (x, out) = (
-            ctx.binding(inputs[0]).clone(),
-            ctx.binding(outputs[0]).clone(),
-        );
-        ctx.dispatch(
-            Shader::Reduce,
-            "channel_sums",
-            &p,
-            &[(1, &x), (2, &partial)],
-            splits * channels,
-        )?;
-        sum_splits(ctx, &p, &partial, &out)
+        let (chunks, splits) = chunked_splits(ctx, &[x], spatial, channels, channels)?;
+        let partial = ctx.scratch(4 * (chunks * splits * channels) as u64)?;
+        ctx.for_each_chunk(&[x], |ctx, chunk| {
+            let terms = ctx.shape(x)[0] * spatial;
+            let p = ReduceParams {
+                batch: ctx.shape(x)[0] as u32,
+                channels: channels as u32,
+                spatial: spatial as u32,
+                splits: splits as u32,
+                chunk: terms.div_ceil(splits) as u32,
+                len: channels as u32,
+                src_at: ctx.layout(x),
+                first_split: (chunk * splits) as u32,
+                _pad: 0,
+            };
+            let storage = [(1, ctx.binding(x)), (2, partial.clone())];
+            ctx.dispatch(
+                Shader::Reduce,
+                "channel_sums",
+                &p,
+                &storage,
+                splits * channels,
+            )
+        })?;
+        let total = ReduceParams::sum_splits(channels, chunks * splits);
+        sum_splits(ctx, &total, &partial, &ctx.binding(outputs[0]))
     }
 }
