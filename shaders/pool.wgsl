@@ -31,14 +31,10 @@ struct Pool {
 @group(0) @binding(3) var<storage, read_write> argmax: array<u32>;
 @group(0) @binding(4) var<storage, read> argmax_in: array<u32>;
 
-// Element `at` of plane `plane` (= sample * channels + channel), where each
-// plane holds `plane_len` elements.
-fn src_index(plane: u32, plane_len: u32, at: u32) -> u32 {
-    return p.src_at.x + (plane / p.channels) * p.src_at.y + (plane % p.channels) * plane_len + at;
-}
-
-fn dst_index(plane: u32, plane_len: u32, at: u32) -> u32 {
-    return p.dst_at.x + (plane / p.channels) * p.dst_at.y + (plane % p.channels) * plane_len + at;
+// Element `at` of plane `plane` (= sample * channels + channel) of a tensor
+// laid out as `l`, whose planes hold `plane_len` elements.
+fn plane_element(l: vec2<u32>, plane: u32, plane_len: u32, at: u32) -> u32 {
+    return strided(l, p.channels * plane_len, plane * plane_len + at);
 }
 
 // The output windows (oy, ox) that cover input element (y, x) of a plane,
@@ -81,11 +77,11 @@ fn avg_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
         for (var kx = 0u; kx < p.kw; kx++) {
             let x = x0 + i32(kx);
             if (x >= 0 && x < i32(p.w)) {
-                sum += src[src_index(plane, p.h * p.w, u32(y) * p.w + u32(x))];
+                sum += src[plane_element(p.src_at, plane, p.h * p.w, u32(y) * p.w + u32(x))];
             }
         }
     }
-    dst[dst_index(plane, p.ho * p.wo, i % (p.ho * p.wo))] = sum / f32(p.kh * p.kw);
+    dst[plane_element(p.dst_at, plane, p.ho * p.wo, i % (p.ho * p.wo))] = sum / f32(p.kh * p.kw);
 }
 
 // Each input element gathers dy / (kh*kw) from every window that covers it,
@@ -101,10 +97,10 @@ fn avg_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
     var sum = 0.0;
     for (var oy = win.oy_first; oy <= win.oy_last; oy++) {
         for (var ox = win.ox_first; ox <= win.ox_last; ox++) {
-            sum += src[src_index(plane, p.ho * p.wo, oy * p.wo + ox)];
+            sum += src[plane_element(p.src_at, plane, p.ho * p.wo, oy * p.wo + ox)];
         }
     }
-    dst[dst_index(plane, p.h * p.w, i % (p.h * p.w))] = sum / f32(p.kh * p.kw);
+    dst[plane_element(p.dst_at, plane, p.h * p.w, i % (p.h * p.w))] = sum / f32(p.kh * p.kw);
 }
 
 @compute @workgroup_size(WG)
@@ -129,7 +125,7 @@ fn max_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
                 continue;
             }
             let at = u32(y) * p.w + u32(x);
-            let v = src[src_index(plane, p.h * p.w, at)];
+            let v = src[plane_element(p.src_at, plane, p.h * p.w, at)];
             // Strictly greater keeps the first maximum; NaN wins, as in PyTorch.
             if (best_at == 0xffffffffu || v > best || v != v) {
                 best = v;
@@ -137,7 +133,7 @@ fn max_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
             }
         }
     }
-    dst[dst_index(plane, p.ho * p.wo, i % (p.ho * p.wo))] = best;
+    dst[plane_element(p.dst_at, plane, p.ho * p.wo, i % (p.ho * p.wo))] = best;
     argmax[p.argmax_offset + i] = best_at;
 }
 
@@ -156,9 +152,9 @@ fn max_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
         for (var ox = win.ox_first; ox <= win.ox_last; ox++) {
             let o = oy * p.wo + ox;
             if (argmax_in[p.argmax_offset + plane * p.ho * p.wo + o] == at) {
-                sum += src[src_index(plane, p.ho * p.wo, o)];
+                sum += src[plane_element(p.src_at, plane, p.ho * p.wo, o)];
             }
         }
     }
-    dst[dst_index(plane, p.h * p.w, at)] = sum;
+    dst[plane_element(p.dst_at, plane, p.h * p.w, at)] = sum;
 }

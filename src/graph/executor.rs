@@ -112,10 +112,10 @@ impl PlanContext<'_> {
             return whole;
         };
         let (base, start) = self.chunk_range(t, chunk);
-        let layout = self.graph.layout(t);
-        let sample = self.graph.tensor(t).len() / self.graph.shape(t)[0];
-        let end = start + (chunk.count - 1) * layout.sample_stride + sample;
-        let elements = self.graph.tensor(t).dtype.bytes(1);
+        let tensor = self.graph.tensor(t);
+        let end =
+            start + (chunk.count - 1) * self.graph.layout(t).sample_stride + tensor.sample_len();
+        let elements = tensor.dtype.bytes(1);
         Binding {
             offset: whole.offset + base as u64 * elements,
             size: (end - base) as u64 * elements,
@@ -148,7 +148,7 @@ impl PlanContext<'_> {
         for &t in batched {
             let tensor = self.graph.tensor(t);
             let element = tensor.dtype.bytes(1) as usize;
-            let sample = element * tensor.len() / tensor.shape[0];
+            let sample = element * tensor.sample_len();
             let stride = element * self.graph.layout(t).sample_stride;
             if sample + align > max_binding {
                 bail!(
@@ -174,11 +174,10 @@ impl PlanContext<'_> {
         &mut self,
         batched: &[TensorId],
         mut plan: impl FnMut(&mut Self, usize) -> Result<()>,
-    ) -> Result<usize> {
+    ) -> Result<()> {
         let chunks = self.batch_chunks(batched)?;
         if chunks.len() == 1 {
-            plan(self, 0)?;
-            return Ok(1);
+            return plan(self, 0);
         }
         log::info!("{}: {} batch chunks", self.label, chunks.len());
         for (i, &(first, count)) in chunks.iter().enumerate() {
@@ -191,7 +190,7 @@ impl PlanContext<'_> {
             self.chunk = None;
             planned?;
         }
-        Ok(chunks.len())
+        Ok(())
     }
 
     /// The bindings of `tensors`, each paired with its shader slot, ready
@@ -478,7 +477,6 @@ impl Plan {
                     ctx.for_each_chunk(&batched, |ctx, _| {
                         node.op.plan(ctx, &node.inputs, &node.outputs)
                     })
-                    .map(drop)
                 }
                 None => node.op.plan(&mut ctx, &node.inputs, &node.outputs),
             };

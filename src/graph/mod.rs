@@ -76,6 +76,13 @@ impl Tensor {
     pub fn bytes(&self) -> u64 {
         self.dtype.bytes(self.len())
     }
+
+    /// Elements per sample: all of them for a tensor without a batch dimension.
+    pub fn sample_len(&self) -> usize {
+        self.shape
+            .first()
+            .map_or(self.len(), |&n| self.len() / n.max(1))
+    }
 }
 
 /// Where a tensor's samples lie in its buffer: sample `n` is the elements
@@ -129,8 +136,9 @@ pub trait Op: std::fmt::Debug {
 
     /// True when the op's kernels address every (N, ...) tensor through
     /// `PlanContext::layout`, so that any of them may be a channel slice.
+    /// Ops the executor may plan in batch chunks must do so anyway.
     fn handles_channel_slices(&self) -> bool {
-        false
+        self.shared_inputs().is_some()
     }
 
     /// Creates the op's pipelines, uniforms and bind groups (once per plan).
@@ -310,7 +318,7 @@ impl Graph {
         let t = self.tensor(id);
         let contiguous = Layout {
             offset: 0,
-            sample_stride: t.shape.first().map_or(t.len(), |&n| t.len() / n.max(1)),
+            sample_stride: t.sample_len(),
         };
         match t.storage {
             Storage::ChannelSlice { of, channel } => {

@@ -114,6 +114,21 @@ impl BatchNorm {
         Ok((partial, chunks * splits))
     }
 
+    /// Records the per-element `entry` from `x` to `y`, a batch chunk at a time.
+    fn record_normalize(
+        &self,
+        ctx: &mut PlanContext,
+        entry: &'static str,
+        (x, y): (TensorId, TensorId),
+        storage: &[(u32, TensorId)],
+    ) -> Result<()> {
+        ctx.for_each_chunk(&[x, y], |ctx, _| {
+            let p = self.params(ctx, (x, None, Some(y)), 1);
+            let b = ctx.bind(storage);
+            ctx.dispatch(Shader::BatchNorm, entry, &p, &b, ctx.len(x))
+        })
+    }
+
     /// Per channel (mean, biased variance) over batch and positions, in f64.
     fn cpu_stats(x: &CpuTensor) -> (Vec<f64>, Vec<f64>, usize) {
         let c = x.shape[1];
@@ -258,20 +273,15 @@ impl Op for BatchNorm {
         };
         let y = outputs[0];
         if !self.training {
-            return ctx
-                .for_each_chunk(&[x, y], |ctx, _| {
-                    let p = self.params(ctx, (x, None, Some(y)), 1);
-                    let b = ctx.bind(&[
-                        (1, x),
-                        (3, gamma),
-                        (4, beta),
-                        (8, running_mean),
-                        (9, running_var),
-                        (10, y),
-                    ]);
-                    ctx.dispatch(Shader::BatchNorm, "normalize_eval", &p, &b, ctx.len(x))
-                })
-                .map(drop);
+            let storage = [
+                (1, x),
+                (3, gamma),
+                (4, beta),
+                (8, running_mean),
+                (9, running_var),
+                (10, y),
+            ];
+            return self.record_normalize(ctx, "normalize_eval", (x, y), &storage);
         }
         let (mean, invstd) = (outputs[1], outputs[2]);
         let (partial, splits) = self.record_partials(ctx, "stats_partial", &[x], &[(1, x)])?;
@@ -285,19 +295,15 @@ impl Op for BatchNorm {
             &b,
             p.channels as usize,
         )?;
-        ctx.for_each_chunk(&[x, y], |ctx, _| {
-            let p = self.params(ctx, (x, None, Some(y)), 1);
-            let b = ctx.bind(&[
-                (1, x),
-                (3, gamma),
-                (4, beta),
-                (10, y),
-                (11, mean),
-                (12, invstd),
-            ]);
-            ctx.dispatch(Shader::BatchNorm, "normalize", &p, &b, ctx.len(x))
-        })
-        .map(drop)
+        let storage = [
+            (1, x),
+            (3, gamma),
+            (4, beta),
+            (10, y),
+            (11, mean),
+            (12, invstd),
+        ];
+        self.record_normalize(ctx, "normalize", (x, y), &storage)
     }
 
     fn backward(
@@ -382,21 +388,20 @@ impl Op for BatchNormBackwardData {
         Ok(vec![(inputs[0].shape.clone(), DType::F32)])
     }
 
-    fn handles_channel_slices(&self) -> bool {
-        true
+    /// Per sample once the sums are known: mean, invstd, gamma, dgamma
+    /// and dbeta are shared by every chunk.
+    fn shared_inputs(&self) -> Option<&'static [usize]> {
+        Some(&[2, 3, 4, 5, 6])
     }
 
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
         let (x, dy, dx) = (inputs[0], inputs[1], outputs[0]);
+        let p = self.norm.params(ctx, (x, Some(dy), Some(dx)), 1);
         let slots = [1, 2, 11, 12, 3, 15, 16];
         let mut tensors: Vec<(u32, TensorId)> =
             slots.iter().copied().zip(inputs.iter().copied()).collect();
         tensors.push((10, dx));
-        ctx.for_each_chunk(&[x, dy, dx], |ctx, _| {
-            let p = self.norm.params(ctx, (x, Some(dy), Some(dx)), 1);
-            let b = ctx.bind(&tensors);
-            ctx.dispatch(Shader::BatchNorm, "backward_data", &p, &b, ctx.len(x))
-        })
-        .map(drop)
+        let b = ctx.bind(&tensors);
+        ctx.dispatch(Shader::BatchNorm, "backward_data", &p, &b, ctx.len(x))
     }
 }

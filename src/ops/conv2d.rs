@@ -217,10 +217,6 @@ impl Op for Conv2d {
         Ok(vec![(vec![xs[0], ws[0], ho, wo], DType::F32)])
     }
 
-    fn handles_channel_slices(&self) -> bool {
-        true
-    }
-
     fn shared_inputs(&self) -> Option<&'static [usize]> {
         Some(&[1, 2])
     }
@@ -230,17 +226,17 @@ impl Op for Conv2d {
         (p.x_at, p.y_at) = (ctx.layout(inputs[0]), ctx.layout(outputs[0]));
         let pixels = (p.batch * p.ho * p.wo) as usize;
         let tile = channel_tile(p.c_out as usize);
-        let (x, w, b, y) = (
-            ctx.binding(inputs[0]).clone(),
-            ctx.binding(inputs[1]).clone(),
-            ctx.binding(inputs[2]).clone(),
-            ctx.binding(outputs[0]).clone(),
-        );
+        let storage = ctx.bind(&[
+            (1, inputs[0]),
+            (2, inputs[1]),
+            (3, inputs[2]),
+            (4, outputs[0]),
+        ]);
         let (shader, entry, constants) = kernel("forward", tile);
         ctx.dispatch_tiled(
             (shader, entry, &constants),
             &p,
-            &[(1, &x), (2, &w), (3, &b), (4, &y)],
+            &storage,
             pixels.div_ceil(PIXELS_PER_INVOCATION),
             (p.c_out as usize).div_ceil(tile),
         )
@@ -306,10 +302,6 @@ impl Op for Conv2dBackwardData {
         Ok(vec![(self.input.clone(), DType::F32)])
     }
 
-    fn handles_channel_slices(&self) -> bool {
-        true
-    }
-
     fn shared_inputs(&self) -> Option<&'static [usize]> {
         Some(&[1])
     }
@@ -321,16 +313,12 @@ impl Op for Conv2dBackwardData {
         (p.dy_at, p.dx_at) = (ctx.layout(inputs[0]), ctx.layout(outputs[0]));
         let pixels = (p.batch * p.h * p.w) as usize;
         let tile = channel_tile(p.c_in as usize);
-        let (dy, w, dx) = (
-            ctx.binding(inputs[0]).clone(),
-            ctx.binding(inputs[1]).clone(),
-            ctx.binding(outputs[0]).clone(),
-        );
+        let storage = ctx.bind(&[(2, inputs[1]), (5, inputs[0]), (6, outputs[0])]);
         let (shader, entry, constants) = kernel("backward_data", tile);
         ctx.dispatch_tiled(
             (shader, entry, &constants),
             &p,
-            &[(2, &w), (5, &dy), (6, &dx)],
+            &storage,
             pixels.div_ceil(PIXELS_PER_INVOCATION),
             (p.c_in as usize).div_ceil(tile),
         )

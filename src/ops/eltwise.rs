@@ -28,14 +28,10 @@ fn elementwise(
     inputs: &[(u32, TensorId)],
     out: TensorId,
 ) -> Result<()> {
-    let len = ctx.len(out);
-    let params = EltwiseParams {
-        len: len as u32,
-        ..EltwiseParams::default()
-    };
-    with_params(ctx, entry, &params, inputs, out)
+    with_params(ctx, entry, &EltwiseParams::default(), inputs, out)
 }
 
+/// `elementwise` with dropout's parameters; fills in the sizes and layouts.
 fn with_params(
     ctx: &mut PlanContext,
     entry: &'static str,
@@ -44,9 +40,8 @@ fn with_params(
     out: TensorId,
 ) -> Result<()> {
     let mut params = *params;
-    let shape = ctx.shape(out);
     params.len = ctx.len(out) as u32;
-    params.sample = params.len / shape.first().copied().unwrap_or(1).max(1) as u32;
+    params.sample = ctx.graph.tensor(out).sample_len() as u32;
     let contiguous = [0, params.sample];
     (params.x_at, params.y_at, params.dy_at) = (contiguous, contiguous, contiguous);
     params.out_at = ctx.layout(out);
@@ -59,7 +54,7 @@ fn with_params(
         }
     }
     let mut storage = ctx.bind(inputs);
-    storage.push((4, ctx.binding(out).clone()));
+    storage.push((4, ctx.binding(out)));
     ctx.dispatch(
         Shader::Eltwise,
         entry,
@@ -140,10 +135,6 @@ impl Op for Activation {
         same_shape(inputs)
     }
 
-    fn handles_channel_slices(&self) -> bool {
-        true
-    }
-
     fn shared_inputs(&self) -> Option<&'static [usize]> {
         Some(&[])
     }
@@ -180,10 +171,6 @@ impl Op for ActivationBackward {
         same_shape(inputs)
     }
 
-    fn handles_channel_slices(&self) -> bool {
-        true
-    }
-
     fn shared_inputs(&self) -> Option<&'static [usize]> {
         Some(&[])
     }
@@ -209,10 +196,6 @@ impl Op for Add {
 
     fn infer(&self, inputs: &[&Tensor]) -> Result<Vec<(Shape, DType)>> {
         same_shape(inputs)
-    }
-
-    fn handles_channel_slices(&self) -> bool {
-        true
     }
 
     fn shared_inputs(&self) -> Option<&'static [usize]> {
@@ -265,9 +248,8 @@ impl Dropout {
         (f64::from(p) * 4_294_967_296.0).min(f64::from(u32::MAX)) as u32
     }
 
-    fn params(&self, len: usize) -> EltwiseParams {
+    fn params(&self) -> EltwiseParams {
         EltwiseParams {
-            len: len as u32,
             salt: self.salt,
             threshold: Self::threshold(self.p),
             scale: 1.0 / (1.0 - self.p),
@@ -296,7 +278,7 @@ impl Op for Dropout {
     }
 
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
-        let params = self.params(ctx.graph.tensor(outputs[0]).len());
+        let params = self.params();
         with_params(
             ctx,
             "dropout_forward",
@@ -342,7 +324,7 @@ impl Op for DropoutBackward {
     }
 
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
-        let params = self.dropout.params(ctx.graph.tensor(outputs[0]).len());
+        let params = self.dropout.params();
         with_params(
             ctx,
             "dropout_backward",
@@ -372,7 +354,7 @@ impl Op for AdvanceRng {
         _inputs: &[TensorId],
         outputs: &[TensorId],
     ) -> Result<()> {
-        let rng = ctx.binding(outputs[0]).clone();
+        let rng = ctx.binding(outputs[0]);
         let one_step = EltwiseParams {
             len: 1,
             ..EltwiseParams::default()

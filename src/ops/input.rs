@@ -76,7 +76,7 @@ impl Op for GatherResize {
     }
 
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
-        let src = ctx.shape(inputs[0]).to_vec();
+        let src = ctx.shape(inputs[0]);
         let batch = ctx.shape(inputs[2])[0];
         let p = GatherParams {
             batch: batch as u32,

@@ -4,7 +4,7 @@
 use super::reduce::MAX_LOOP_TRIPS;
 use super::{expect_rank, ChannelSum, CpuTensor};
 use crate::gpu::Shader;
-use crate::graph::{Binding, DType, Graph, Op, PlanContext, Shape, Tensor, TensorId};
+use crate::graph::{DType, Graph, Op, PlanContext, Shape, Tensor, TensorId};
 use anyhow::{bail, Result};
 
 /// Rows and columns of C per invocation: TM and TN in the shader.
@@ -79,25 +79,14 @@ impl MatMul {
             );
         }
         let invocations = (p.m as usize).div_ceil(TILE) * (p.n as usize).div_ceil(TILE);
-        let (a, b, c) = (
-            ctx.binding(a).clone(),
-            ctx.binding(b).clone(),
-            ctx.binding(c).clone(),
-        );
-        match bias {
-            Some(bias) => {
-                let bias: Binding = ctx.binding(bias).clone();
-                let storage = [(1, &a), (2, &b), (3, &bias), (4, &c)];
-                ctx.dispatch(Shader::Gemm, "matmul_bias", &p, &storage, invocations)
-            }
-            None => ctx.dispatch(
-                Shader::Gemm,
-                "matmul",
-                &p,
-                &[(1, &a), (2, &b), (4, &c)],
-                invocations,
+        let (entry, storage) = match bias {
+            Some(bias) => (
+                "matmul_bias",
+                ctx.bind(&[(1, a), (2, b), (3, bias), (4, c)]),
             ),
-        }
+            None => ("matmul", ctx.bind(&[(1, a), (2, b), (4, c)])),
+        };
+        ctx.dispatch(Shader::Gemm, entry, &p, &storage, invocations)
     }
 
     /// CPU reference.

@@ -38,10 +38,7 @@ impl Op for SgdStep {
     }
 
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
-        let (grads, params) = (
-            ctx.binding(inputs[0]).clone(),
-            ctx.binding(outputs[0]).clone(),
-        );
+        let (grads, params) = (ctx.binding(inputs[0]), ctx.binding(outputs[0]));
         // One dispatch per range the adapter lets a single binding cover.
         let max_binding = ctx.gpu.max_binding();
         let mut offset = 0;

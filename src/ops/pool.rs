@@ -135,20 +135,21 @@ impl PoolWindow {
         }
     }
 
-    /// Records `entry` over `len` elements with the given storage bindings.
+    /// Records `entry` over every element of `dst` (slot 2), for a pool
+    /// whose input has `input`'s shape.
     fn record(
         &self,
         ctx: &mut PlanContext,
         entry: &'static str,
-        input_shape: &[usize],
+        input: TensorId,
         storage: &[(u32, TensorId)],
-        len: usize,
     ) -> Result<()> {
-        let mut p = self.params(input_shape);
+        let mut p = self.params(&ctx.shape(input));
+        let mut len = 0;
         for &(slot, t) in storage {
             match slot {
                 1 => p.src_at = ctx.layout(t),
-                2 => p.dst_at = ctx.layout(t),
+                2 => (p.dst_at, len) = (ctx.layout(t), ctx.len(t)),
                 3 | 4 => p.argmax_offset = ctx.layout(t)[0],
                 _ => {}
             }
@@ -199,24 +200,13 @@ impl Op for AvgPool2d {
         )])
     }
 
-    fn handles_channel_slices(&self) -> bool {
-        true
-    }
-
     fn shared_inputs(&self) -> Option<&'static [usize]> {
         Some(&[])
     }
 
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
-        let shape = ctx.shape(inputs[0]).to_vec();
-        let len = ctx.len(outputs[0]);
-        self.0.record(
-            ctx,
-            "avg_forward",
-            &shape,
-            &[(1, inputs[0]), (2, outputs[0])],
-            len,
-        )
+        let storage = [(1, inputs[0]), (2, outputs[0])];
+        self.0.record(ctx, "avg_forward", inputs[0], &storage)
     }
 
     fn backward(
@@ -252,23 +242,15 @@ impl Op for AvgPool2dBackward {
         Ok(vec![(self.input.clone(), DType::F32)])
     }
 
-    fn handles_channel_slices(&self) -> bool {
-        true
-    }
-
     fn shared_inputs(&self) -> Option<&'static [usize]> {
         Some(&[])
     }
 
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
-        let len = ctx.len(outputs[0]);
-        self.pool.0.record(
-            ctx,
-            "avg_backward",
-            &ctx.shape(outputs[0]),
-            &[(1, inputs[0]), (2, outputs[0])],
-            len,
-        )
+        let storage = [(1, inputs[0]), (2, outputs[0])];
+        self.pool
+            .0
+            .record(ctx, "avg_backward", outputs[0], &storage)
     }
 }
 
@@ -314,19 +296,13 @@ impl Op for MaxPool2d {
         Ok(vec![(shape.clone(), DType::F32), (shape, DType::U32)])
     }
 
-    fn handles_channel_slices(&self) -> bool {
-        true
-    }
-
     fn shared_inputs(&self) -> Option<&'static [usize]> {
         Some(&[])
     }
 
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
-        let shape = ctx.shape(inputs[0]).to_vec();
-        let len = ctx.len(outputs[0]);
         let storage = [(1, inputs[0]), (2, outputs[0]), (3, outputs[1])];
-        self.0.record(ctx, "max_forward", &shape, &storage, len)
+        self.0.record(ctx, "max_forward", inputs[0], &storage)
     }
 
     fn backward(
@@ -362,19 +338,14 @@ impl Op for MaxPool2dBackward {
         Ok(vec![(self.input.clone(), DType::F32)])
     }
 
-    fn handles_channel_slices(&self) -> bool {
-        true
-    }
-
     fn shared_inputs(&self) -> Option<&'static [usize]> {
         Some(&[])
     }
 
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
-        let len = ctx.len(outputs[0]);
         let storage = [(1, inputs[0]), (4, inputs[1]), (2, outputs[0])];
         self.pool
             .0
-            .record(ctx, "max_backward", &ctx.shape(outputs[0]), &storage, len)
+            .record(ctx, "max_backward", outputs[0], &storage)
     }
 }

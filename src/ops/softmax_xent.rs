@@ -112,16 +112,7 @@ impl Op for AccumulateMetrics {
             grad_scale: 0.0,
             _pad: 0,
         };
-        let (loss, correct, metrics) = (
-            ctx.binding(inputs[0]).clone(),
-            ctx.binding(inputs[1]).clone(),
-            ctx.binding(outputs[0]).clone(),
-        );
-        ctx.dispatch_single(
-            Shader::SoftmaxXent,
-            "accumulate",
-            &p,
-            &[(3, &loss), (4, &correct), (6, &metrics)],
-        )
+        let storage = ctx.bind(&[(3, inputs[0]), (4, inputs[1]), (6, outputs[0])]);
+        ctx.dispatch_single(Shader::SoftmaxXent, "accumulate", &p, &storage)
     }
 }
