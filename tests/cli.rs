@@ -15,6 +15,16 @@ fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Runs the binary expecting a refusal: exit code 2 and no panic. Returns
+/// stderr (and stdout) for the caller to check the message.
+fn refused(args: &[&str]) -> (String, String) {
+    let out = d2l_wgpu(args);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+    assert!(!err.contains("panicked"), "{args:?}: {err}");
+    (err, stdout(&out))
+}
+
 /// One epoch of LeNet on 1,000 training images (63 batches of 16): the loss
 /// over the last batches is well below the loss over the first ones, and the
 /// epoch ends with d2l's line.
@@ -74,14 +84,11 @@ fn lenet_trains_one_epoch_and_the_loss_falls() {
 
 #[test]
 fn unknown_model_is_refused_with_the_choices() {
-    let out = d2l_wgpu(&["--model", "transformer"]);
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (err, _) = refused(&["--model", "transformer"]);
     assert!(
         err.contains("unknown model \"transformer\"") && err.contains("lenet"),
         "{err}"
     );
-    assert!(!err.contains("panicked"), "{err}");
 }
 
 #[test]
@@ -112,7 +119,7 @@ fn impossible_settings_are_refused_up_front() {
         ),
     ];
     for (args, message) in cases {
-        let out = d2l_wgpu(
+        let (err, _) = refused(
             &[
                 &[
                     "--model",
@@ -126,15 +133,13 @@ fn impossible_settings_are_refused_up_front() {
             ]
             .concat(),
         );
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
         assert!(err.contains(message), "{args:?}: {err}");
     }
 }
 
 #[test]
 fn a_batch_larger_than_the_dataset_is_refused() {
-    let out = d2l_wgpu(&[
+    let (err, _) = refused(&[
         "--model",
         "lenet",
         "--limit-train",
@@ -142,8 +147,6 @@ fn a_batch_larger_than_the_dataset_is_refused() {
         "--batch-size",
         "256",
     ]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(
         err.contains("--batch-size 256 is larger than the 100 training images"),
         "{err}"
@@ -218,7 +221,7 @@ fn metrics_files_hold_one_row_per_epoch() {
 /// epoch and step and suggesting a lower learning rate.
 #[test]
 fn divergence_stops_training_early() {
-    let out = d2l_wgpu(&[
+    let (err, out) = refused(&[
         "--lr",
         "3e38",
         "--epochs",
@@ -230,8 +233,6 @@ fn divergence_stops_training_early() {
         "--batch-size",
         "16",
     ]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(
         err.contains("epoch 1: training diverged; try a lower --lr"),
         "{err}"
@@ -241,7 +242,7 @@ fn divergence_stops_training_early() {
         "{err}"
     );
     assert!(
-        !stdout(&out).contains("epoch 1, loss"),
+        !out.contains("epoch 1, loss"),
         "no epoch line after divergence"
     );
 }
