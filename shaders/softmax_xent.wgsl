@@ -110,3 +110,14 @@ fn accumulate(@builtin(local_invocation_index) t: u32) {
         metrics.seen += p.batch;
     }
 }
+
+@group(0) @binding(7) var<storage, read_write> confusion: array<u32>; // [label][prediction]
+
+// One invocation adds the batch to the confusion matrix, in row order.
+@compute @workgroup_size(1)
+fn confusion_counts() {
+    for (var row = 0u; row < p.batch; row++) {
+        let cell = labels[row] * p.classes + row_stats(row).argmax;
+        confusion[cell] += 1u;
+    }
+}

@@ -3,9 +3,12 @@
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use d2l_wgpu::data::FashionMnist;
+use d2l_wgpu::data::CLASSES;
 use d2l_wgpu::gpu::{self, AdapterRequest, BackendChoice, Gpu};
-use d2l_wgpu::models;
-use d2l_wgpu::train::{self, bench, TrainConfig};
+use d2l_wgpu::models::{self, ModelSpec};
+use d2l_wgpu::ops::Optimizer;
+use d2l_wgpu::train::predict::{self, ImageSource, PredictConfig};
+use d2l_wgpu::train::{self, bench, checkpoint, EvalConfig, TrainConfig};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -25,6 +28,10 @@ struct Cli {
 enum Command {
     /// Train a model and print d2l's per-epoch line.
     Train(TrainArgs),
+    /// Test loss, accuracy, per-class accuracy and confusion matrix of a checkpoint.
+    Eval(EvalArgs),
+    /// The most likely classes of image files (PNG/JPEG) or test-set images.
+    Predict(PredictArgs),
     /// Per-layer output shapes and the parameter count, like d2l's layer_summary.
     Summary(SummaryArgs),
     /// Measure images/s of a training step and of inference.
@@ -34,8 +41,52 @@ enum Command {
 }
 
 #[derive(Args)]
+struct CheckpointArgs {
+    /// Weights to load (safetensors, PyTorch state_dict keys).
+    #[arg(long, value_name = "PATH")]
+    checkpoint: PathBuf,
+    /// Model [default: the one the checkpoint names]: lenet, lenet-bn, alexnet, vgg, nin, googlenet, resnet, densenet.
+    #[arg(long)]
+    model: Option<String>,
+    /// Input size [default: the checkpoint's, else the model's d2l resize].
+    #[arg(long)]
+    resize: Option<usize>,
+    /// Folder with the Fashion-MNIST IDX .gz files [default: assets/fashion-mnist].
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    #[command(flatten)]
+    gpu: GpuArgs,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    #[command(flatten)]
+    checkpoint: CheckpointArgs,
+    /// Mini-batch size [default: the model's d2l default].
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Evaluate on the first N test images only.
+    #[arg(long)]
+    limit_test: Option<usize>,
+}
+
+#[derive(Args)]
+struct PredictArgs {
+    #[command(flatten)]
+    checkpoint: CheckpointArgs,
+    /// Also classify test image N (0-based; repeatable).
+    #[arg(long = "index", value_name = "N")]
+    indices: Vec<usize>,
+    /// How many classes to show per image.
+    #[arg(long, default_value_t = 3)]
+    top: usize,
+    /// PNG or JPEG files, any size; colour is converted to grey.
+    images: Vec<PathBuf>,
+}
+
+#[derive(Args)]
 struct SummaryArgs {
-    /// Model: lenet, lenet-bn, resnet.
+    /// Model: lenet, lenet-bn, alexnet, vgg, nin, googlenet, resnet, densenet.
     #[arg(long, default_value = "lenet")]
     model: String,
     /// Input size [default: the model's d2l resize].
@@ -67,15 +118,24 @@ struct GpuArgs {
 
 #[derive(Args)]
 struct TrainArgs {
-    /// Model to train: lenet, lenet-bn, resnet.
+    /// Model to train: lenet, lenet-bn, alexnet, vgg, nin, googlenet, resnet, densenet.
     #[arg(long, default_value = "lenet")]
     model: String,
-    /// Epochs [default: the model's d2l default, 10].
+    /// Epochs in all, counting those before a --resume [default: the model's d2l default, 10].
     #[arg(long)]
     epochs: Option<usize>,
     /// Learning rate [default: the model's d2l default, LeNet 0.9].
     #[arg(long, allow_negative_numbers = true)]
     lr: Option<f32>,
+    /// Optimizer, with torch.optim's semantics (Adam: betas 0.9, 0.999, eps 1e-8).
+    #[arg(long, value_enum, default_value_t = OptimizerChoice::Sgd)]
+    optimizer: OptimizerChoice,
+    /// SGD momentum (0: plain SGD, d2l's default).
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    momentum: f32,
+    /// L2 weight decay added to every gradient, as torch.optim's weight_decay.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    weight_decay: f32,
     /// Mini-batch size [default: the model's d2l default, LeNet 256].
     #[arg(long)]
     batch_size: Option<usize>,
@@ -94,6 +154,18 @@ struct TrainArgs {
     /// Evaluate on the first N test images only.
     #[arg(long)]
     limit_test: Option<usize>,
+    /// Keep the training images in file order (d2l shuffles every epoch).
+    #[arg(long)]
+    no_shuffle: bool,
+    /// Write a checkpoint here at every epoch end (plus PATH's .train-state.safetensors sidecar for --resume).
+    #[arg(long, value_name = "PATH")]
+    save: Option<PathBuf>,
+    /// Start from these weights (a checkpoint, or a PyTorch state_dict saved as safetensors).
+    #[arg(long, value_name = "PATH")]
+    init: Option<PathBuf>,
+    /// Continue the run saved at PATH: weights, optimizer state, epoch and random streams.
+    #[arg(long, value_name = "PATH")]
+    resume: Option<PathBuf>,
     /// Dropout probability for every dropout layer [default: the model's, 0.5 where d2l uses dropout]; 0 disables.
     #[arg(long)]
     dropout: Option<f32>,
@@ -107,6 +179,12 @@ struct TrainArgs {
     gpu: GpuArgs,
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum OptimizerChoice {
+    Sgd,
+    Adam,
+}
+
 fn adapter_request(args: &GpuArgs) -> AdapterRequest {
     AdapterRequest {
         backend: args.backend,
@@ -116,10 +194,23 @@ fn adapter_request(args: &GpuArgs) -> AdapterRequest {
 
 fn train_config(args: &TrainArgs) -> Result<TrainConfig> {
     let spec = models::find(&args.model)?;
+    let lr = args.lr.unwrap_or(spec.lr);
+    let optimizer = match args.optimizer {
+        OptimizerChoice::Sgd => Optimizer::Sgd {
+            lr,
+            momentum: args.momentum,
+            weight_decay: args.weight_decay,
+        },
+        OptimizerChoice::Adam => {
+            if args.momentum != 0.0 {
+                anyhow::bail!("--momentum is for --optimizer sgd; Adam uses betas (0.9, 0.999)");
+            }
+            Optimizer::adam(lr, args.weight_decay)
+        }
+    };
     Ok(TrainConfig {
-        model: spec,
         epochs: args.epochs.unwrap_or(spec.epochs),
-        lr: args.lr.unwrap_or(spec.lr),
+        optimizer,
         batch_size: args.batch_size.unwrap_or(spec.batch_size),
         resize: args.resize.unwrap_or(spec.resize),
         seed: args.seed,
@@ -129,10 +220,35 @@ fn train_config(args: &TrainArgs) -> Result<TrainConfig> {
             .unwrap_or_else(FashionMnist::default_dir),
         limit_train: args.limit_train,
         limit_test: args.limit_test,
+        shuffle: !args.no_shuffle,
         log_every: args.log_every,
         dropout: args.dropout,
         metrics: args.metrics.clone(),
+        save: args.save.clone(),
+        init: args.init.clone(),
+        resume: args.resume.clone(),
+        ..TrainConfig::new(spec)
     })
+}
+
+/// The model and input size for a checkpoint: flags first, then what the
+/// checkpoint records, then the model's d2l default.
+fn checkpoint_model(args: &CheckpointArgs) -> anyhow::Result<(&'static ModelSpec, usize)> {
+    let saved = checkpoint::saved_settings(&args.checkpoint)?;
+    let name = match (&args.model, &saved.model) {
+        (Some(name), _) | (None, Some(name)) => name.clone(),
+        (None, None) => anyhow::bail!(
+            "{} does not say which model it holds; pass --model",
+            args.checkpoint.display()
+        ),
+    };
+    let spec = models::find(&name)?;
+    let resize = args.resize.or(saved.resize).unwrap_or(spec.resize);
+    Ok((spec, resize))
+}
+
+fn data_dir(dir: &Option<PathBuf>) -> PathBuf {
+    dir.clone().unwrap_or_else(FashionMnist::default_dir)
 }
 
 fn run_train(args: &TrainArgs) -> Result<()> {
@@ -140,8 +256,8 @@ fn run_train(args: &TrainArgs) -> Result<()> {
     cfg.validate()?;
     let gpu = Gpu::new(&adapter_request(&args.gpu))?;
     println!(
-        "training {} for {} epochs: lr {}, batch size {}, resize {}, seed {}",
-        cfg.model.name, cfg.epochs, cfg.lr, cfg.batch_size, cfg.resize, cfg.seed
+        "training {} for {} epochs: {}, batch size {}, resize {}, seed {}",
+        cfg.model.name, cfg.epochs, cfg.optimizer, cfg.batch_size, cfg.resize, cfg.seed
     );
     let device = gpu.info.name.clone();
     let progress = |p: &train::Progress| {
@@ -172,6 +288,76 @@ fn run_bench(args: &BenchArgs) -> Result<()> {
         println!("{:>9}  {:>6}  op", "ms", "share");
         for (label, t) in rows.iter().take(20) {
             println!("{:>9.3}  {:>5.1}%  {label}", t * 1e3, 100.0 * t / total);
+        }
+    }
+    Ok(())
+}
+
+fn run_eval(args: &EvalArgs) -> Result<()> {
+    let (model, resize) = checkpoint_model(&args.checkpoint)?;
+    let cfg = EvalConfig {
+        model,
+        resize,
+        batch_size: args.batch_size.unwrap_or(model.batch_size),
+        data_dir: data_dir(&args.checkpoint.data_dir),
+        limit_test: args.limit_test,
+        checkpoint: args.checkpoint.checkpoint.clone(),
+    };
+    let gpu = Gpu::new(&adapter_request(&args.checkpoint.gpu))?;
+    let report = train::evaluate_checkpoint(&gpu, &cfg)?;
+    let total: u32 = report.confusion.iter().flatten().sum();
+    println!(
+        "{} at {resize}x{resize} on {} test images: loss {:.4}, accuracy {:.4}",
+        model.name, total, report.loss, report.acc
+    );
+    println!("\nper-class accuracy:");
+    for (class, row) in report.confusion.iter().enumerate() {
+        let seen: u32 = row.iter().sum();
+        let acc = f64::from(row[class]) / f64::from(seen.max(1));
+        println!(
+            "  {:<12} {acc:.4}  ({} of {seen})",
+            CLASSES[class], row[class]
+        );
+    }
+    println!("\nconfusion matrix (rows: true class, columns: predicted):");
+    print!("{:<12}", "");
+    for c in 0..CLASSES.len() {
+        print!("{c:>6}");
+    }
+    println!();
+    for (class, row) in report.confusion.iter().enumerate() {
+        print!("{class} {:<10}", CLASSES[class]);
+        for count in row {
+            print!("{count:>6}");
+        }
+        println!();
+    }
+    Ok(())
+}
+
+fn run_predict(args: &PredictArgs) -> Result<()> {
+    let (model, resize) = checkpoint_model(&args.checkpoint)?;
+    let cfg = PredictConfig {
+        model,
+        resize,
+        data_dir: data_dir(&args.checkpoint.data_dir),
+        checkpoint: args.checkpoint.checkpoint.clone(),
+        top: args.top.clamp(1, CLASSES.len()),
+    };
+    let sources: Vec<ImageSource> = args
+        .images
+        .iter()
+        .map(|p| ImageSource::File(p.clone()))
+        .chain(args.indices.iter().map(|&i| ImageSource::TestIndex(i)))
+        .collect();
+    let gpu = Gpu::new(&adapter_request(&args.checkpoint.gpu))?;
+    for p in predict::predict(&gpu, &cfg, &sources)? {
+        match p.label {
+            Some(label) => println!("{} (true class: {}):", p.source, CLASSES[label]),
+            None => println!("{}:", p.source),
+        }
+        for (class, prob) in p.top {
+            println!("  {:<12} {prob:.4}", CLASSES[class]);
         }
     }
     Ok(())
@@ -226,6 +412,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
         Some(Command::Train(args)) => run_train(args),
+        Some(Command::Eval(args)) => run_eval(args),
+        Some(Command::Predict(args)) => run_predict(args),
         Some(Command::Summary(args)) => run_summary(args),
         Some(Command::Bench(args)) => run_bench(args),
         Some(Command::Devices) => {

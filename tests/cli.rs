@@ -1,29 +1,8 @@
 //! The command line as a user runs it.
 
-use std::process::{Command, Output};
+mod common;
 
-fn d2l_wgpu(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_d2l-wgpu"))
-        .args(args)
-        .env("XDG_RUNTIME_DIR", "/tmp")
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("the binary runs")
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Runs the binary expecting a refusal: exit code 2 and no panic. Returns
-/// stderr (and stdout) for the caller to check the message.
-fn refused(args: &[&str]) -> (String, String) {
-    let out = d2l_wgpu(args);
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
-    assert!(!err.contains("panicked"), "{args:?}: {err}");
-    (err, stdout(&out))
-}
+use common::{cli as d2l_wgpu, refused, stdout};
 
 /// One epoch of LeNet on 1,000 training images (63 batches of 16): the loss
 /// over the last batches is well below the loss over the first ones, and the

@@ -5,20 +5,16 @@
 
 mod common;
 
-use common::{assert_close, golden_init, gpu, Golden};
-use d2l_wgpu::data::Dataset;
+use common::{
+    assert_close, assert_model_close, check_gradients, cli_ok, golden_init, gpu, scratch_dir,
+    Golden,
+};
 use d2l_wgpu::gpu::Gpu;
-use d2l_wgpu::graph::{autodiff, Binding, DType, Externals, Graph, ParamStore, Plan};
+use d2l_wgpu::graph::{autodiff, DType, Externals, Graph, ParamStore, Plan};
 use d2l_wgpu::models;
 use d2l_wgpu::nn::Module;
 use d2l_wgpu::ops::SoftmaxCrossEntropy;
-use d2l_wgpu::train::{step_graph, GpuDataset, StepKind};
-
-/// Whole-model tolerance from the golden README: 2e-3 of the largest value.
-fn assert_model_close(what: &str, got: &[f32], want: &[f32]) {
-    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-    assert_close(what, got, want, 2e-3 * scale.max(1e-6), 0.0);
-}
+use d2l_wgpu::train::checkpoint::{StoredTensor, TensorFile};
 
 /// Writes the golden initial value of every parameter and state tensor,
 /// checking that the model's names are exactly PyTorch's `state_dict` keys.
@@ -65,81 +61,6 @@ fn load_golden_init(gpu: &Gpu, gold: &Golden, store: &ParamStore) {
     }
 }
 
-/// The running statistics after one training forward equal PyTorch's.
-fn check_state_after(gpu: &Gpu, gold: &Golden, store: &ParamStore) {
-    for (i, spec) in store.state_specs().iter().enumerate() {
-        let key = format!("after.{}", spec.name);
-        assert_model_close(
-            &format!("{} {key}", gold.name),
-            &store.read_state(gpu, i).unwrap(),
-            &gold.f32(&key).data,
-        );
-    }
-}
-
-/// Compares every parameter gradient: in full, or at the sampled indices
-/// the golden file stores for large parameters. Besides 2e-3 of each
-/// tensor's own largest value, differences up to 5e-5 of the largest
-/// gradient in the whole model pass: some gradients are zero up to rounding
-/// (a conv bias followed by batch norm, which removes the mean), and both
-/// PyTorch's and our values there are noise of that size (DenseNet's
-/// `0.0.bias`: 2e-5 of the model's largest). Deep bias gradients behind
-/// mostly dead ReLUs are sums of a few small terms: in GoogLeNet our own two
-/// runs here, whose inputs differ only by the resize's rounding, differ by
-/// 2% there, as much as they differ from PyTorch. The floor each model needs
-/// (measured on lavapipe): NiN 2.9e-5, GoogLeNet 2.5e-5, DenseNet 2.0e-5,
-/// VGG 1.8e-5, ResNet 0.9e-5, BN-LeNet 5e-7, LeNet and AlexNet none.
-///
-/// In deep nets a ReLU input within rounding of zero passes the gradient in
-/// one implementation and blocks it in the other; ResNet-18 at batch 4 has
-/// one such element (2.3e-3 of scale, in `1.1.bn1.bias`). So one element in
-/// a thousand (at least one) may miss the bound, by at most a factor of two.
-fn check_gradients(gold: &Golden, store: &ParamStore, grads: &[Vec<f32>]) {
-    let wanted: Vec<(String, Vec<usize>, Vec<f32>)> = store
-        .specs()
-        .iter()
-        .map(|spec| {
-            let key = format!("grad.{}", spec.name);
-            if gold.has(&key) {
-                let want = gold.f32(&key).data;
-                (key, (0..want.len()).collect(), want)
-            } else {
-                let idx = gold
-                    .i64(&format!("{key}.idx"))
-                    .iter()
-                    .map(|&i| i as usize)
-                    .collect();
-                (
-                    format!("{key} (sampled)"),
-                    idx,
-                    gold.f32(&format!("{key}.val")).data,
-                )
-            }
-        })
-        .collect();
-    let model_scale = wanted
-        .iter()
-        .flat_map(|w| &w.2)
-        .fold(0.0f32, |m, v| m.max(v.abs()));
-    for ((key, idx, want), grad) in wanted.iter().zip(grads) {
-        let got: Vec<f32> = idx.iter().map(|&i| grad[i]).collect();
-        let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        let atol = (2e-3 * scale).max(5e-5 * model_scale);
-        let what = format!("{} {key}", gold.name);
-        let misses = got
-            .iter()
-            .zip(want)
-            .filter(|(g, w)| (*g - *w).abs() > atol)
-            .count();
-        let allowed = (want.len() / 1000).max(1);
-        assert!(
-            misses <= allowed,
-            "{what}: {misses} elements miss the tolerance {atol}; at most {allowed} may"
-        );
-        assert_close(&what, &got, want, 2.0 * atol, 0.0);
-    }
-}
-
 fn labels(gold: &Golden) -> Vec<u32> {
     gold.i64("labels").iter().map(|&l| l as u32).collect()
 }
@@ -183,10 +104,13 @@ fn check_forward_backward(gpu: &Gpu, model_name: &str) {
         1e-4,
         1e-3,
     );
-    let grads: Vec<Vec<f32>> = (0..store.specs().len())
-        .map(|i| store.read_grad(gpu, i).unwrap())
+    let grads: Vec<(String, Vec<f32>)> = store
+        .specs()
+        .iter()
+        .enumerate()
+        .map(|(i, spec)| (spec.name.clone(), store.read_grad(gpu, i).unwrap()))
         .collect();
-    check_gradients(&gold, &store, &grads);
+    check_gradients(&gold, &grads);
 }
 
 /// Evaluation mode (running statistics, no dropout) with the initial weights.
@@ -209,74 +133,119 @@ fn check_eval_forward(gpu: &Gpu, model_name: &str) {
     );
 }
 
-/// The training step the trainer runs (GPU gather and resize from the u8
-/// images, forward, loss, backward, SGD) leaves `init - lr * grad`.
-fn check_training_step(gpu: &Gpu, model_name: &str) {
-    let gold = Golden::load(&format!("models/{model_name}.safetensors"));
+/// The golden initial weights as a checkpoint: every `state_dict` key of
+/// the model, BatchNorm layers with `num_batches_tracked` 0.
+fn golden_checkpoint(gold: &Golden, model_name: &str) -> TensorFile {
     let spec = models::find(model_name).unwrap();
-    let model = (spec.build)();
-    let (shape, pixels) = gold.u8("input_u8");
-    let dataset = Dataset {
-        images: pixels,
-        labels: labels(&gold).iter().map(|&l| l as u8).collect(),
-        height: shape[2],
-        width: shape[3],
-    };
-    let data = GpuDataset::upload(gpu, &dataset).unwrap();
-    let batch = shape[0];
-    let probe = step_graph(&model, &data, batch, spec.resize, Some(0.0), StepKind::Eval).unwrap();
-    let store = ParamStore::new(gpu, &probe).unwrap();
-    load_golden_init(gpu, &gold, &store);
-    let before: Vec<Vec<f32>> = (0..store.specs().len())
-        .map(|i| store.read(gpu, i).unwrap())
-        .collect();
+    let mut g = Graph::new(false);
+    let x = g.input(vec![1, 1, spec.resize, spec.resize], DType::F32);
+    (spec.build)().forward(&mut g, x, "").unwrap();
+    let mut file = TensorFile::default();
+    for p in &g.params {
+        let key = &p.name;
+        let len = p.shape.iter().product();
+        let salt = gold.i64(&format!("init.{key}.salt"))[0];
+        let offset = gold.i64(&format!("init.{key}.offset"))[0];
+        let scale = gold.f32(&format!("init.{key}.scale")).data[0];
+        let values = golden_init(len, salt, offset, scale);
+        file.tensors
+            .insert(key.clone(), StoredTensor::f32(&p.shape, &values));
+    }
+    for s in &g.state {
+        let values = gold.f32(&format!("init.{}", s.name)).data;
+        file.tensors
+            .insert(s.name.clone(), StoredTensor::f32(&s.shape, &values));
+        if let Some(layer) = s.name.strip_suffix(".running_mean") {
+            file.tensors.insert(
+                format!("{layer}.num_batches_tracked"),
+                StoredTensor::i64(&[], &[0]),
+            );
+        }
+    }
+    file
+}
 
-    let lr = 0.5;
-    let kind = StepKind::Train {
-        lr,
-        param_floats: (store.bytes / 4) as usize,
-    };
-    let g = step_graph(&model, &data, batch, spec.resize, Some(0.0), kind).unwrap();
-    let indices = gpu.storage_buffer("indices", 4 * batch as u64).unwrap();
-    let metrics = gpu.storage_buffer("metrics", 16).unwrap();
-    let mut externals = Externals::new();
-    data.bind(&mut externals);
-    externals.insert("indices", Binding::whole(&indices));
-    externals.insert("metrics", Binding::whole(&metrics));
-    externals.insert("parameters", Binding::whole(&store.values));
-    externals.insert("gradients", Binding::whole(&store.grads));
-    let plan = Plan::new(gpu, &g, &store, &externals).unwrap();
-    gpu.queue.write_buffer(
-        &indices,
-        0,
-        bytemuck::cast_slice(&(0..batch as u32).collect::<Vec<_>>()),
+/// The trainer's real step through the command line: the golden initial
+/// weights written as a checkpoint, then `train --init` on the first four
+/// training images (the golden batch) with plain SGD. The saved checkpoint
+/// must hold `init - lr * grad` for every parameter, the running statistics
+/// after one step, `num_batches_tracked` 1, and the metrics file the loss.
+fn check_training_step(model_name: &str) {
+    let gold = Golden::load(&format!("models/{model_name}.safetensors"));
+    let dir = scratch_dir(&format!("step-{model_name}"));
+    let init = golden_checkpoint(&gold, model_name);
+    let (init_path, out_path, metrics_path) = (
+        dir.join("init.safetensors"),
+        dir.join("out.safetensors"),
+        dir.join("metrics.csv"),
     );
-    plan.run(gpu);
+    init.write_atomic(&init_path).unwrap();
+    let lr = 0.5f32;
+    cli_ok(&[
+        "train",
+        "--model",
+        model_name,
+        "--init",
+        init_path.to_str().unwrap(),
+        "--limit-train",
+        "4",
+        "--batch-size",
+        "4",
+        "--limit-test",
+        "4",
+        "--no-shuffle",
+        "--dropout",
+        "0",
+        "--epochs",
+        "1",
+        "--lr",
+        &lr.to_string(),
+        "--save",
+        out_path.to_str().unwrap(),
+        "--metrics",
+        metrics_path.to_str().unwrap(),
+    ]);
+    let out = TensorFile::read(&out_path).unwrap();
+    let keys = |f: &TensorFile| f.tensors.keys().cloned().collect::<Vec<_>>();
+    assert_eq!(keys(&out), keys(&init), "{}: checkpoint keys", gold.name);
 
-    let stepped: Vec<Vec<f32>> = (0..store.specs().len())
-        .map(|i| {
-            let after = store.read(gpu, i).unwrap();
+    let mut grads = Vec::new();
+    for (key, before) in &init.tensors {
+        let after = &out.tensors[key];
+        assert_eq!(after.shape, before.shape, "{key}");
+        if key.ends_with(".num_batches_tracked") {
+            assert_eq!(after.bytes, 1i64.to_le_bytes(), "{key}");
+        } else if key.ends_with(".running_mean") || key.ends_with(".running_var") {
+            assert_model_close(
+                &format!("{} after.{key}", gold.name),
+                &after.to_f32().unwrap(),
+                &gold.f32(&format!("after.{key}")).data,
+            );
+        } else {
             // Recover the gradient the step applied: (before - after) / lr.
-            before[i]
+            let grad = before
+                .to_f32()
+                .unwrap()
                 .iter()
-                .zip(&after)
+                .zip(after.to_f32().unwrap())
                 .map(|(b, a)| (b - a) / lr)
-                .collect()
-        })
-        .collect();
-    check_gradients(&gold, &store, &stepped);
-    check_state_after(gpu, &gold, &store);
+                .collect();
+            grads.push((key.clone(), grad));
+        }
+    }
+    check_gradients(&gold, &grads);
 
-    let words: Vec<u32> = bytemuck::cast_slice(&gpu.read_bytes(&metrics, 0, 16).unwrap()).to_vec();
-    let mean_loss = f32::from_bits(words[0]) / words[2] as f32;
-    assert_eq!(words[2] as usize, batch, "metrics count the batch");
+    let csv = std::fs::read_to_string(&metrics_path).unwrap();
+    let row: Vec<&str> = csv.lines().nth(1).unwrap().split(',').collect();
+    let train_loss: f32 = row[1].parse().unwrap();
     assert_close(
         &format!("{} metrics loss", gold.name),
-        &[mean_loss],
+        &[train_loss],
         &gold.f32("loss").data,
         1e-4,
         1e-3,
     );
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// Eval forward, training forward and backward, and the trainer's step.
@@ -284,7 +253,7 @@ fn check_model(model_name: &str) {
     let gpu = gpu();
     check_eval_forward(&gpu, model_name);
     check_forward_backward(&gpu, model_name);
-    check_training_step(&gpu, model_name);
+    check_training_step(model_name);
 }
 
 #[test]

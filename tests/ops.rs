@@ -8,10 +8,10 @@ use d2l_wgpu::data::Dataset;
 use d2l_wgpu::graph::{autodiff, DType, Externals, Graph, Init, ParamStore, Plan};
 use d2l_wgpu::ops::{
     dropout_keeps, Activation, AdvanceRng, AvgPool2d, BatchNorm, ChannelSum, Conv2d, CpuTensor,
-    Dropout, GatherResize, Linear, MaxPool2d, PoolWindow, SgdStep, SoftmaxCrossEntropy,
+    Dropout, GatherResize, Linear, MaxPool2d, Optimizer, PoolWindow, SoftmaxCrossEntropy,
 };
 use d2l_wgpu::train::rng::Rng;
-use d2l_wgpu::train::GpuDataset;
+use d2l_wgpu::train::{GpuDataset, OptimizerState};
 
 fn golden_ops(prefix: &str) -> Vec<String> {
     let dir = common::golden_path("ops");
@@ -734,12 +734,11 @@ fn gather_resize_matches_pytorch() {
     }
 }
 
-/// Three `torch.optim.SGD(lr=0.1)` steps with given gradients.
-#[test]
-fn sgd_matches_pytorch() {
+/// Three steps of a torch.optim optimizer with the golden file's gradients,
+/// on the GPU (state in GPU buffers) and with the CPU reference.
+fn check_optimizer(file: &str, optimizer: Optimizer) {
     let gpu = gpu();
-    let gold = Golden::load("ops/optim_sgd.safetensors");
-    let lr: f32 = gold.meta("lr").parse().unwrap();
+    let gold = Golden::load(&format!("ops/{file}.safetensors"));
     let before = gold.f32("param_before");
     let mut g = Graph::new(true);
     g.param("w".into(), before.shape.clone(), Init::Zeros);
@@ -747,13 +746,16 @@ fn sgd_matches_pytorch() {
     let floats = (store.bytes / 4) as usize;
     let grads = g.external("gradients", vec![floats], DType::F32);
     let params = g.external("parameters", vec![floats], DType::F32);
-    g.apply_into(SgdStep { lr }, &[grads], &[params]);
+    OptimizerState::add_step(optimizer, &mut g, grads, params);
+    let state = OptimizerState::new(&gpu, optimizer, &store).unwrap();
     let mut externals = Externals::new();
     externals.insert("parameters", d2l_wgpu::graph::Binding::whole(&store.values));
     externals.insert("gradients", d2l_wgpu::graph::Binding::whole(&store.grads));
+    state.bind(&mut externals);
     let plan = Plan::new(&gpu, &g, &store, &externals).unwrap();
     store.write(&gpu, 0, &before.data).unwrap();
     let mut cpu = before.data.clone();
+    let mut cpu_state = vec![vec![0.0; cpu.len()]; optimizer.state_names().len()];
     for step in 1..=3 {
         let grad = gold.f32(&format!("grad_{step}"));
         gpu.queue
@@ -761,11 +763,46 @@ fn sgd_matches_pytorch() {
         plan.run(&gpu);
         let want = gold.f32(&format!("param_after_{step}"));
         assert_op_close(
-            &format!("sgd step {step}"),
+            &format!("{file} step {step}"),
             &store.read(&gpu, 0).unwrap(),
             &want.data,
         );
-        SgdStep { lr }.cpu(&mut cpu, &grad.data);
-        assert_op_close(&format!("sgd cpu step {step}"), &cpu, &want.data);
+        optimizer.cpu(&mut cpu, &grad.data, &mut cpu_state, step);
+        assert_op_close(&format!("{file} cpu step {step}"), &cpu, &want.data);
     }
+}
+
+fn meta_f32(file: &str, key: &str) -> f32 {
+    Golden::load(&format!("ops/{file}.safetensors"))
+        .meta(key)
+        .parse()
+        .unwrap()
+}
+
+/// `torch.optim.SGD(lr=0.1)`: d2l's optimizer.
+#[test]
+fn sgd_matches_pytorch() {
+    check_optimizer("optim_sgd", Optimizer::sgd(meta_f32("optim_sgd", "lr")));
+}
+
+/// `torch.optim.SGD(lr=0.05, momentum=0.9, weight_decay=0.001)`.
+#[test]
+fn sgd_with_momentum_and_weight_decay_matches_pytorch() {
+    let file = "optim_sgd_momentum_wd";
+    let optimizer = Optimizer::Sgd {
+        lr: meta_f32(file, "lr"),
+        momentum: meta_f32(file, "momentum"),
+        weight_decay: meta_f32(file, "weight_decay"),
+    };
+    check_optimizer(file, optimizer);
+}
+
+/// `torch.optim.Adam(lr=0.002)` with betas (0.9, 0.999) and eps 1e-8.
+#[test]
+fn adam_matches_pytorch() {
+    let file = "optim_adam";
+    let gold = Golden::load(&format!("ops/{file}.safetensors"));
+    assert_eq!(gold.meta("betas"), "[0.9, 0.999]");
+    assert_eq!(meta_f32(file, "eps"), 1e-8);
+    check_optimizer(file, Optimizer::adam(meta_f32(file, "lr"), 0.0));
 }

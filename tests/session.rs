@@ -2,7 +2,6 @@
 
 mod common;
 
-use d2l_wgpu::data::FashionMnist;
 use d2l_wgpu::models;
 use d2l_wgpu::train::{Session, TrainConfig};
 
@@ -11,18 +10,12 @@ use d2l_wgpu::train::{Session, TrainConfig};
 /// uploads its batch indices and submits recorded dispatches.
 fn small_config(seed: u64) -> TrainConfig {
     TrainConfig {
-        model: models::find("lenet-bn").unwrap(),
         epochs: 2,
-        lr: 1.0,
         batch_size: 64,
-        resize: 28,
         seed,
-        data_dir: FashionMnist::default_dir(),
         limit_train: Some(640),
         limit_test: Some(128),
-        log_every: 0,
-        dropout: None,
-        metrics: None,
+        ..TrainConfig::new(models::find("lenet-bn").unwrap())
     }
 }
 
@@ -77,18 +70,11 @@ fn same_seed_same_bits() {
 fn training_steps_create_no_gpu_resources() {
     let gpu = common::gpu();
     let cfg = TrainConfig {
-        model: models::find("lenet").unwrap(),
         epochs: 1,
-        lr: 0.9,
         batch_size: 64,
-        resize: 28,
-        seed: 0,
-        data_dir: FashionMnist::default_dir(),
         limit_train: Some(1000),
         limit_test: Some(100),
-        log_every: 0,
-        dropout: None,
-        metrics: None,
+        ..TrainConfig::new(models::find("lenet").unwrap())
     };
     let session = Session::new(&gpu, &cfg).unwrap();
     let order: Vec<u32> = (0..1000).collect();

@@ -108,15 +108,11 @@ impl FashionMnist {
 
     /// Reads the four standard files (`train-images-idx3-ubyte.gz`, ...) from `dir`.
     pub fn load(dir: &Path) -> Result<FashionMnist> {
-        let file = |name: &str| dir.join(name);
         let train = Dataset::load(
-            &file("train-images-idx3-ubyte.gz"),
-            &file("train-labels-idx1-ubyte.gz"),
+            &dir.join("train-images-idx3-ubyte.gz"),
+            &dir.join("train-labels-idx1-ubyte.gz"),
         )?;
-        let test = Dataset::load(
-            &file("t10k-images-idx3-ubyte.gz"),
-            &file("t10k-labels-idx1-ubyte.gz"),
-        )?;
+        let test = FashionMnist::load_test(dir)?;
         if (train.height, train.width) != (test.height, test.width) {
             bail!(
                 "{}: training images are {}x{} but test images are {}x{}",
@@ -128,5 +124,13 @@ impl FashionMnist {
             );
         }
         Ok(FashionMnist { train, test })
+    }
+
+    /// The test set only (`t10k-*`).
+    pub fn load_test(dir: &Path) -> Result<Dataset> {
+        Dataset::load(
+            &dir.join("t10k-images-idx3-ubyte.gz"),
+            &dir.join("t10k-labels-idx1-ubyte.gz"),
+        )
     }
 }

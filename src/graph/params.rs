@@ -156,6 +156,27 @@ impl ParamStore {
         self.params.read(gpu, &self.grads, index)
     }
 
+    /// Tensor `index` of a buffer laid out like the parameters (the
+    /// gradients, the optimizer's state).
+    pub fn read_param_shaped(
+        &self,
+        gpu: &Gpu,
+        buffer: &wgpu::Buffer,
+        index: usize,
+    ) -> Result<Vec<f32>> {
+        self.params.read(gpu, buffer, index)
+    }
+
+    pub fn write_param_shaped(
+        &self,
+        gpu: &Gpu,
+        buffer: &wgpu::Buffer,
+        index: usize,
+        values: &[f32],
+    ) -> Result<()> {
+        self.params.write(gpu, buffer, index, values)
+    }
+
     pub fn write_state(&self, gpu: &Gpu, index: usize, values: &[f32]) -> Result<()> {
         self.state.write(gpu, &self.state_values, index, values)
     }

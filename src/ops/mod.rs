@@ -21,11 +21,11 @@ pub use eltwise::{
 };
 pub use input::GatherResize;
 pub use linear::{Linear, MatMul};
-pub use optim::SgdStep;
+pub use optim::{Optimizer, OptimizerStep, ADAM_STEP_BYTES};
 pub use pool::{AvgPool2d, AvgPool2dBackward, MaxPool2d, MaxPool2dBackward, PoolWindow};
 pub use reduce::ChannelSum;
 pub use reshape::Reshape;
-pub use softmax_xent::{AccumulateMetrics, SoftmaxCrossEntropy};
+pub use softmax_xent::{AccumulateConfusion, AccumulateMetrics, SoftmaxCrossEntropy};
 
 use crate::graph::{DType, Shape, Tensor};
 use anyhow::{bail, Result};

@@ -116,3 +116,31 @@ impl Op for AccumulateMetrics {
         ctx.dispatch_single(Shader::SoftmaxXent, "accumulate", &p, &storage)
     }
 }
+
+/// Adds a batch to a confusion matrix `[classes, classes]` (u32, row: true
+/// label, column: prediction, the first maximum as torch.argmax). Inputs:
+/// logits and labels; output (updated in place): the matrix.
+#[derive(Debug)]
+pub struct AccumulateConfusion;
+
+impl Op for AccumulateConfusion {
+    fn describe(&self) -> String {
+        "accumulate confusion matrix".into()
+    }
+
+    fn infer(&self, _inputs: &[&Tensor]) -> Result<Vec<(Shape, DType)>> {
+        bail!("the confusion matrix is updated in place (Graph::apply_into)")
+    }
+
+    fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
+        let shape = ctx.shape(inputs[0]);
+        let p = XentParams {
+            batch: shape[0] as u32,
+            classes: shape[1] as u32,
+            grad_scale: 0.0,
+            _pad: 0,
+        };
+        let storage = ctx.bind(&[(1, inputs[0]), (2, inputs[1]), (7, outputs[0])]);
+        ctx.dispatch_single(Shader::SoftmaxXent, "confusion_counts", &p, &storage)
+    }
+}

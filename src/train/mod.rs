@@ -2,22 +2,30 @@
 //! training loss and accuracy, then test accuracy in evaluation mode.
 
 pub mod bench;
+pub mod checkpoint;
 pub mod init;
 mod metrics_file;
+mod optimizer;
+pub mod predict;
 pub mod rng;
 
 pub use metrics_file::MetricsFile;
+pub use optimizer::OptimizerState;
 
 use crate::data::{Dataset, FashionMnist};
 use crate::gpu::Gpu;
 use crate::graph::{autodiff, Binding, DType, Externals, Graph, ParamStore, Plan, Storage};
 use crate::models::{self, ModelSpec};
 use crate::nn::{Module, DROPOUT_RNG};
-use crate::ops::{AccumulateMetrics, AdvanceRng, GatherResize, SgdStep, SoftmaxCrossEntropy};
+use crate::ops::{
+    AccumulateConfusion, AccumulateMetrics, AdvanceRng, GatherResize, Optimizer,
+    SoftmaxCrossEntropy,
+};
 use anyhow::{bail, Context, Result};
+use checkpoint::{StoredTensor, TensorFile};
 use rng::Rng;
 use std::collections::VecDeque;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// Number of steps the CPU may queue ahead of the GPU.
@@ -71,11 +79,17 @@ impl GpuDataset {
 /// What a step graph does after the forward pass.
 #[derive(Clone, Copy, Debug)]
 pub enum StepKind {
-    /// Loss, backward pass and an SGD update of `param_floats` flat parameters.
-    Train { lr: f32, param_floats: usize },
-    /// Loss and accuracy only, in evaluation mode.
+    /// Loss, backward pass and an optimizer update of `param_floats` flat parameters.
+    Train {
+        optimizer: Optimizer,
+        param_floats: usize,
+    },
+    /// Loss, accuracy and the confusion matrix, in evaluation mode.
     Eval,
 }
+
+/// Classes of Fashion-MNIST (and rows of the confusion matrix).
+const CLASSES: usize = crate::data::CLASSES.len();
 
 /// The graph of one step on a batch: gather and resize the batch on the GPU,
 /// run the model, add loss and accuracy to the metrics, and when training
@@ -103,11 +117,19 @@ pub fn step_graph(
     let loss = g.apply(SoftmaxCrossEntropy { with_grad }, &[logits, labels])?;
     let metrics = g.external("metrics", vec![4], DType::U32);
     g.apply_into(AccumulateMetrics, &[loss[0], loss[1]], &[metrics]);
-    if let StepKind::Train { lr, param_floats } = kind {
+    if let StepKind::Eval = kind {
+        let confusion = g.external("confusion", vec![CLASSES * CLASSES], DType::U32);
+        g.apply_into(AccumulateConfusion, &[logits, labels], &[confusion]);
+    }
+    if let StepKind::Train {
+        optimizer,
+        param_floats,
+    } = kind
+    {
         autodiff::backward(&mut g, &[(logits, loss[2])])?;
         let grads = g.external("gradients", vec![param_floats], DType::F32);
         let params = g.external("parameters", vec![param_floats], DType::F32);
-        g.apply_into(SgdStep { lr }, &[grads], &[params]);
+        OptimizerState::add_step(optimizer, &mut g, grads, params);
         let uses_dropout = g
             .tensors
             .iter()
@@ -120,9 +142,11 @@ pub fn step_graph(
     Ok(g)
 }
 
-/// Running sums one set of steps adds to: `[loss_sum, correct, seen, 0]`.
+/// Running sums one set of steps adds to: `[loss_sum, correct, seen, 0]`,
+/// and in evaluation the confusion matrix.
 struct Metrics {
     buffer: wgpu::Buffer,
+    confusion: wgpu::Buffer,
 }
 
 #[derive(Clone, Copy, Default)]
@@ -144,11 +168,21 @@ impl Metrics {
     fn new(gpu: &Gpu, label: &str) -> Result<Metrics> {
         Ok(Metrics {
             buffer: gpu.storage_buffer(label, 16)?,
+            confusion: gpu.storage_buffer(label, 4 * (CLASSES * CLASSES) as u64)?,
         })
     }
 
     fn reset(&self, gpu: &Gpu) {
         gpu.queue.write_buffer(&self.buffer, 0, &[0u8; 16]);
+        gpu.queue
+            .write_buffer(&self.confusion, 0, &[0u8; 4 * CLASSES * CLASSES]);
+    }
+
+    /// `[label][prediction]` counts; waits for the GPU.
+    fn confusion(&self, gpu: &Gpu) -> Result<Vec<Vec<u32>>> {
+        let bytes = gpu.read_bytes(&self.confusion, 0, 4 * (CLASSES * CLASSES) as u64)?;
+        let counts: &[u32] = bytemuck::cast_slice(&bytes);
+        Ok(counts.chunks(CLASSES).map(<[u32]>::to_vec).collect())
     }
 
     /// The sums so far; waits for the GPU.
@@ -201,9 +235,13 @@ impl Steps {
             data.bind(&mut externals);
             externals.insert("indices", Binding::whole(&indices));
             externals.insert("metrics", Binding::whole(&metrics.buffer));
+            externals.insert("confusion", Binding::whole(&metrics.confusion));
             externals.insert("parameters", Binding::whole(&params.values));
             externals.insert("gradients", Binding::whole(&params.grads));
             externals.insert(DROPOUT_RNG, Binding::whole(cfg.dropout_rng));
+            if let Some(state) = cfg.optimizer {
+                state.bind(&mut externals);
+            }
             Ok(StepPlan {
                 plan: Plan::new(gpu, &graph, params, &externals)?,
                 indices,
@@ -260,7 +298,7 @@ impl Steps {
 pub struct TrainConfig {
     pub model: &'static ModelSpec,
     pub epochs: usize,
-    pub lr: f32,
+    pub optimizer: Optimizer,
     pub batch_size: usize,
     pub resize: usize,
     pub seed: u64,
@@ -268,15 +306,45 @@ pub struct TrainConfig {
     /// Use only the first N training / test images.
     pub limit_train: Option<usize>,
     pub limit_test: Option<usize>,
+    /// Shuffle the training images every epoch (d2l's DataLoader does).
+    pub shuffle: bool,
     /// Report progress every N batches (0: only at epoch end).
     pub log_every: usize,
     /// Replaces every dropout layer's probability (0 disables dropout).
     pub dropout: Option<f32>,
     /// Where to write one row per epoch (`.csv` or `.json`).
     pub metrics: Option<PathBuf>,
+    /// Checkpoint written at every epoch end.
+    pub save: Option<PathBuf>,
+    /// Start from these weights instead of d2l's initialisation.
+    pub init: Option<PathBuf>,
+    /// Continue the run saved here (weights, optimizer, epoch, random streams).
+    pub resume: Option<PathBuf>,
 }
 
 impl TrainConfig {
+    /// d2l's settings for `model`: its epochs, batch size, resize and SGD learning rate.
+    pub fn new(model: &'static ModelSpec) -> TrainConfig {
+        TrainConfig {
+            model,
+            epochs: model.epochs,
+            optimizer: Optimizer::sgd(model.lr),
+            batch_size: model.batch_size,
+            resize: model.resize,
+            seed: 0,
+            data_dir: FashionMnist::default_dir(),
+            limit_train: None,
+            limit_test: None,
+            shuffle: true,
+            log_every: 0,
+            dropout: None,
+            metrics: None,
+            save: None,
+            init: None,
+            resume: None,
+        }
+    }
+
     /// Checks the settings before any data is read or GPU work starts.
     pub fn validate(&self) -> Result<()> {
         if self.batch_size == 0 {
@@ -285,9 +353,7 @@ impl TrainConfig {
         if self.epochs == 0 {
             bail!("--epochs must be at least 1");
         }
-        if !(self.lr.is_finite() && self.lr > 0.0) {
-            bail!("--lr must be a positive number, got {}", self.lr);
-        }
+        validate_optimizer(&self.optimizer)?;
         if let Some(p) = self.dropout {
             if !(0.0..1.0).contains(&p) {
                 bail!("--dropout must be in [0, 1), got {p}");
@@ -304,12 +370,43 @@ impl TrainConfig {
         if let Some(path) = &self.metrics {
             MetricsFile::new(path)?;
         }
+        if self.init.is_some() && self.resume.is_some() {
+            bail!("--init and --resume exclude each other: --resume already restores the weights");
+        }
         models::check_resize(self.model, self.resize)
     }
 }
 
+fn validate_optimizer(optimizer: &Optimizer) -> Result<()> {
+    let lr = optimizer.lr();
+    if !(lr.is_finite() && lr > 0.0) {
+        bail!("--lr must be a positive number, got {lr}");
+    }
+    let (weight_decay, unit_range) = match *optimizer {
+        Optimizer::Sgd {
+            momentum,
+            weight_decay,
+            ..
+        } => (weight_decay, vec![("--momentum", momentum)]),
+        Optimizer::Adam {
+            betas,
+            weight_decay,
+            ..
+        } => (weight_decay, vec![("beta1", betas.0), ("beta2", betas.1)]),
+    };
+    if !(weight_decay.is_finite() && weight_decay >= 0.0) {
+        bail!("--weight-decay must be 0 or more, got {weight_decay}");
+    }
+    for (name, value) in unit_range {
+        if !(0.0..1.0).contains(&value) {
+            bail!("{name} must be in [0, 1), got {value}");
+        }
+    }
+    Ok(())
+}
+
 /// One epoch's figures, as d2l's `train_ch6` reports them.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct EpochReport {
     pub epoch: usize,
     pub train_loss: f64,
@@ -328,19 +425,133 @@ impl EpochReport {
             self.epoch, self.train_loss, self.train_acc, self.test_acc, self.examples_per_sec
         )
     }
+
+    /// Exact text form, for the training-state file.
+    fn encode(&self) -> String {
+        format!(
+            "{} {} {} {} {} {} {}",
+            self.epoch,
+            self.train_loss,
+            self.train_acc,
+            self.test_loss,
+            self.test_acc,
+            self.examples_per_sec,
+            self.seconds
+        )
+    }
+
+    fn decode(line: &str) -> Option<EpochReport> {
+        let words: Vec<&str> = line.split(' ').collect();
+        let [epoch, rest @ ..] = words.as_slice() else {
+            return None;
+        };
+        let v: Vec<f64> = rest.iter().map(|w| w.parse().ok()).collect::<Option<_>>()?;
+        let [train_loss, train_acc, test_loss, test_acc, examples_per_sec, seconds] = v[..] else {
+            return None;
+        };
+        Some(EpochReport {
+            epoch: epoch.parse().ok()?,
+            train_loss,
+            train_acc,
+            test_loss,
+            test_acc,
+            examples_per_sec,
+            seconds,
+        })
+    }
+}
+
+/// Where a resumed run continues from.
+struct ResumePoint {
+    epochs_done: usize,
+    steps_done: u64,
+    shuffle_state: u64,
+    history: Vec<EpochReport>,
+}
+
+/// Test-set loss, accuracy and confusion matrix.
+pub struct EvalReport {
+    pub loss: f64,
+    pub acc: f64,
+    /// `confusion[label][prediction]`.
+    pub confusion: Vec<Vec<u32>>,
+}
+
+/// Evaluation-mode steps over a dataset.
+struct Evaluator {
+    data: GpuDataset,
+    steps: Steps,
+    metrics: Metrics,
+}
+
+impl Evaluator {
+    fn new(gpu: &Gpu, setup: &Setup<'_>, data: GpuDataset, params: &ParamStore) -> Result<Self> {
+        let metrics = Metrics::new(gpu, "test metrics")?;
+        let steps = Steps::new(gpu, setup, &data, &metrics, params, StepKind::Eval)?;
+        Ok(Evaluator {
+            data,
+            steps,
+            metrics,
+        })
+    }
+
+    fn run(&self, gpu: &Gpu) -> Result<EvalReport> {
+        let order: Vec<u32> = (0..self.data.len as u32).collect();
+        self.metrics.reset(gpu);
+        self.steps.run_epoch(gpu, &order, |_| Ok(()))?;
+        let (loss, acc) = self.metrics.read(gpu)?;
+        Ok(EvalReport {
+            loss,
+            acc,
+            confusion: self.metrics.confusion(gpu)?,
+        })
+    }
+}
+
+/// The parameter store a model needs (shapes from a one-image probe graph).
+fn param_store(
+    gpu: &Gpu,
+    model: &dyn Module,
+    data: &GpuDataset,
+    resize: usize,
+) -> Result<ParamStore> {
+    let probe = step_graph(model, data, 1, resize, None, StepKind::Eval)?;
+    ParamStore::new(gpu, &probe)
+}
+
+/// Reads a weights file and loads it, checking that it is for this model
+/// where it says so.
+fn load_weights(
+    gpu: &Gpu,
+    params: &ParamStore,
+    path: &Path,
+    model: &ModelSpec,
+) -> Result<TensorFile> {
+    let file = TensorFile::read(path)?;
+    if let Some(saved) = file.meta("model") {
+        if saved != model.name {
+            bail!(
+                "{} holds a {saved} checkpoint, not {}; pass --model {saved}",
+                path.display(),
+                model.name
+            );
+        }
+    }
+    checkpoint::load_state_dict(gpu, params, &file, path)?;
+    Ok(file)
 }
 
 /// A model ready to train on the GPU: datasets uploaded, parameters
-/// initialised, training and evaluation steps planned.
+/// initialised (or loaded), training and evaluation steps planned.
 pub struct Session {
     pub train_data: GpuDataset,
-    pub test_data: GpuDataset,
     pub params: ParamStore,
+    optimizer: OptimizerState,
     train_steps: Steps,
-    test_steps: Steps,
     train_metrics: Metrics,
-    test_metrics: Metrics,
-    _dropout_rng: wgpu::Buffer,
+    evaluator: Evaluator,
+    dropout_rng: wgpu::Buffer,
+    resumed: Option<ResumePoint>,
 }
 
 impl Session {
@@ -363,27 +574,7 @@ impl Session {
         let train_data = GpuDataset::upload(gpu, &data.train)?;
         let test_data = GpuDataset::upload(gpu, &data.test)?;
         let model = (cfg.model.build)();
-        // Dropout's random stream [seed, step], advanced on the GPU after each training step.
-        let dropout_rng = gpu.storage_buffer("dropout stream", 8)?;
-        let seed = (cfg.seed ^ (cfg.seed >> 32)) as u32;
-        gpu.queue
-            .write_buffer(&dropout_rng, 0, bytemuck::cast_slice(&[seed, 0u32]));
-        let setup = Setup {
-            model: &model,
-            batch_size: cfg.batch_size,
-            resize: cfg.resize,
-            dropout: cfg.dropout,
-            dropout_rng: &dropout_rng,
-        };
-        let probe = step_graph(
-            &model,
-            &test_data,
-            1,
-            cfg.resize,
-            cfg.dropout,
-            StepKind::Eval,
-        )?;
-        let params = ParamStore::new(gpu, &probe)?;
+        let params = param_store(gpu, &model, &test_data, cfg.resize)?;
         let mut rng = Rng::new(cfg.seed);
         for (i, spec) in params.specs().iter().enumerate() {
             params.write(gpu, i, &init::initial_values(spec, &mut rng))?;
@@ -391,10 +582,30 @@ impl Session {
         for (i, spec) in params.state_specs().iter().enumerate() {
             params.write_state(gpu, i, &init::initial_values(spec, &mut rng))?;
         }
+        // Dropout's random stream [seed, step], advanced on the GPU after each training step.
+        let dropout_rng = gpu.storage_buffer("dropout stream", 8)?;
+        let seed = (cfg.seed ^ (cfg.seed >> 32)) as u32;
+        gpu.queue
+            .write_buffer(&dropout_rng, 0, bytemuck::cast_slice(&[seed, 0u32]));
+        let optimizer = OptimizerState::new(gpu, cfg.optimizer, &params)?;
+        if let Some(path) = &cfg.init {
+            load_weights(gpu, &params, path, cfg.model)?;
+        }
+        let resumed = match &cfg.resume {
+            Some(path) => Some(resume(gpu, cfg, path, &params, &optimizer, &dropout_rng)?),
+            None => None,
+        };
+        let setup = Setup {
+            model: &model,
+            batch_size: cfg.batch_size,
+            resize: cfg.resize,
+            dropout: cfg.dropout,
+            dropout_rng: &dropout_rng,
+            optimizer: Some(&optimizer),
+        };
         let train_metrics = Metrics::new(gpu, "train metrics")?;
-        let test_metrics = Metrics::new(gpu, "test metrics")?;
         let train_kind = StepKind::Train {
-            lr: cfg.lr,
+            optimizer: cfg.optimizer,
             param_floats: (params.bytes / 4) as usize,
         };
         let train_steps = Steps::new(
@@ -405,23 +616,16 @@ impl Session {
             &params,
             train_kind,
         )?;
-        let test_steps = Steps::new(
-            gpu,
-            &setup,
-            &test_data,
-            &test_metrics,
-            &params,
-            StepKind::Eval,
-        )?;
+        let evaluator = Evaluator::new(gpu, &setup, test_data, &params)?;
         Ok(Session {
             train_data,
-            test_data,
             params,
+            optimizer,
             train_steps,
-            test_steps,
             train_metrics,
-            test_metrics,
-            _dropout_rng: dropout_rng,
+            evaluator,
+            dropout_rng,
+            resumed,
         })
     }
 
@@ -485,10 +689,43 @@ impl Session {
 
     /// Loss and accuracy on the whole test set, in evaluation mode.
     pub fn evaluate(&self, gpu: &Gpu) -> Result<(f64, f64)> {
-        let order: Vec<u32> = (0..self.test_data.len as u32).collect();
-        self.test_metrics.reset(gpu);
-        self.test_steps.run_epoch(gpu, &order, |_| Ok(()))?;
-        self.test_metrics.read(gpu)
+        let report = self.evaluator.run(gpu)?;
+        Ok((report.loss, report.acc))
+    }
+
+    /// Writes the weights to `path` and the training state to its sidecar
+    /// (sidecar first: the weights file's epoch marks a complete pair).
+    fn save(&self, gpu: &Gpu, cfg: &TrainConfig, path: &Path, point: &ResumePoint) -> Result<()> {
+        let mut weights = checkpoint::state_dict(gpu, &self.params, point.steps_done)?;
+        let mut state = TensorFile::default();
+        self.optimizer.save(gpu, &self.params, &mut state)?;
+        let rng = gpu.read_bytes(&self.dropout_rng, 0, 8)?;
+        let words: &[u32] = bytemuck::cast_slice(&rng);
+        state.tensors.insert(
+            "dropout_stream".into(),
+            StoredTensor::u64(&[u64::from(words[0]), u64::from(words[1])]),
+        );
+        state.tensors.insert(
+            "shuffle_rng".into(),
+            StoredTensor::u64(&[point.shuffle_state]),
+        );
+        let history: Vec<String> = point.history.iter().map(EpochReport::encode).collect();
+        state.metadata.insert("history".into(), history.join("\n"));
+        for file in [&mut weights, &mut state] {
+            let meta = [
+                ("model", cfg.model.name.to_string()),
+                ("resize", cfg.resize.to_string()),
+                ("epoch", point.epochs_done.to_string()),
+                ("step", point.steps_done.to_string()),
+                ("seed", cfg.seed.to_string()),
+                ("optimizer", cfg.optimizer.to_string()),
+            ];
+            for (key, value) in meta {
+                file.metadata.insert(key.into(), value);
+            }
+        }
+        state.write_atomic(&checkpoint::sidecar_path(path))?;
+        weights.write_atomic(path)
     }
 
     /// The planned full-batch training step (for benchmarks and profiles).
@@ -502,12 +739,85 @@ impl Session {
 
     /// The planned full-batch evaluation step.
     pub fn eval_plan(&self) -> (&Plan, &wgpu::Buffer, usize) {
-        (
-            &self.test_steps.full.plan,
-            &self.test_steps.full.indices,
-            self.test_steps.batch,
-        )
+        let steps = &self.evaluator.steps;
+        (&steps.full.plan, &steps.full.indices, steps.batch)
     }
+}
+
+/// Restores weights, optimizer state and random streams from a checkpoint
+/// and its sidecar, and says where the run stopped.
+fn resume(
+    gpu: &Gpu,
+    cfg: &TrainConfig,
+    path: &Path,
+    params: &ParamStore,
+    optimizer: &OptimizerState,
+    dropout_rng: &wgpu::Buffer,
+) -> Result<ResumePoint> {
+    let weights = load_weights(gpu, params, path, cfg.model)?;
+    let sidecar = checkpoint::sidecar_path(path);
+    let state = TensorFile::read(&sidecar).with_context(|| {
+        format!(
+            "--resume needs the training state next to {}",
+            path.display()
+        )
+    })?;
+    let shown = sidecar.display().to_string();
+    let number = |file: &TensorFile, key: &str, name: &str| -> Result<u64> {
+        file.meta(key)
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("{name}: no `{key}` in its metadata"))
+    };
+    let epochs_done = number(&weights, "epoch", &path.display().to_string())?;
+    if number(&state, "epoch", &shown)? != epochs_done {
+        bail!(
+            "{shown} is from another epoch than {} (an interrupted save?); resume from a matching pair",
+            path.display()
+        );
+    }
+    if epochs_done as usize >= cfg.epochs {
+        bail!(
+            "{} already finished epoch {epochs_done}; pass --epochs larger than that to train on",
+            path.display()
+        );
+    }
+    let saved_optimizer = state.meta("optimizer").unwrap_or("?");
+    if saved_optimizer != cfg.optimizer.to_string() {
+        log::warn!(
+            "{} was trained with {saved_optimizer}; continuing with {}",
+            path.display(),
+            cfg.optimizer
+        );
+    }
+    optimizer.load(gpu, params, &state, &shown)?;
+    let stream = |key: &str, len: usize| -> Result<Vec<u64>> {
+        state
+            .tensors
+            .get(key)
+            .and_then(StoredTensor::to_u64)
+            .filter(|v| v.len() == len)
+            .with_context(|| format!("{shown}: no u64 [{len}] tensor {key}"))
+    };
+    let words: Vec<u32> = stream("dropout_stream", 2)?
+        .iter()
+        .map(|&w| w as u32)
+        .collect();
+    gpu.queue
+        .write_buffer(dropout_rng, 0, bytemuck::cast_slice(&words));
+    let history = state
+        .meta("history")
+        .unwrap_or_default()
+        .lines()
+        .map(|line| {
+            EpochReport::decode(line).with_context(|| format!("{shown}: bad history line {line:?}"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(ResumePoint {
+        epochs_done: epochs_done as usize,
+        steps_done: number(&weights, "step", &path.display().to_string())?,
+        shuffle_state: stream("shuffle_rng", 1)?[0],
+        history,
+    })
 }
 
 struct Setup<'a> {
@@ -516,30 +826,39 @@ struct Setup<'a> {
     resize: usize,
     dropout: Option<f32>,
     dropout_rng: &'a wgpu::Buffer,
+    optimizer: Option<&'a OptimizerState>,
 }
 
-/// Trains `cfg.model` from d2l's initialisation and calls `on_epoch` after
-/// every epoch.
+/// Trains `cfg.model` (from d2l's initialisation, `--init` weights or a
+/// `--resume` checkpoint) and calls `on_epoch` after every epoch. Returns
+/// the reports of all epochs, including those before a resume.
 pub fn train(
     gpu: &Gpu,
     cfg: &TrainConfig,
     mut on_progress: impl FnMut(&Progress),
     mut on_epoch: impl FnMut(&EpochReport),
 ) -> Result<Vec<EpochReport>> {
-    let session = Session::new(gpu, cfg)?;
+    let mut session = Session::new(gpu, cfg)?;
     let metrics_file = cfg.metrics.as_deref().map(MetricsFile::new).transpose()?;
-    let mut shuffle_rng = Rng::new(cfg.seed ^ 0x5eed_5eed_5eed_5eed);
-    let mut order: Vec<u32> = (0..session.train_data.len as u32).collect();
-    let mut reports = Vec::new();
-    for epoch in 1..=cfg.epochs {
+    let mut point = session.resumed.take().unwrap_or(ResumePoint {
+        epochs_done: 0,
+        steps_done: 0,
+        shuffle_state: cfg.seed ^ 0x5eed_5eed_5eed_5eed,
+        history: Vec::new(),
+    });
+    let mut shuffle_rng = Rng::new(point.shuffle_state);
+    for epoch in point.epochs_done + 1..=cfg.epochs {
         let start = Instant::now();
-        shuffle_rng.shuffle(&mut order);
+        let mut order: Vec<u32> = (0..session.train_data.len as u32).collect();
+        if cfg.shuffle {
+            shuffle_rng.shuffle(&mut order);
+        }
         let (train_loss, train_acc) = session
             .train_epoch(gpu, &order, cfg.log_every, &mut on_progress)
             .with_context(|| {
                 format!(
                     "epoch {epoch}: training diverged; try a lower --lr (now {})",
-                    cfg.lr
+                    cfg.optimizer.lr()
                 )
             })?;
         let train_seconds = start.elapsed().as_secs_f64();
@@ -554,10 +873,56 @@ pub fn train(
             seconds: start.elapsed().as_secs_f64(),
         };
         on_epoch(&report);
-        reports.push(report);
+        point.history.push(report);
+        point.epochs_done = epoch;
+        point.steps_done += order.len().div_ceil(cfg.batch_size) as u64;
+        point.shuffle_state = shuffle_rng.state();
         if let Some(file) = &metrics_file {
-            file.write(&reports)?;
+            file.write(&point.history)?;
+        }
+        if let Some(path) = &cfg.save {
+            session.save(gpu, cfg, path, &point)?;
         }
     }
-    Ok(reports)
+    Ok(point.history)
+}
+
+/// What `d2l-wgpu eval` needs.
+pub struct EvalConfig {
+    pub model: &'static ModelSpec,
+    pub resize: usize,
+    pub batch_size: usize,
+    pub data_dir: PathBuf,
+    pub limit_test: Option<usize>,
+    pub checkpoint: PathBuf,
+}
+
+/// Loss, accuracy and confusion matrix of a checkpoint on the test set, in
+/// evaluation mode.
+pub fn evaluate_checkpoint(gpu: &Gpu, cfg: &EvalConfig) -> Result<EvalReport> {
+    if cfg.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    if cfg.limit_test == Some(0) {
+        bail!("--limit-test must be at least 1");
+    }
+    models::check_resize(cfg.model, cfg.resize)?;
+    let mut test = FashionMnist::load_test(&cfg.data_dir)?;
+    if let Some(n) = cfg.limit_test {
+        test.truncate(n);
+    }
+    let test_data = GpuDataset::upload(gpu, &test)?;
+    let model = (cfg.model.build)();
+    let params = param_store(gpu, &model, &test_data, cfg.resize)?;
+    load_weights(gpu, &params, &cfg.checkpoint, cfg.model)?;
+    let dropout_rng = gpu.storage_buffer("dropout stream", 8)?;
+    let setup = Setup {
+        model: &model,
+        batch_size: cfg.batch_size,
+        resize: cfg.resize,
+        dropout: None,
+        dropout_rng: &dropout_rng,
+        optimizer: None,
+    };
+    Evaluator::new(gpu, &setup, test_data, &params)?.run(gpu)
 }
