@@ -82,7 +82,7 @@ fn devices_lists_an_adapter() {
 /// starts, with exit code 2 and a message naming the allowed values.
 #[test]
 fn impossible_settings_are_refused_up_front() {
-    let cases: [(&[&str], &str); 7] = [
+    let cases: [(&[&str], &str); 13] = [
         (
             &["--metrics", "out.txt"],
             "--metrics out.txt: the file name must end in .csv or .json",
@@ -92,6 +92,27 @@ fn impossible_settings_are_refused_up_front() {
         (&["--epochs", "0"], "--epochs must be at least 1"),
         (&["--dropout", "1"], "--dropout must be in [0, 1), got 1"),
         (&["--limit-train", "0"], "--limit-train must be at least 1"),
+        (&["--momentum", "1"], "--momentum must be in [0, 1), got 1"),
+        (
+            &["--weight-decay", "-0.1"],
+            "--weight-decay must be 0 or more, got -0.1",
+        ),
+        (
+            &["--optimizer", "adam", "--momentum", "0.9"],
+            "--momentum is for --optimizer sgd",
+        ),
+        (
+            &["--init", "no/such.safetensors"],
+            "--init no/such.safetensors: no such file",
+        ),
+        (
+            &["--save", "no/such/run.safetensors"],
+            "--save no/such/run.safetensors: the folder no/such does not exist",
+        ),
+        (
+            &["--init", "Cargo.toml", "--resume", "Cargo.toml"],
+            "--init and --resume exclude each other",
+        ),
         (
             &["--resize", "8"],
             "--resize 8 is too small for lenet: it takes sizes from 12 (d2l uses 28)",

@@ -373,6 +373,21 @@ impl TrainConfig {
         if self.init.is_some() && self.resume.is_some() {
             bail!("--init and --resume exclude each other: --resume already restores the weights");
         }
+        for (flag, file) in [("--init", &self.init), ("--resume", &self.resume)] {
+            if let Some(path) = file.as_deref().filter(|p| !p.is_file()) {
+                bail!("{flag} {}: no such file", path.display());
+            }
+        }
+        if let Some(path) = &self.save {
+            let folder = path.parent().filter(|p| !p.as_os_str().is_empty());
+            if let Some(folder) = folder.filter(|f| !f.is_dir()) {
+                bail!(
+                    "--save {}: the folder {} does not exist",
+                    path.display(),
+                    folder.display()
+                );
+            }
+        }
         models::check_resize(self.model, self.resize)
     }
 }
