@@ -8,7 +8,9 @@ use d2l_wgpu::gpu::{self, AdapterRequest, BackendChoice, Gpu};
 use d2l_wgpu::models::{self, ModelSpec};
 use d2l_wgpu::ops::Optimizer;
 use d2l_wgpu::train::predict::{self, ImageSource, PredictConfig};
-use d2l_wgpu::train::{self, bench, checkpoint, EvalConfig, TrainConfig};
+use d2l_wgpu::train::progress::{Display, ProgressDisplay};
+use d2l_wgpu::train::{self, bench, checkpoint, plot, EvalConfig, TrainConfig};
+use std::cell::RefCell;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -68,6 +70,9 @@ struct EvalArgs {
     /// Evaluate on the first N test images only.
     #[arg(long)]
     limit_test: Option<usize>,
+    /// Also draw the confusion matrix with class names to FILE.png or FILE.svg.
+    #[arg(long, value_name = "FILE")]
+    confusion: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -172,9 +177,15 @@ struct TrainArgs {
     /// Write one row per epoch (epoch, losses, accuracies, examples/s, seconds) to FILE.csv or FILE.json.
     #[arg(long, value_name = "FILE")]
     metrics: Option<PathBuf>,
-    /// Print the loss and accuracy of the last N batches every N batches (0: off).
+    /// Draw train loss, train acc and test acc against epoch (d2l's figure) to FILE.png or FILE.svg after every epoch.
+    #[arg(long, value_name = "FILE")]
+    plot: Option<PathBuf>,
+    /// Report the loss and accuracy of the last N batches every N batches [default: a bar on a terminal, else 10 lines per epoch].
     #[arg(long, default_value_t = 0)]
     log_every: usize,
+    /// Print only the per-epoch lines: no progress bar or progress lines.
+    #[arg(long)]
+    quiet: bool,
     #[command(flatten)]
     gpu: GpuArgs,
 }
@@ -221,7 +232,8 @@ fn train_config(args: &TrainArgs) -> Result<TrainConfig> {
         limit_train: args.limit_train,
         limit_test: args.limit_test,
         shuffle: !args.no_shuffle,
-        log_every: args.log_every,
+        reporting: Display::for_stdout(args.quiet).reporting(args.log_every),
+        plot: args.plot.clone(),
         dropout: args.dropout,
         metrics: args.metrics.clone(),
         save: args.save.clone(),
@@ -260,15 +272,13 @@ fn run_train(args: &TrainArgs) -> Result<()> {
         cfg.model.name, cfg.epochs, cfg.optimizer, cfg.batch_size, cfg.resize, cfg.seed
     );
     let device = gpu.info.name.clone();
-    let progress = |p: &train::Progress| {
-        println!(
-            "  batch {}/{}, loss {:.3}, train acc {:.3}",
-            p.batches_done, p.batches, p.loss, p.acc
-        )
-    };
-    train::train(&gpu, &cfg, progress, |report| {
-        println!("{}", report.line(&device))
-    })?;
+    let display = RefCell::new(ProgressDisplay::new(Display::for_stdout(args.quiet)));
+    train::train(
+        &gpu,
+        &cfg,
+        |p| display.borrow_mut().step(p),
+        |report| display.borrow_mut().epoch_line(&report.line(&device)),
+    )?;
     Ok(())
 }
 
@@ -303,6 +313,9 @@ fn run_eval(args: &EvalArgs) -> Result<()> {
         limit_test: args.limit_test,
         checkpoint: args.checkpoint.checkpoint.clone(),
     };
+    if let Some(path) = &args.confusion {
+        plot::check_path(path, "--confusion")?;
+    }
     let gpu = Gpu::new(&adapter_request(&args.checkpoint.gpu))?;
     let report = train::evaluate_checkpoint(&gpu, &cfg)?;
     let total: u32 = report.confusion.iter().flatten().sum();
@@ -331,6 +344,13 @@ fn run_eval(args: &EvalArgs) -> Result<()> {
             print!("{count:>6}");
         }
         println!();
+    }
+    if let Some(path) = &args.confusion {
+        let title = format!(
+            "{} on {total} test images: accuracy {:.4}",
+            model.name, report.acc
+        );
+        plot::confusion_matrix(path, &title, &report.confusion)?;
     }
     Ok(())
 }

@@ -217,8 +217,9 @@ fn metrics_files_hold_one_row_per_epoch() {
     }
 }
 
-/// A loss that turns non-finite stops training within 50 steps, naming the
-/// epoch and step and suggesting a lower learning rate.
+/// A loss that turns non-finite stops training within 50 steps (even with
+/// no progress reports to read the loss), naming the epoch and step and
+/// suggesting a lower learning rate.
 #[test]
 fn divergence_stops_training_early() {
     let (err, out) = refused(&[
@@ -232,6 +233,7 @@ fn divergence_stops_training_early() {
         "100",
         "--batch-size",
         "16",
+        "--quiet",
     ]);
     assert!(
         err.contains("epoch 1: training diverged; try a lower --lr"),

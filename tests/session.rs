@@ -3,7 +3,7 @@
 mod common;
 
 use d2l_wgpu::models;
-use d2l_wgpu::train::{Session, TrainConfig};
+use d2l_wgpu::train::{Reporting, Session, TrainConfig};
 
 /// After planning, training steps create no buffer, bind group or pipeline
 /// and read nothing back (a readback needs a staging buffer): each step only
@@ -29,7 +29,9 @@ fn run(gpu: &d2l_wgpu::gpu::Gpu, seed: u64) -> (Vec<(u64, u64)>, Vec<u32>) {
     let mut metrics = Vec::new();
     for _ in 0..cfg.epochs {
         rng.shuffle(&mut order);
-        let (loss, acc) = session.train_epoch(gpu, &order, 0, |_| ()).unwrap();
+        let (loss, acc) = session
+            .train_epoch(gpu, 1, &order, Reporting::Off, |_| ())
+            .unwrap();
         metrics.push((loss.to_bits(), acc.to_bits()));
     }
     let mut bits = Vec::new();

@@ -41,7 +41,7 @@ impl fmt::Display for Optimizer {
                 weight_decay,
             } => write!(
                 f,
-                "adam lr {lr} betas ({}, {}) eps {eps} weight_decay {weight_decay}",
+                "adam lr {lr} betas ({}, {}) eps {eps:e} weight_decay {weight_decay}",
                 betas.0, betas.1
             ),
         }

@@ -6,7 +6,9 @@ pub mod checkpoint;
 pub mod init;
 mod metrics_file;
 mod optimizer;
+pub mod plot;
 pub mod predict;
+pub mod progress;
 pub mod rng;
 
 pub use metrics_file::MetricsFile;
@@ -156,12 +158,45 @@ struct MetricSums {
     seen: u32,
 }
 
-/// Training progress within an epoch: figures over the batches since the last report.
+/// Training progress within an epoch, after every step. The figures come
+/// only at report points (they need a read from the GPU).
 pub struct Progress {
+    pub epoch: usize,
     pub batches_done: usize,
     pub batches: usize,
-    pub loss: f64,
-    pub acc: f64,
+    pub examples_done: usize,
+    pub figures: Option<ProgressFigures>,
+}
+
+/// Mean loss and accuracy over the batches since the last report, and over
+/// the epoch so far.
+#[derive(Clone, Copy, Debug)]
+pub struct ProgressFigures {
+    pub recent_loss: f64,
+    pub recent_acc: f64,
+    pub epoch_loss: f64,
+    pub epoch_acc: f64,
+}
+
+/// When training reads its running loss and accuracy for progress reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reporting {
+    /// Only the divergence checks read anything.
+    Off,
+    /// Every N batches (and at the epoch's end).
+    EveryBatches(usize),
+    /// About N times per epoch.
+    PerEpoch(usize),
+}
+
+impl Reporting {
+    fn every(self, batches: usize) -> usize {
+        match self {
+            Reporting::Off => 0,
+            Reporting::EveryBatches(n) => n,
+            Reporting::PerEpoch(n) => batches.div_ceil(n.max(1)),
+        }
+    }
 }
 
 impl Metrics {
@@ -308,12 +343,14 @@ pub struct TrainConfig {
     pub limit_test: Option<usize>,
     /// Shuffle the training images every epoch (d2l's DataLoader does).
     pub shuffle: bool,
-    /// Report progress every N batches (0: only at epoch end).
-    pub log_every: usize,
+    /// When to read the running loss and accuracy for `Progress` reports.
+    pub reporting: Reporting,
     /// Replaces every dropout layer's probability (0 disables dropout).
     pub dropout: Option<f32>,
     /// Where to write one row per epoch (`.csv` or `.json`).
     pub metrics: Option<PathBuf>,
+    /// Where to draw the training curves after every epoch (`.png` or `.svg`).
+    pub plot: Option<PathBuf>,
     /// Checkpoint written at every epoch end.
     pub save: Option<PathBuf>,
     /// Start from these weights instead of d2l's initialisation.
@@ -336,9 +373,10 @@ impl TrainConfig {
             limit_train: None,
             limit_test: None,
             shuffle: true,
-            log_every: 0,
+            reporting: Reporting::Off,
             dropout: None,
             metrics: None,
+            plot: None,
             save: None,
             init: None,
             resume: None,
@@ -369,6 +407,9 @@ impl TrainConfig {
         }
         if let Some(path) = &self.metrics {
             MetricsFile::new(path)?;
+        }
+        if let Some(path) = &self.plot {
+            plot::check_path(path, "--plot")?;
         }
         if self.init.is_some() && self.resume.is_some() {
             bail!("--init and --resume exclude each other: --resume already restores the weights");
@@ -646,23 +687,35 @@ impl Session {
 
     /// One pass over the training examples in `order`: (mean loss,
     /// accuracy). Every `DIVERGENCE_CHECK` batches (and at the end) the
-    /// running sums are read and a non-finite loss stops the epoch; with
-    /// `every > 0`, `progress` gets the loss and accuracy over each `every`
-    /// batches. These are the only reads during the epoch.
+    /// running sums are read and a non-finite loss stops the epoch.
+    /// `progress` hears of every step; `reporting` decides at which steps it
+    /// also gets the loss and accuracy. These are the only reads during the
+    /// epoch.
     pub fn train_epoch(
         &self,
         gpu: &Gpu,
+        epoch: usize,
         order: &[u32],
-        every: usize,
+        reporting: Reporting,
         mut progress: impl FnMut(&Progress),
     ) -> Result<(f64, f64)> {
         self.train_metrics.reset(gpu);
-        let batches = order.len().div_ceil(self.train_steps.batch);
+        let batch = self.train_steps.batch;
+        let batches = order.len().div_ceil(batch);
+        let every = reporting.every(batches);
         let mut reported = MetricSums::default();
         let mut checked = MetricSums::default();
         self.train_steps.run_epoch(gpu, order, |done| {
+            let mut step = Progress {
+                epoch,
+                batches_done: done,
+                batches,
+                examples_done: (done * batch).min(order.len()),
+                figures: None,
+            };
             let report = every > 0 && (done % every == 0 || done == batches);
             if !report && done % DIVERGENCE_CHECK != 0 && done != batches {
+                progress(&step);
                 return Ok(());
             }
             let now = self.train_metrics.sums(gpu)?;
@@ -681,15 +734,17 @@ impl Session {
             }
             checked = now;
             if report {
-                let seen = f64::from((now.seen - reported.seen).max(1));
-                progress(&Progress {
-                    batches_done: done,
-                    batches,
-                    loss: (now.loss_sum - reported.loss_sum) / seen,
-                    acc: f64::from(now.correct - reported.correct) / seen,
+                let recent = f64::from((now.seen - reported.seen).max(1));
+                let all = f64::from(now.seen.max(1));
+                step.figures = Some(ProgressFigures {
+                    recent_loss: (now.loss_sum - reported.loss_sum) / recent,
+                    recent_acc: f64::from(now.correct - reported.correct) / recent,
+                    epoch_loss: now.loss_sum / all,
+                    epoch_acc: f64::from(now.correct) / all,
                 });
                 reported = now;
             }
+            progress(&step);
             Ok(())
         })?;
         self.train_metrics.read(gpu)
@@ -869,7 +924,7 @@ pub fn train(
             shuffle_rng.shuffle(&mut order);
         }
         let (train_loss, train_acc) = session
-            .train_epoch(gpu, &order, cfg.log_every, &mut on_progress)
+            .train_epoch(gpu, epoch, &order, cfg.reporting, &mut on_progress)
             .with_context(|| {
                 format!(
                     "epoch {epoch}: training diverged; try a lower --lr (now {})",
@@ -894,6 +949,13 @@ pub fn train(
         point.shuffle_state = shuffle_rng.state();
         if let Some(file) = &metrics_file {
             file.write(&point.history)?;
+        }
+        if let Some(path) = &cfg.plot {
+            let title = format!(
+                "{}: {}, batch {}, resize {}",
+                cfg.model.name, cfg.optimizer, cfg.batch_size, cfg.resize
+            );
+            plot::training_curves(path, &title, &point.history, cfg.epochs)?;
         }
         if let Some(path) = &cfg.save {
             session.save(gpu, cfg, path, &point)?;
