@@ -181,8 +181,8 @@ struct TrainArgs {
     #[arg(long, value_name = "FILE")]
     plot: Option<PathBuf>,
     /// Report the loss and accuracy of the last N batches every N batches [default: a bar on a terminal, else 10 lines per epoch].
-    #[arg(long, default_value_t = 0)]
-    log_every: usize,
+    #[arg(long, value_name = "N")]
+    log_every: Option<usize>,
     /// Print only the per-epoch lines: no progress bar or progress lines.
     #[arg(long)]
     quiet: bool,
@@ -232,7 +232,7 @@ fn train_config(args: &TrainArgs) -> Result<TrainConfig> {
         limit_train: args.limit_train,
         limit_test: args.limit_test,
         shuffle: !args.no_shuffle,
-        reporting: Display::for_stdout(args.quiet).reporting(args.log_every),
+        reporting: Display::for_stdout(args.quiet).reporting(args.log_every.unwrap_or(0)),
         plot: args.plot.clone(),
         dropout: args.dropout,
         metrics: args.metrics.clone(),

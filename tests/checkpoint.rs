@@ -13,26 +13,32 @@ fn path(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-/// Trains LeNet for one epoch on 256 images and saves it to `dir/lenet.safetensors`.
+/// LeNet on 256 training and 300 test images, batches of 32.
+const LENET_RUN: [&str; 9] = [
+    "train",
+    "--model",
+    "lenet",
+    "--limit-train",
+    "256",
+    "--limit-test",
+    "300",
+    "--batch-size",
+    "32",
+];
+
+/// Trains LeNet for one epoch and saves it to `dir/lenet.safetensors`.
 fn trained_lenet(dir: &Path) -> std::path::PathBuf {
     let checkpoint = dir.join("lenet.safetensors");
-    cli_ok(&[
-        "train",
-        "--model",
-        "lenet",
+    let metrics = dir.join("lenet.csv");
+    let more = [
         "--epochs",
         "1",
-        "--limit-train",
-        "256",
-        "--limit-test",
-        "300",
-        "--batch-size",
-        "32",
         "--save",
         path(&checkpoint),
         "--metrics",
-        path(&dir.join("lenet.csv")),
-    ]);
+        path(&metrics),
+    ];
+    cli_ok(&[&LENET_RUN[..], &more].concat());
     checkpoint
 }
 
@@ -311,5 +317,29 @@ fn checkpoints_that_do_not_fit_are_refused() {
         "train", "--model", "lenet", "--resume", ckpt, "--epochs", "2",
     ]);
     assert!(err.contains("--resume needs the training state"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Training that diverges stops before its epoch's save: the last good
+/// checkpoint and its training state stay as they were, byte for byte.
+#[test]
+fn divergence_leaves_the_last_good_checkpoint_untouched() {
+    let dir = scratch_dir("diverge");
+    let checkpoint = trained_lenet(&dir);
+    let before = (
+        std::fs::read(&checkpoint).unwrap(),
+        std::fs::read(sidecar_path(&checkpoint)).unwrap(),
+    );
+    let ckpt = path(&checkpoint);
+    let more = [
+        "--resume", ckpt, "--save", ckpt, "--epochs", "2", "--lr", "3e38",
+    ];
+    let (err, _) = refused(&[&LENET_RUN[..], &more].concat());
+    assert!(err.contains("epoch 2: training diverged"), "{err}");
+    let after = (
+        std::fs::read(&checkpoint).unwrap(),
+        std::fs::read(sidecar_path(&checkpoint)).unwrap(),
+    );
+    assert!(before == after, "the checkpoint changed");
     std::fs::remove_dir_all(&dir).unwrap();
 }

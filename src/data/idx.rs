@@ -44,7 +44,10 @@ pub fn parse_idx(bytes: &[u8], magic: u32) -> Result<Idx> {
         .collect::<Option<Vec<_>>>()
         .with_context(|| format!("IDX header truncated: expected {rank} dimensions"))?;
     let header = 4 * (rank + 1);
-    let expected: usize = dims.iter().product();
+    let expected = dims
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .with_context(|| format!("IDX dimensions {dims:?} are too large"))?;
     let got = bytes.len() - header;
     if got != expected {
         bail!("dimensions {dims:?} need {expected} bytes of data, the file has {got}");
