@@ -92,3 +92,26 @@ fn training_steps_create_no_gpu_resources() {
     session.evaluate(&gpu).unwrap();
     assert!(gpu.resources_created() > before);
 }
+
+/// Epochs allocate nothing that stays: the bytes held by live GPU buffers
+/// are the same after every epoch (training, evaluation and their
+/// readbacks). Host memory is measured on whole runs instead: the tests of
+/// this binary share one process.
+#[test]
+fn live_gpu_memory_stays_flat_across_epochs() {
+    let gpu = common::gpu();
+    let cfg = small_config(1);
+    let session = Session::new(&gpu, &cfg).unwrap();
+    let order: Vec<u32> = (0..640).collect();
+    let mut live = Vec::new();
+    for epoch in 1..=4 {
+        session
+            .train_epoch(&gpu, epoch, &order, Reporting::EveryBatches(3), |_| ())
+            .unwrap();
+        session.evaluate(&gpu).unwrap();
+        gpu.wait().unwrap();
+        live.push(gpu.live_buffer_bytes());
+    }
+    assert!(live[0] > 0, "the allocator reports no buffers");
+    assert!(live.iter().all(|&b| b == live[0]), "{live:?}");
+}

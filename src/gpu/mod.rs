@@ -163,6 +163,12 @@ impl Gpu {
         device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
             sink.lock().unwrap().push(e.to_string());
         }));
+        let sink = errors.clone();
+        device.set_device_lost_callback(move |reason, message| {
+            sink.lock()
+                .unwrap()
+                .push(format!("the GPU device was lost ({reason:?}): {message}"));
+        });
         log::info!(
             "adapter {:?} ({:?}, {:?}), max storage binding {} B, max buffer {} B",
             info.name,
@@ -194,6 +200,24 @@ impl Gpu {
         bail!("GPU error: {first}")
     }
 
+    /// Runs `f` inside wgpu error scopes: an out-of-memory or validation
+    /// error it causes comes back as an error saying what was being done.
+    pub fn scoped<T>(&self, what: impl FnOnce() -> String, f: impl FnOnce() -> T) -> Result<T> {
+        let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let memory = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let value = f();
+        let out_of_memory = pollster::block_on(memory.pop());
+        let invalid = pollster::block_on(validation.pop());
+        match (out_of_memory, invalid) {
+            (Some(e), _) => bail!(
+                "{}: the GPU is out of memory ({e}); try a smaller --batch-size or --resize",
+                what()
+            ),
+            (None, Some(e)) => bail!("{}: GPU validation error: {e}", what()),
+            (None, None) => Ok(value),
+        }
+    }
+
     /// The largest storage binding this project uses: one 256-byte unit below
     /// the adapter's limit, because lavapipe (Mesa 22.3) reads zeros from
     /// parts of a binding exactly `maxStorageBufferRange` long (found by
@@ -206,6 +230,14 @@ impl Gpu {
     /// created through `Gpu`: tests check a training step adds none.
     pub fn resources_created(&self) -> usize {
         self.created.load(Ordering::Relaxed) + self.pipelines.created()
+    }
+
+    /// Bytes of GPU memory held by live buffers now, as the backend's
+    /// allocator counts them (buffers are freed once the GPU is done with
+    /// them, so wait first for a stable figure).
+    pub fn live_buffer_bytes(&self) -> u64 {
+        let counters = self.device.get_internal_counters();
+        counters.hal.buffer_memory.read().max(0) as u64
     }
 
     pub fn buffer(&self, desc: &wgpu::BufferDescriptor<'_>) -> wgpu::Buffer {
@@ -226,14 +258,20 @@ impl Gpu {
                 self.limits.max_buffer_size
             );
         }
-        Ok(self.buffer(&wgpu::BufferDescriptor {
-            label: Some(label),
-            size: bytes.max(4).next_multiple_of(4),
-            usage: wgpu::BufferUsages::STORAGE
-                | wgpu::BufferUsages::COPY_DST
-                | wgpu::BufferUsages::COPY_SRC,
-            mapped_at_creation: false,
-        }))
+        let size = bytes.max(4).next_multiple_of(4);
+        self.scoped(
+            || format!("allocating buffer {label:?} of {size} bytes"),
+            || {
+                self.buffer(&wgpu::BufferDescriptor {
+                    label: Some(label),
+                    size,
+                    usage: wgpu::BufferUsages::STORAGE
+                        | wgpu::BufferUsages::COPY_DST
+                        | wgpu::BufferUsages::COPY_SRC,
+                    mapped_at_creation: false,
+                })
+            },
+        )
     }
 
     pub fn uniform_buffer(&self, label: &str, contents: &[u8]) -> wgpu::Buffer {

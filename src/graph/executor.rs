@@ -465,7 +465,21 @@ impl Plan {
                     );
                 }
             }
-            let planned = match node.op.shared_inputs() {
+            let shapes = |ids: &[TensorId]| {
+                ids.iter()
+                    .map(|&t| format!("{:?}", graph.shape(t)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            let what = || {
+                format!(
+                    "planning {} (inputs {}; outputs {})",
+                    node.op.describe(),
+                    shapes(&node.inputs),
+                    shapes(&node.outputs)
+                )
+            };
+            let planned = gpu.scoped(what, || match node.op.shared_inputs() {
                 // Per-sample work: cut along the batch when a tensor is too
                 // large to bind whole.
                 Some(shared) => {
@@ -479,8 +493,8 @@ impl Plan {
                     })
                 }
                 None => node.op.plan(&mut ctx, &node.inputs, &node.outputs),
-            };
-            planned.with_context(|| format!("planning {}", ctx.label))?;
+            })?;
+            planned.with_context(what)?;
         }
         gpu.check_errors()
             .context("creating the plan's pipelines and bind groups")?;

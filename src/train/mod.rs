@@ -943,6 +943,10 @@ pub fn train(
             seconds: start.elapsed().as_secs_f64(),
         };
         on_epoch(&report);
+        log::info!(
+            "after epoch {epoch}: {} bytes of GPU buffers live",
+            gpu.live_buffer_bytes()
+        );
         point.history.push(report);
         point.epochs_done = epoch;
         point.steps_done += order.len().div_ceil(cfg.batch_size) as u64;
