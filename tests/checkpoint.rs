@@ -343,3 +343,67 @@ fn divergence_leaves_the_last_good_checkpoint_untouched() {
     assert!(before == after, "the checkpoint changed");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Killing a run at any moment, saves included, leaves a checkpoint that
+/// reads completely: every save goes to a temporary file that is renamed
+/// over the previous one only once it is whole. LeNet on 64 images saves
+/// several times a second; six runs are killed at staggered moments.
+#[test]
+fn a_run_killed_while_saving_leaves_a_valid_checkpoint() {
+    let dir = scratch_dir("killed-save");
+    let checkpoint = dir.join("run.safetensors");
+    for round in 0..6u64 {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_d2l-wgpu"))
+            .args([
+                "train",
+                "--model",
+                "lenet",
+                "--epochs",
+                "1000",
+                "--limit-train",
+                "64",
+            ])
+            .args([
+                "--limit-test",
+                "64",
+                "--batch-size",
+                "64",
+                "--quiet",
+                "--save",
+            ])
+            .arg(&checkpoint)
+            .env("XDG_RUNTIME_DIR", "/tmp")
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let start = std::time::Instant::now();
+        while !checkpoint.exists() {
+            assert!(start.elapsed().as_secs() < 120, "no checkpoint written");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(150 + 37 * round));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let file = TensorFile::read(&checkpoint).unwrap();
+        assert_eq!(file.tensors.len(), 10, "round {round}");
+        TensorFile::read(&sidecar_path(&checkpoint)).unwrap();
+        if round < 5 {
+            std::fs::remove_file(&checkpoint).unwrap();
+        }
+    }
+    // The next complete save clears what killed saves left behind.
+    cli_ok(
+        &[
+            &LENET_RUN[..],
+            &["--epochs", "1", "--save", path(&checkpoint)],
+        ]
+        .concat(),
+    );
+    let names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(names.iter().all(|n| !n.ends_with(".tmp")), "{names:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

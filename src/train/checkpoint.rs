@@ -147,7 +147,22 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         let _ = std::fs::remove_file(&temporary);
         bail!("cannot write {}: {e}", path.display());
     }
+    remove_stale_temporaries(&folder, &name.to_string_lossy());
     Ok(())
+}
+
+/// Removes what killed runs left: `.NAME.PID.tmp` files of this name.
+fn remove_stale_temporaries(folder: &Path, name: &str) {
+    let Ok(entries) = std::fs::read_dir(folder) else {
+        return;
+    };
+    let prefix = format!(".{name}.");
+    for entry in entries.flatten() {
+        let file = entry.file_name().to_string_lossy().into_owned();
+        if file.starts_with(&prefix) && file.ends_with(".tmp") {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }
 
 /// The sidecar of a checkpoint: `run.safetensors` -> `run.train-state.safetensors`.
