@@ -107,6 +107,9 @@ struct BenchArgs {
     /// Also print the GPU time of every op in a training step (timestamp queries).
     #[arg(long)]
     profile: bool,
+    /// Instead of a model, measure the project's matrix product (SGEMM) at 1024^3 and 2048^3.
+    #[arg(long)]
+    gemm: bool,
     #[command(flatten)]
     train: TrainArgs,
 }
@@ -283,8 +286,16 @@ fn run_train(args: &TrainArgs) -> Result<()> {
 }
 
 fn run_bench(args: &BenchArgs) -> Result<()> {
-    let cfg = train_config(&args.train)?;
     let gpu = Gpu::new(&adapter_request(&args.train.gpu))?;
+    if args.gemm {
+        println!("SGEMM (the Linear layers' kernel) on {}:", gpu.info.name);
+        for n in [1024, 2048] {
+            let gflops = bench::gemm_gflops(&gpu, n, args.steps.clamp(3, 10))?;
+            println!("  {n}x{n}x{n}: {gflops:.1} GFLOP/s");
+        }
+        return Ok(());
+    }
+    let cfg = train_config(&args.train)?;
     let report = bench::bench(&gpu, &cfg, args.steps, args.profile)?;
     println!(
         "{} at {}x{}, batch {}, on {}",

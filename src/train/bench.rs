@@ -1,9 +1,11 @@
 //! `d2l-wgpu bench`: images per second of a training step and of an
 //! inference step, and optionally where the GPU time of a step goes.
 
+use super::rng::Rng;
 use super::{Session, TrainConfig};
 use crate::gpu::Gpu;
-use crate::graph::Plan;
+use crate::graph::{Externals, Graph, Init, ParamStore, Plan};
+use crate::ops::MatMul;
 use anyhow::Result;
 use std::collections::HashMap;
 use std::time::Instant;
@@ -67,4 +69,37 @@ pub fn bench(gpu: &Gpu, cfg: &TrainConfig, steps: usize, profile: bool) -> Resul
         eval_images_per_sec,
         profile,
     })
+}
+
+/// GFLOP/s (2 per multiply-add) of the project's matrix product, the kernel
+/// every Linear layer runs, on `n` x `n` by `n` x `n`: the median of `reps`
+/// timed products after a warm-up, each submitted and waited for alone.
+pub fn gemm_gflops(gpu: &Gpu, n: usize, reps: usize) -> Result<f64> {
+    let mut g = Graph::new(false);
+    let a = g.param("a".into(), vec![n, n], Init::Zeros);
+    let b = g.param("b".into(), vec![n, n], Init::Zeros);
+    let product = MatMul {
+        transpose_a: false,
+        transpose_b: false,
+    };
+    g.apply1(product, &[a, b])?;
+    let store = ParamStore::new(gpu, &g)?;
+    let mut rng = Rng::new(0);
+    for i in 0..2 {
+        let values: Vec<f32> = (0..n * n).map(|_| rng.next_f32() - 0.5).collect();
+        store.write(gpu, i, &values)?;
+    }
+    let plan = Plan::new(gpu, &g, &store, &Externals::new())?;
+    plan.run(gpu);
+    gpu.wait()?;
+    let mut seconds = Vec::with_capacity(reps);
+    for _ in 0..reps.max(1) {
+        let start = Instant::now();
+        plan.run(gpu);
+        gpu.wait()?;
+        seconds.push(start.elapsed().as_secs_f64());
+    }
+    seconds.sort_by(f64::total_cmp);
+    let median = seconds[seconds.len() / 2];
+    Ok(2.0 * (n as f64).powi(3) / median / 1e9)
 }
