@@ -95,3 +95,21 @@ fn a_buffer_beyond_the_adapter_limit_is_refused_with_the_numbers() {
         "{err}"
     );
 }
+
+/// A lost device (here destroyed on purpose) is reported by the next wait
+/// or readback, with the reason, instead of hanging or aborting.
+#[test]
+fn a_lost_device_is_reported_not_hung() {
+    let gpu = common::gpu();
+    let buffer = gpu.storage_buffer("before the loss", 16).unwrap();
+    gpu.device.destroy();
+    let waited = gpu
+        .wait()
+        .and_then(|_| gpu.read_f32(&buffer, 0, 4).map(|_| ()));
+    let message = format!("{:#}", waited.expect_err("the loss is reported"));
+    println!("{message}");
+    assert!(
+        message.contains("the GPU device was lost (Destroyed)"),
+        "{message}"
+    );
+}
