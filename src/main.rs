@@ -274,6 +274,11 @@ fn run_train(args: &TrainArgs) -> Result<()> {
         "training {} for {} epochs: {}, batch size {}, resize {}, seed {}",
         cfg.model.name, cfg.epochs, cfg.optimizer, cfg.batch_size, cfg.resize, cfg.seed
     );
+    if let Some(path) = &cfg.resume {
+        if let Some(epoch) = checkpoint::saved_settings(path)?.epoch {
+            println!("resuming {} after epoch {epoch}", path.display());
+        }
+    }
     let device = gpu.info.name.clone();
     let display = RefCell::new(ProgressDisplay::new(Display::for_stdout(args.quiet)));
     train::train(

@@ -84,11 +84,16 @@ fn check_resume(name: &str, optimizer: &[&str]) {
             args.extend(["--resume", path(&ckpt)]);
         }
         args.extend(optimizer);
-        cli_ok(&args);
+        cli_ok(&args)
     };
     run("2", "straight.safetensors", false);
     run("1", "split.safetensors", false);
-    run("2", "split.safetensors", true);
+    let resumed = run("2", "split.safetensors", true);
+    assert!(
+        resumed.contains("split.safetensors after epoch 1\n"),
+        "{resumed}"
+    );
+    assert!(!resumed.contains("epoch 1, loss"), "{resumed}");
 
     let straight = metric_rows(&dir.join("straight.csv"));
     assert_eq!(straight.len(), 2);

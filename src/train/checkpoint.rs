@@ -277,6 +277,8 @@ pub fn load_state_dict(
 pub struct SavedSettings {
     pub model: Option<String>,
     pub resize: Option<usize>,
+    /// Epochs finished when it was saved.
+    pub epoch: Option<usize>,
 }
 
 pub fn saved_settings(path: &Path) -> Result<SavedSettings> {
@@ -284,5 +286,6 @@ pub fn saved_settings(path: &Path) -> Result<SavedSettings> {
     Ok(SavedSettings {
         model: file.meta("model").map(String::from),
         resize: file.meta("resize").and_then(|r| r.parse().ok()),
+        epoch: file.meta("epoch").and_then(|e| e.parse().ok()),
     })
 }
