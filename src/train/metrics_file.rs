@@ -1,9 +1,9 @@
 //! `--metrics FILE.csv|FILE.json`: one row per finished epoch, rewritten
 //! atomically after every epoch so an interrupted run leaves a valid file.
 
+use super::atomic::write_atomic;
 use super::EpochReport;
 use anyhow::{bail, Context, Result};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -82,22 +82,9 @@ impl MetricsFile {
         }
     }
 
-    /// Replaces the file with all rows so far: written to a temporary file
-    /// in the same folder, synced, then renamed over the old one.
+    /// Replaces the file with all rows so far, atomically.
     pub fn write(&self, reports: &[EpochReport]) -> Result<()> {
-        let name = self
-            .path
-            .file_name()
-            .context("--metrics needs a file name")?;
-        let temporary = self
-            .path
-            .with_file_name(format!(".{}.partial", name.to_string_lossy()));
-        let write = || -> std::io::Result<()> {
-            let mut file = std::fs::File::create(&temporary)?;
-            file.write_all(self.render(reports).as_bytes())?;
-            file.sync_all()?;
-            std::fs::rename(&temporary, &self.path)
-        };
-        write().with_context(|| format!("writing metrics to {}", self.path.display()))
+        write_atomic(&self.path, self.render(reports).as_bytes())
+            .with_context(|| format!("writing metrics to {}", self.path.display()))
     }
 }

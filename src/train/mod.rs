@@ -1,6 +1,7 @@
 //! The training loop of d2l's `train_ch6`: SGD on mini-batches, per-epoch
 //! training loss and accuracy, then test accuracy in evaluation mode.
 
+mod atomic;
 pub mod bench;
 pub mod checkpoint;
 pub mod init;

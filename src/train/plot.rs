@@ -3,7 +3,7 @@
 //! as PNG or SVG. Text is drawn with the DejaVu Sans font shipped in
 //! `assets/fonts`, so no system fonts are needed.
 
-use super::checkpoint::write_atomic;
+use super::atomic::write_atomic;
 use super::EpochReport;
 use crate::data::CLASSES;
 use anyhow::{bail, Context, Result};
