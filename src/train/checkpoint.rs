@@ -57,6 +57,10 @@ impl StoredTensor {
         (self.dtype == Dtype::F32).then(|| self.words().map(f32::from_le_bytes).collect())
     }
 
+    pub fn to_i64(&self) -> Option<Vec<i64>> {
+        (self.dtype == Dtype::I64).then(|| self.words().map(i64::from_le_bytes).collect())
+    }
+
     pub fn to_u64(&self) -> Option<Vec<u64>> {
         (self.dtype == Dtype::U64).then(|| self.words().map(u64::from_le_bytes).collect())
     }

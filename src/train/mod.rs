@@ -94,6 +94,9 @@ pub enum StepKind {
 /// Classes of Fashion-MNIST (and rows of the confusion matrix).
 const CLASSES: usize = crate::data::CLASSES.len();
 
+/// Bytes of the u32 confusion matrix.
+const CONFUSION_BYTES: u64 = (4 * CLASSES * CLASSES) as u64;
+
 /// The graph of one step on a batch: gather and resize the batch on the GPU,
 /// run the model, add loss and accuracy to the metrics, and when training
 /// backpropagate and update the parameters.
@@ -149,7 +152,7 @@ pub fn step_graph(
 /// and in evaluation the confusion matrix.
 struct Metrics {
     buffer: wgpu::Buffer,
-    confusion: wgpu::Buffer,
+    confusion: Option<wgpu::Buffer>,
 }
 
 #[derive(Clone, Copy, Default)]
@@ -201,22 +204,33 @@ impl Reporting {
 }
 
 impl Metrics {
-    fn new(gpu: &Gpu, label: &str) -> Result<Metrics> {
+    /// The sums for steps of `kind`; evaluation also counts a confusion matrix.
+    fn new(gpu: &Gpu, label: &str, kind: StepKind) -> Result<Metrics> {
+        let confusion = match kind {
+            StepKind::Eval => Some(gpu.storage_buffer(label, CONFUSION_BYTES)?),
+            StepKind::Train { .. } => None,
+        };
         Ok(Metrics {
             buffer: gpu.storage_buffer(label, 16)?,
-            confusion: gpu.storage_buffer(label, 4 * (CLASSES * CLASSES) as u64)?,
+            confusion,
         })
     }
 
     fn reset(&self, gpu: &Gpu) {
         gpu.queue.write_buffer(&self.buffer, 0, &[0u8; 16]);
-        gpu.queue
-            .write_buffer(&self.confusion, 0, &[0u8; 4 * CLASSES * CLASSES]);
+        if let Some(confusion) = &self.confusion {
+            gpu.queue
+                .write_buffer(confusion, 0, &[0u8; CONFUSION_BYTES as usize]);
+        }
     }
 
     /// `[label][prediction]` counts; waits for the GPU.
     fn confusion(&self, gpu: &Gpu) -> Result<Vec<Vec<u32>>> {
-        let bytes = gpu.read_bytes(&self.confusion, 0, 4 * (CLASSES * CLASSES) as u64)?;
+        let confusion = self
+            .confusion
+            .as_ref()
+            .context("training steps count no confusion matrix")?;
+        let bytes = gpu.read_bytes(confusion, 0, CONFUSION_BYTES)?;
         let counts: &[u32] = bytemuck::cast_slice(&bytes);
         Ok(counts.chunks(CLASSES).map(<[u32]>::to_vec).collect())
     }
@@ -271,7 +285,9 @@ impl Steps {
             data.bind(&mut externals);
             externals.insert("indices", Binding::whole(&indices));
             externals.insert("metrics", Binding::whole(&metrics.buffer));
-            externals.insert("confusion", Binding::whole(&metrics.confusion));
+            if let Some(confusion) = &metrics.confusion {
+                externals.insert("confusion", Binding::whole(confusion));
+            }
             externals.insert("parameters", Binding::whole(&params.values));
             externals.insert("gradients", Binding::whole(&params.grads));
             externals.insert(DROPOUT_RNG, Binding::whole(cfg.dropout_rng));
@@ -543,7 +559,7 @@ struct Evaluator {
 
 impl Evaluator {
     fn new(gpu: &Gpu, setup: &Setup<'_>, data: GpuDataset, params: &ParamStore) -> Result<Self> {
-        let metrics = Metrics::new(gpu, "test metrics")?;
+        let metrics = Metrics::new(gpu, "test metrics", StepKind::Eval)?;
         let steps = Steps::new(gpu, setup, &data, &metrics, params, StepKind::Eval)?;
         Ok(Evaluator {
             data,
@@ -660,11 +676,11 @@ impl Session {
             dropout_rng: &dropout_rng,
             optimizer: Some(&optimizer),
         };
-        let train_metrics = Metrics::new(gpu, "train metrics")?;
         let train_kind = StepKind::Train {
             optimizer: cfg.optimizer,
             param_floats: (params.bytes / 4) as usize,
         };
+        let train_metrics = Metrics::new(gpu, "train metrics", train_kind)?;
         let train_steps = Steps::new(
             gpu,
             &setup,

@@ -111,10 +111,8 @@ impl OptimizerState {
             }
         }
         if let Some(step) = &self.step {
-            let count = match file.tensors.get("step") {
-                Some(t) if t.dtype == safetensors::Dtype::I64 && t.bytes.len() == 8 => {
-                    i64::from_le_bytes(t.bytes[..8].try_into().expect("8 bytes"))
-                }
+            let count = match file.tensors.get("step").and_then(StoredTensor::to_i64) {
+                Some(count) if count.len() == 1 => count[0],
                 _ => bail!("{path}: no int64 `step` for {}", self.optimizer),
             };
             let record = [count as u32, 0, 0, 0];
