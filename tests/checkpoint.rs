@@ -4,14 +4,10 @@
 
 mod common;
 
-use common::{cli_ok, refused, scratch_dir};
+use common::{arg, cli_ok, kill_after_first_write, refused, scratch_dir};
 use d2l_wgpu::data::FashionMnist;
 use d2l_wgpu::train::checkpoint::{sidecar_path, StoredTensor, TensorFile};
 use std::path::Path;
-
-fn path(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 /// LeNet on 256 training and 300 test images, batches of 32.
 const LENET_RUN: [&str; 9] = [
@@ -34,9 +30,9 @@ fn trained_lenet(dir: &Path) -> std::path::PathBuf {
         "--epochs",
         "1",
         "--save",
-        path(&checkpoint),
+        arg(&checkpoint),
         "--metrics",
-        path(&metrics),
+        arg(&metrics),
     ];
     cli_ok(&[&LENET_RUN[..], &more].concat());
     checkpoint
@@ -76,12 +72,12 @@ fn check_resume(name: &str, optimizer: &[&str]) {
             "--epochs",
             epochs,
             "--save",
-            path(&ckpt),
+            arg(&ckpt),
             "--metrics",
-            path(&metrics),
+            arg(&metrics),
         ];
         if resume {
-            args.extend(["--resume", path(&ckpt)]);
+            args.extend(["--resume", arg(&ckpt)]);
         }
         args.extend(optimizer);
         cli_ok(&args)
@@ -140,7 +136,7 @@ fn eval_reports_the_accuracy_training_saw() {
     let text = cli_ok(&[
         "eval",
         "--checkpoint",
-        path(&checkpoint),
+        arg(&checkpoint),
         "--limit-test",
         "300",
     ]);
@@ -207,9 +203,9 @@ fn predict_reads_test_images_and_image_files() {
     let text = cli_ok(&[
         "predict",
         "--checkpoint",
-        path(&checkpoint),
-        path(&png),
-        path(&jpeg),
+        arg(&checkpoint),
+        arg(&png),
+        arg(&jpeg),
         "--index",
         "0",
     ]);
@@ -227,7 +223,7 @@ fn predict_reads_test_images_and_image_files() {
     let (err, _) = refused(&[
         "predict",
         "--checkpoint",
-        path(&checkpoint),
+        arg(&checkpoint),
         "--index",
         "10000",
     ]);
@@ -238,8 +234,8 @@ fn predict_reads_test_images_and_image_files() {
     let (err, _) = refused(&[
         "predict",
         "--checkpoint",
-        path(&checkpoint),
-        path(&dir.join("lenet.csv")),
+        arg(&checkpoint),
+        arg(&dir.join("lenet.csv")),
     ]);
     assert!(
         err.contains("lenet.csv is not a PNG or JPEG image"),
@@ -255,7 +251,7 @@ fn predict_reads_test_images_and_image_files() {
 fn checkpoints_that_do_not_fit_are_refused() {
     let dir = scratch_dir("mismatch");
     let checkpoint = trained_lenet(&dir);
-    let ckpt = path(&checkpoint);
+    let ckpt = arg(&checkpoint);
 
     let mut bad = TensorFile::read(&checkpoint).unwrap();
     bad.metadata.clear();
@@ -267,7 +263,7 @@ fn checkpoints_that_do_not_fit_are_refused() {
     let bad_path = dir.join("bad.safetensors");
     bad.write_atomic(&bad_path).unwrap();
     for command in ["eval", "predict"] {
-        let mut args = vec![command, "--model", "lenet", "--checkpoint", path(&bad_path)];
+        let mut args = vec![command, "--model", "lenet", "--checkpoint", arg(&bad_path)];
         if command == "predict" {
             args.extend(["--index", "0"]);
         }
@@ -288,7 +284,7 @@ fn checkpoints_that_do_not_fit_are_refused() {
         "--model",
         "lenet",
         "--init",
-        path(&bad_path),
+        arg(&bad_path),
         "--epochs",
         "1",
     ]);
@@ -299,7 +295,7 @@ fn checkpoints_that_do_not_fit_are_refused() {
         err.contains("holds a lenet checkpoint, not lenet-bn; pass --model lenet"),
         "{err}"
     );
-    let (err, _) = refused(&["eval", "--checkpoint", path(&bad_path)]);
+    let (err, _) = refused(&["eval", "--checkpoint", arg(&bad_path)]);
     assert!(
         err.contains("does not say which model it holds; pass --model"),
         "{err}"
@@ -308,12 +304,12 @@ fn checkpoints_that_do_not_fit_are_refused() {
     let bytes = std::fs::read(&checkpoint).unwrap();
     let truncated = dir.join("truncated.safetensors");
     std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
-    let (err, _) = refused(&["eval", "--checkpoint", path(&truncated)]);
+    let (err, _) = refused(&["eval", "--checkpoint", arg(&truncated)]);
     assert!(
         err.contains("truncated.safetensors is not a valid safetensors file"),
         "{err}"
     );
-    let (err, _) = refused(&["eval", "--checkpoint", path(&dir.join("none.safetensors"))]);
+    let (err, _) = refused(&["eval", "--checkpoint", arg(&dir.join("none.safetensors"))]);
     assert!(err.contains("cannot read"), "{err}");
     assert!(err.contains("none.safetensors"), "{err}");
 
@@ -335,7 +331,7 @@ fn divergence_leaves_the_last_good_checkpoint_untouched() {
         std::fs::read(&checkpoint).unwrap(),
         std::fs::read(sidecar_path(&checkpoint)).unwrap(),
     );
-    let ckpt = path(&checkpoint);
+    let ckpt = arg(&checkpoint);
     let more = [
         "--resume", ckpt, "--save", ckpt, "--epochs", "2", "--lr", "3e38",
     ];
@@ -358,38 +354,24 @@ fn a_run_killed_while_saving_leaves_a_valid_checkpoint() {
     let dir = scratch_dir("killed-save");
     let checkpoint = dir.join("run.safetensors");
     for round in 0..6u64 {
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_d2l-wgpu"))
-            .args([
-                "train",
-                "--model",
-                "lenet",
-                "--epochs",
-                "1000",
-                "--limit-train",
-                "64",
-            ])
-            .args([
-                "--limit-test",
-                "64",
-                "--batch-size",
-                "64",
-                "--quiet",
-                "--save",
-            ])
-            .arg(&checkpoint)
-            .env("XDG_RUNTIME_DIR", "/tmp")
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let start = std::time::Instant::now();
-        while !checkpoint.exists() {
-            assert!(start.elapsed().as_secs() < 120, "no checkpoint written");
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-        std::thread::sleep(std::time::Duration::from_millis(150 + 37 * round));
-        child.kill().unwrap();
-        child.wait().unwrap();
+        let args = [
+            "train",
+            "--model",
+            "lenet",
+            "--epochs",
+            "1000",
+            "--limit-train",
+            "64",
+            "--limit-test",
+            "64",
+            "--batch-size",
+            "64",
+            "--quiet",
+            "--save",
+            arg(&checkpoint),
+        ];
+        let then = std::time::Duration::from_millis(150 + 37 * round);
+        kill_after_first_write(&args, &checkpoint, then);
         let file = TensorFile::read(&checkpoint).unwrap();
         assert_eq!(file.tensors.len(), 10, "round {round}");
         TensorFile::read(&sidecar_path(&checkpoint)).unwrap();
@@ -401,7 +383,7 @@ fn a_run_killed_while_saving_leaves_a_valid_checkpoint() {
     cli_ok(
         &[
             &LENET_RUN[..],
-            &["--epochs", "1", "--save", path(&checkpoint)],
+            &["--epochs", "1", "--save", arg(&checkpoint)],
         ]
         .concat(),
     );

@@ -4,14 +4,9 @@
 
 mod common;
 
-use common::{cli, cli_ok, scratch_dir, stdout};
+use common::{arg, cli, cli_ok, kill_after_first_write, scratch_dir};
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
-
-fn path(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+use std::time::Duration;
 
 const SMALL_RUN: [&str; 10] = [
     "--model",
@@ -64,11 +59,11 @@ fn plots_show_the_curves_and_the_confusion_matrix() {
     for (plot, save) in [(&png, Some(&checkpoint)), (&svg, None)] {
         let mut args = [
             &SMALL_RUN[..],
-            &["--epochs", "2", "--quiet", "--plot", path(plot)],
+            &["--epochs", "2", "--quiet", "--plot", arg(plot)],
         ]
         .concat();
         if let Some(save) = save {
-            args.extend(["--save", path(save)]);
+            args.extend(["--save", arg(save)]);
         }
         cli_ok(&args);
     }
@@ -88,11 +83,11 @@ fn plots_show_the_curves_and_the_confusion_matrix() {
     cli_ok(&[
         "eval",
         "--checkpoint",
-        path(&checkpoint),
+        arg(&checkpoint),
         "--limit-test",
         "64",
         "--confusion",
-        path(&confusion),
+        arg(&confusion),
     ]);
     let image = image::open(&confusion).unwrap().to_rgb8();
     assert_eq!(image.dimensions(), (860, 860));
@@ -125,40 +120,22 @@ fn a_run_killed_mid_epoch_keeps_its_finished_epochs() {
     let dir = scratch_dir("killed");
     let (csv, json) = (dir.join("m.csv"), dir.join("m.json"));
     for metrics in [&csv, &json] {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_d2l-wgpu"))
-            .args([
-                "--model",
-                "lenet",
-                "--epochs",
-                "50",
-                "--limit-train",
-                "4000",
-                "--limit-test",
-                "100",
-                "--batch-size",
-                "64",
-                "--metrics",
-                path(metrics),
-            ])
-            .env("XDG_RUNTIME_DIR", "/tmp")
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let start = Instant::now();
-        while !metrics.exists() {
-            assert!(
-                start.elapsed() < Duration::from_secs(120),
-                "no epoch finished"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let args = [
+            "--model",
+            "lenet",
+            "--epochs",
+            "50",
+            "--limit-train",
+            "4000",
+            "--limit-test",
+            "100",
+            "--batch-size",
+            "64",
+            "--metrics",
+            arg(metrics),
+        ];
         // Epoch 2 takes seconds: kill it a quarter of a second in.
-        std::thread::sleep(Duration::from_millis(250));
-        child.kill().unwrap();
-        let status = child.wait().unwrap();
-        let printed = stdout(&child.wait_with_output().unwrap());
-        assert!(!status.success());
+        let printed = kill_after_first_write(&args, metrics, Duration::from_millis(250));
         let finished = printed.lines().filter(|l| l.starts_with("epoch ")).count();
         assert_eq!(finished, 1, "{printed}");
         if metrics == &csv {

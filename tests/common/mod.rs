@@ -8,16 +8,50 @@ use d2l_wgpu::ops::CpuTensor;
 use d2l_wgpu::train::rng::Rng;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The `d2l-wgpu` binary, to run from the project folder.
+fn binary(args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_d2l-wgpu"));
+    command
+        .args(args)
+        .env("XDG_RUNTIME_DIR", "/tmp")
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
+    command
+}
 
 /// Runs the `d2l-wgpu` binary from the project folder.
 pub fn cli(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_d2l-wgpu"))
-        .args(args)
-        .env("XDG_RUNTIME_DIR", "/tmp")
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("the binary runs")
+    binary(args).output().expect("the binary runs")
+}
+
+/// Starts the binary, waits until it has written `file`, lets it run for
+/// `then` more and kills it. Returns what it printed.
+pub fn kill_after_first_write(args: &[&str], file: &Path, then: Duration) -> String {
+    let mut child = binary(args)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("the binary starts");
+    let start = Instant::now();
+    while !file.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "{} never appeared",
+            file.display()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(then);
+    child.kill().unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success(), "the run ended before it was killed");
+    stdout(&out)
+}
+
+/// A path as a command-line argument.
+pub fn arg(p: &Path) -> &str {
+    p.to_str().expect("test paths are UTF-8")
 }
 
 pub fn stdout(out: &Output) -> String {
