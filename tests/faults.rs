@@ -113,3 +113,40 @@ fn a_lost_device_is_reported_not_hung() {
         "{message}"
     );
 }
+
+/// Running out of memory while allocating a layer's buffers is reported
+/// with the layer and the sizes, and exits 2. lavapipe's device memory is
+/// host memory, so capping the process's address space (`ulimit -v`, here
+/// 1.5 GB against AlexNet's 143 MB first activation at batch 128) makes its
+/// allocations fail for real.
+#[test]
+fn running_out_of_gpu_memory_names_the_layer_and_sizes() {
+    let out = std::process::Command::new("sh")
+        .args(["-c", r#"ulimit -v 1500000 && exec "$0" "$@""#])
+        .arg(env!("CARGO_BIN_EXE_d2l-wgpu"))
+        .args([
+            "--model",
+            "alexnet",
+            "--limit-train",
+            "128",
+            "--limit-test",
+            "128",
+        ])
+        .args(["--epochs", "1", "--quiet"])
+        .env("XDG_RUNTIME_DIR", "/tmp")
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    println!("{err}");
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    for part in [
+        "error: the output [128, ",
+        ": allocating buffer \"",
+        "the GPU is out of memory",
+        "try a smaller --batch-size or --resize",
+    ] {
+        assert!(err.contains(part), "{part:?} missing from {err}");
+    }
+}
