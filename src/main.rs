@@ -6,7 +6,7 @@ use d2l_wgpu::data::FashionMnist;
 use d2l_wgpu::data::CLASSES;
 use d2l_wgpu::gpu::{self, AdapterRequest, BackendChoice, Gpu};
 use d2l_wgpu::models::{self, ModelSpec};
-use d2l_wgpu::ops::Optimizer;
+use d2l_wgpu::ops::{MatMul, Optimizer};
 use d2l_wgpu::train::predict::{self, ImageSource, PredictConfig};
 use d2l_wgpu::train::progress::{Display, ProgressDisplay};
 use d2l_wgpu::train::{self, bench, checkpoint, plot, EvalConfig, TrainConfig};
@@ -293,10 +293,25 @@ fn run_train(args: &TrainArgs) -> Result<()> {
 fn run_bench(args: &BenchArgs) -> Result<()> {
     let gpu = Gpu::new(&adapter_request(&args.train.gpu))?;
     if args.gemm {
-        println!("SGEMM (the Linear layers' kernel) on {}:", gpu.info.name);
-        for n in [1024, 2048] {
-            let gflops = bench::gemm_gflops(&gpu, n, args.steps.clamp(3, 10))?;
-            println!("  {n}x{n}x{n}: {gflops:.1} GFLOP/s");
+        println!(
+            "SGEMM (the Linear layers' kernel, {:?}) on {}:",
+            gpu.tuning.gemm, gpu.info.name
+        );
+        for product in [
+            MatMul {
+                transpose_a: true,
+                transpose_b: false,
+            },
+            MatMul {
+                transpose_a: false,
+                transpose_b: false,
+            },
+        ] {
+            for n in [1024, 2048] {
+                let gflops = bench::gemm_gflops(&gpu, product, n, args.steps.clamp(3, 10))?;
+                let stored = if product.transpose_a { "A^T B" } else { "A B" };
+                println!("  {stored:<5} {n}x{n}x{n}: {gflops:.1} GFLOP/s");
+            }
         }
         return Ok(());
     }

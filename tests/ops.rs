@@ -5,10 +5,11 @@ mod common;
 
 use common::{assert_close, assert_op_close, gpu, random, run_op, Golden};
 use d2l_wgpu::data::Dataset;
-use d2l_wgpu::graph::{autodiff, DType, Externals, Graph, Init, ParamStore, Plan};
+use d2l_wgpu::gpu::GemmKernel;
+use d2l_wgpu::graph::{autodiff, DType, Externals, Graph, Init, Op, ParamStore, Plan};
 use d2l_wgpu::ops::{
     dropout_keeps, Activation, AdvanceRng, AvgPool2d, BatchNorm, ChannelSum, Conv2d, CpuTensor,
-    Dropout, GatherResize, Linear, MaxPool2d, Optimizer, PoolWindow, SoftmaxCrossEntropy,
+    Dropout, GatherResize, Linear, MatMul, MaxPool2d, Optimizer, PoolWindow, SoftmaxCrossEntropy,
 };
 use d2l_wgpu::train::rng::Rng;
 use d2l_wgpu::train::{GpuDataset, OptimizerState};
@@ -70,22 +71,30 @@ fn conv2d_matches_pytorch() {
     }
 }
 
-/// Batch 1, odd sizes, channel counts that do not fill a register tile,
-/// non-square inputs and kernels, stride > 1 with padding.
+/// Batch 1, odd sizes, channel counts that do not fill a register tile or
+/// need several (40 output channels: two 32-row tiles), non-square inputs
+/// and kernels, stride > 1 with padding, a filter gradient summing 4,500
+/// terms (the blocked kernel splits it in three); with both kernel families.
 #[test]
 fn conv2d_matches_cpu_on_awkward_shapes() {
-    let gpu = gpu();
+    let mut gpu = gpu();
     let mut rng = Rng::new(7);
     type Case = ([usize; 4], [usize; 4], (usize, usize), (usize, usize)); // x, weight, stride, padding
-    let cases: [Case; 6] = [
+    let cases: [Case; 8] = [
         ([1, 1, 5, 5], [1, 1, 3, 3], (1, 1), (0, 0)),
         ([1, 3, 7, 9], [5, 3, 3, 3], (2, 2), (1, 1)),
         ([2, 5, 9, 17], [7, 5, 4, 4], (3, 3), (2, 2)),
         ([3, 2, 8, 6], [6, 2, 3, 2], (2, 1), (1, 0)),
         ([1, 6, 11, 11], [9, 6, 1, 1], (2, 2), (0, 0)),
         ([2, 4, 6, 5], [3, 4, 5, 5], (1, 1), (2, 2)),
+        ([3, 5, 7, 6], [40, 5, 3, 3], (1, 1), (1, 1)),
+        ([5, 3, 30, 30], [34, 3, 3, 3], (1, 1), (1, 1)),
     ];
-    for (xs, ws, stride, padding) in cases {
+    let kernels = [GemmKernel::Strided, GemmKernel::Blocked { workgroup: 8 }];
+    for ((xs, ws, stride, padding), kernel) in
+        cases.into_iter().flat_map(|c| kernels.map(|k| (c, k)))
+    {
+        gpu.tuning.gemm = kernel;
         let conv = Conv2d { stride, padding };
         let x = random(&xs, &mut rng);
         let w = random(&ws, &mut rng);
@@ -94,7 +103,7 @@ fn conv2d_matches_cpu_on_awkward_shapes() {
         let dy = random(&y.shape, &mut rng);
         let (dx, dw, db) = conv.cpu_backward(&x, &w, &dy);
         let r = run_op(&gpu, conv, &[&x, &w, &b], &dy);
-        let case = format!("conv x{xs:?} w{ws:?} stride {stride:?} padding {padding:?}");
+        let case = format!("{kernel:?} conv x{xs:?} w{ws:?} stride {stride:?} padding {padding:?}");
         assert_op_close(&format!("{case} y"), &r.output, &y.data);
         assert_op_close(&format!("{case} dx"), &r.input_grads[0], &dx.data);
         assert_op_close(&format!("{case} dweight"), &r.input_grads[1], &dw.data);
@@ -159,6 +168,57 @@ fn linear_matches_pytorch() {
             ("dbias", &db),
         ];
         assert_golden(&format!("{name} cpu"), &gold, &cpu);
+    }
+}
+
+/// Both matrix-product kernels, every transpose combination, against the CPU
+/// on shapes that leave partial register tiles (the blocked kernel's 32 rows
+/// and 16 columns), that span several workgroups both ways, and that are
+/// already in the blocked kernel's packed layout (A^T with 64 rows, B with
+/// 48 columns: bound without a packing pass).
+#[test]
+fn matmul_kernels_match_cpu_on_awkward_shapes() {
+    let mut gpu = gpu();
+    let mut rng = Rng::new(5);
+    for kernel in [GemmKernel::Strided, GemmKernel::Blocked { workgroup: 8 }] {
+        gpu.tuning.gemm = kernel;
+        for (m, k, n) in [
+            (1, 1, 1),
+            (33, 17, 40),
+            (64, 7, 48),
+            (5, 300, 130),
+            (97, 2, 300),
+        ] {
+            for (transpose_a, transpose_b) in
+                [(false, false), (true, false), (false, true), (true, true)]
+            {
+                let product = MatMul {
+                    transpose_a,
+                    transpose_b,
+                };
+                let a = random(&if transpose_a { [k, m] } else { [m, k] }, &mut rng);
+                let b = random(&if transpose_b { [n, k] } else { [k, n] }, &mut rng);
+                let mut g = Graph::new(false);
+                let ids = [a.shape.clone(), b.shape.clone()]
+                    .map(|shape| g.param(format!("{shape:?}"), shape, Init::Zeros));
+                let c = g.apply1(product, &ids).unwrap();
+                let store = ParamStore::new(&gpu, &g).unwrap();
+                store.write(&gpu, 0, &a.data).unwrap();
+                store.write(&gpu, 1, &b.data).unwrap();
+                let plan = Plan::new(&gpu, &g, &store, &Externals::new()).unwrap();
+                plan.run(&gpu);
+                assert_op_close(
+                    &format!(
+                        "{kernel:?} {} with A {:?}, B {:?}",
+                        product.describe(),
+                        a.shape,
+                        b.shape
+                    ),
+                    &plan.read_f32(&gpu, &g, c).unwrap(),
+                    &product.cpu(&a, &b).data,
+                );
+            }
+        }
     }
 }
 

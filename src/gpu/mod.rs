@@ -68,6 +68,37 @@ pub struct Tuning {
     /// Binds at most this many bytes at once even where the adapter allows
     /// more (tests use it to exercise batch chunking on small tensors).
     pub binding_limit: u64,
+    /// Which matrix-product kernel serves Linear layers.
+    pub gemm: GemmKernel,
+}
+
+/// The two matrix-product kernels, each fastest on its kind of adapter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GemmKernel {
+    /// `shaders/gemm.wgsl`: a 4x4 tile per invocation read through strides,
+    /// workgroups of `Tuning::workgroup`: what GPUs with many registers
+    /// per thread and wide workgroups want.
+    Strided,
+    /// `shaders/gemm_blocked.wgsl`: a 32x16 tile per invocation on packed
+    /// operands, workgroups of `workgroup` (the SIMD width): what CPU
+    /// adapters want (lavapipe: 19-33 GFLOP/s at 1024^3 where `Strided`
+    /// gives 4).
+    Blocked { workgroup: u32 },
+}
+
+impl Tuning {
+    /// The defaults, with the matrix-product kernel for this kind of adapter.
+    pub fn for_adapter(info: &wgpu::AdapterInfo) -> Tuning {
+        let gemm = if info.device_type == wgpu::DeviceType::Cpu {
+            GemmKernel::Blocked { workgroup: 8 }
+        } else {
+            GemmKernel::Strided
+        };
+        Tuning {
+            gemm,
+            ..Tuning::default()
+        }
+    }
 }
 
 impl Default for Tuning {
@@ -80,6 +111,7 @@ impl Default for Tuning {
         Tuning {
             workgroup: 64,
             binding_limit: u64::MAX,
+            gemm: GemmKernel::Strided,
         }
     }
 }
@@ -180,7 +212,7 @@ impl Gpu {
         Ok(Gpu {
             device,
             queue,
-            tuning: Tuning::default(),
+            tuning: Tuning::for_adapter(&info),
             info,
             limits,
             pipelines: PipelineCache::default(),

@@ -15,6 +15,7 @@ pub enum Shader {
     Data,
     Eltwise,
     Gemm,
+    GemmBlocked,
     Optim,
     Pool,
     Reduce,
@@ -22,12 +23,13 @@ pub enum Shader {
 }
 
 impl Shader {
-    pub const ALL: [Shader; 9] = [
+    pub const ALL: [Shader; 10] = [
         Shader::BatchNorm,
         Shader::Conv2d,
         Shader::Data,
         Shader::Eltwise,
         Shader::Gemm,
+        Shader::GemmBlocked,
         Shader::Optim,
         Shader::Pool,
         Shader::Reduce,
@@ -41,6 +43,7 @@ impl Shader {
             Shader::Data => "data.wgsl",
             Shader::Eltwise => "eltwise.wgsl",
             Shader::Gemm => "gemm.wgsl",
+            Shader::GemmBlocked => "gemm_blocked.wgsl",
             Shader::Optim => "optim.wgsl",
             Shader::Pool => "pool.wgsl",
             Shader::Reduce => "reduce.wgsl",
@@ -55,6 +58,7 @@ impl Shader {
             Shader::Data => include_str!("../../shaders/data.wgsl"),
             Shader::Eltwise => include_str!("../../shaders/eltwise.wgsl"),
             Shader::Gemm => include_str!("../../shaders/gemm.wgsl"),
+            Shader::GemmBlocked => include_str!("../../shaders/gemm_blocked.wgsl"),
             Shader::Optim => include_str!("../../shaders/optim.wgsl"),
             Shader::Pool => include_str!("../../shaders/pool.wgsl"),
             Shader::Reduce => include_str!("../../shaders/reduce.wgsl"),

@@ -2,9 +2,10 @@
 //! bias `[c_out]`. Forward, data gradient and filter gradient are each an
 //! implicit GEMM in `shaders/conv2d.wgsl`; the bias gradient is a channel sum.
 
-use super::reduce::{chunked_splits, sum_splits, ReduceParams};
+use super::blocked::{self, BlockedParams, PackParams};
+use super::reduce::{chunked_splits, sum_splits, ReduceParams, MAX_LOOP_TRIPS};
 use super::{expect_rank, ChannelSum, CpuTensor};
-use crate::gpu::Shader;
+use crate::gpu::{GemmKernel, Shader};
 use crate::graph::{DType, Graph, Op, PlanContext, Shape, Tensor, TensorId};
 use anyhow::{bail, Result};
 
@@ -224,6 +225,9 @@ impl Op for Conv2d {
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
         let mut p = self.params(&ctx.shape(inputs[0]), &ctx.shape(inputs[1]));
         (p.x_at, p.y_at) = (ctx.layout(inputs[0]), ctx.layout(outputs[0]));
+        if let GemmKernel::Blocked { workgroup } = ctx.gpu.tuning.gemm {
+            return plan_blocked_forward(ctx, &p, workgroup, inputs, outputs[0]);
+        }
         let pixels = (p.batch * p.ho * p.wo) as usize;
         let tile = channel_tile(p.c_out as usize);
         let storage = ctx.bind(&[
@@ -285,6 +289,63 @@ impl Op for Conv2d {
     }
 }
 
+impl ConvParams {
+    /// The blocked kernels' uniform with this convolution's geometry: x is
+    /// gathered at (oy * stride - pad + ky, ox * stride - pad + kx).
+    fn blocked(&self) -> BlockedParams {
+        BlockedParams {
+            x_h: self.h,
+            x_w: self.w,
+            kh: self.kh,
+            kw: self.kw,
+            out_w: self.wo,
+            stride_h: self.stride_h,
+            stride_w: self.stride_w,
+            pad_h: self.pad_h as i32,
+            pad_w: self.pad_w as i32,
+            x_at: self.x_at,
+            ..BlockedParams::default()
+        }
+    }
+}
+
+/// The forward pass on CPU adapters: `y = W im2col(x) + bias` on the
+/// register-tiled kernel, rows = output channels, columns = output pixels.
+fn plan_blocked_forward(
+    ctx: &mut PlanContext,
+    p: &ConvParams,
+    workgroup: u32,
+    inputs: &[TensorId],
+    y: TensorId,
+) -> Result<()> {
+    let taps = p.c_in * p.kh * p.kw;
+    let columns = p.batch * p.ho * p.wo;
+    let weight = ctx.binding(inputs[1]);
+    let rows = blocked::padded_rows(p.c_out);
+    let packed_weight = blocked::packed_k_major(
+        ctx,
+        weight,
+        PackParams::matrix(p.c_out, rows, taps, taps, 1),
+    )?;
+    let params = BlockedParams {
+        m: p.c_out,
+        n: columns,
+        k: taps,
+        a_quads: rows / 4,
+        b_quads: blocked::padded_columns(columns) / 4,
+        out_plane: p.ho * p.wo,
+        out_at: p.y_at,
+        ..p.blocked()
+    };
+    let storage = [
+        (1, packed_weight),
+        (3, ctx.binding(inputs[2])),
+        (4, ctx.binding(y)),
+        (7, ctx.binding(inputs[0])),
+    ];
+    blocked::dispatch(ctx, "conv_forward", workgroup, &params, &storage)
+}
+
 /// dx from dy and the weight. Keeps the input shape, which the output shape
 /// alone does not determine (floor division).
 #[derive(Debug)]
@@ -311,6 +372,11 @@ impl Op for Conv2dBackwardData {
             .conv
             .params(&ctx.shape(outputs[0]), &ctx.shape(inputs[1]));
         (p.dy_at, p.dx_at) = (ctx.layout(inputs[0]), ctx.layout(outputs[0]));
+        if let GemmKernel::Blocked { workgroup } = ctx.gpu.tuning.gemm {
+            if (p.stride_h, p.stride_w) == (1, 1) && p.kh > p.pad_h && p.kw > p.pad_w {
+                return plan_blocked_backward_data(ctx, &p, workgroup, inputs, outputs[0]);
+            }
+        }
         let pixels = (p.batch * p.h * p.w) as usize;
         let tile = channel_tile(p.c_in as usize);
         let storage = ctx.bind(&[(2, inputs[1]), (5, inputs[0]), (6, outputs[0])]);
@@ -325,11 +391,116 @@ impl Op for Conv2dBackwardData {
     }
 }
 
+/// The data gradient of a stride-1 convolution on CPU adapters: a
+/// convolution of dy with the flipped, transposed kernel (see
+/// `conv_transposed` in `shaders/gemm_blocked.wgsl`), rows = input channels.
+fn plan_blocked_backward_data(
+    ctx: &mut PlanContext,
+    p: &ConvParams,
+    workgroup: u32,
+    inputs: &[TensorId],
+    dx: TensorId,
+) -> Result<()> {
+    let pack = PackParams::flipped_transposed_weight(&[p.c_out, p.c_in, p.kh, p.kw]);
+    let weight = ctx.binding(inputs[1]);
+    let packed_weight = blocked::packed_k_major(ctx, weight, pack)?;
+    let columns = p.batch * p.h * p.w;
+    let params = BlockedParams {
+        m: p.c_in,
+        n: columns,
+        k: p.c_out * p.kh * p.kw,
+        a_quads: blocked::padded_rows(p.c_in) / 4,
+        b_quads: blocked::padded_columns(columns) / 4,
+        out_plane: p.h * p.w,
+        x_h: p.ho,
+        x_w: p.wo,
+        kh: p.kh,
+        kw: p.kw,
+        out_w: p.w,
+        stride_h: 1,
+        stride_w: 1,
+        pad_h: (p.kh - 1 - p.pad_h) as i32,
+        pad_w: (p.kw - 1 - p.pad_w) as i32,
+        out_at: p.dx_at,
+        x_at: p.dy_at,
+        ..BlockedParams::default()
+    };
+    let storage = [
+        (1, packed_weight),
+        (4, ctx.binding(dx)),
+        (7, ctx.binding(inputs[0])),
+    ];
+    blocked::dispatch(ctx, "conv_transposed", workgroup, &params, &storage)
+}
+
 /// dweight from x and dy: split over batch and positions, then the splits summed.
 #[derive(Debug)]
 pub struct Conv2dBackwardFilter {
     pub conv: Conv2d,
     pub kernel: (usize, usize),
+}
+
+/// Terms each split of the blocked filter gradient sums: long enough that
+/// the 512 partial sums an invocation writes per split cost little.
+const BLOCKED_SPLIT_TERMS: usize = 2048;
+
+impl Conv2dBackwardFilter {
+    /// The filter gradient on CPU adapters: `dy im2col(x)^T` on the
+    /// register-tiled kernel, rows = output channels, columns = taps, the
+    /// sum over each batch chunk's output pixels split along K.
+    fn plan_blocked(
+        &self,
+        ctx: &mut PlanContext,
+        whole: &ConvParams,
+        workgroup: u32,
+        inputs: &[TensorId],
+        dweight: TensorId,
+    ) -> Result<()> {
+        let (x, dy) = (inputs[0], inputs[1]);
+        let taps = (whole.c_in * whole.kh * whole.kw) as usize;
+        let len = whole.c_out as usize * taps;
+        let pixels = (whole.ho * whole.wo) as usize;
+        let chunks = ctx.batch_chunks(&[x, dy])?;
+        let longest = chunks.iter().map(|&(_, count)| count).max().unwrap_or(1) * pixels;
+        let fit_binding = (ctx.gpu.max_binding() as usize / 4) / (len * chunks.len());
+        let splits = longest
+            .div_ceil(BLOCKED_SPLIT_TERMS)
+            .min(fit_binding)
+            .max(longest.div_ceil(MAX_LOOP_TRIPS));
+        let k_split = longest.div_ceil(splits);
+        let partial = ctx.scratch(4 * (chunks.len() * splits * len) as u64)?;
+        ctx.for_each_chunk(&[x, dy], |ctx, chunk| {
+            let mut p = self.conv.params(&ctx.shape(x), &ctx.shape(dweight));
+            (p.x_at, p.dy_at) = (ctx.layout(x), ctx.layout(dy));
+            let dy_stored = ctx.binding(dy);
+            let pack = PackParams::channels_by_pixels(p.c_out, pixels as u32, p.batch, p.dy_at);
+            let packed_dy = blocked::packed_k_major(ctx, dy_stored, pack)?;
+            let params = BlockedParams {
+                m: p.c_out,
+                n: taps as u32,
+                k: p.batch * pixels as u32,
+                a_quads: blocked::padded_rows(p.c_out) / 4,
+                b_quads: blocked::padded_columns(taps as u32) / 4,
+                out_plane: taps as u32,
+                pixels: pixels as u32,
+                k_split: k_split as u32,
+                first_split: (chunk * splits) as u32,
+                ..p.blocked()
+            };
+            let storage = [(1, packed_dy), (4, partial.clone()), (7, ctx.binding(x))];
+            let splits_here = (params.k as usize).div_ceil(k_split) as u32;
+            blocked::dispatch_split(
+                ctx,
+                "conv_filter_gradient",
+                workgroup,
+                &params,
+                &storage,
+                splits_here,
+            )
+        })?;
+        let total = ReduceParams::sum_splits(len, chunks.len() * splits);
+        sum_splits(ctx, &total, &partial, &ctx.binding(dweight))
+    }
 }
 
 impl Op for Conv2dBackwardFilter {
@@ -353,6 +524,17 @@ impl Op for Conv2dBackwardFilter {
         let (x, dy) = (inputs[0], inputs[1]);
         let ws = ctx.shape(outputs[0]);
         let whole = self.conv.params(&ctx.shape(x), &ws);
+        if let GemmKernel::Blocked { workgroup } = ctx.gpu.tuning.gemm {
+            // dy is packed k-major with its channels padded to the tile: up to
+            // 8x the bytes for a single channel, which may not bind at once.
+            let largest_chunk = ctx.batch_chunks(&[x, dy])?.iter().map(|c| c.1).max();
+            let packed_bytes = 4
+                * blocked::padded_rows(whole.c_out) as u64
+                * (largest_chunk.unwrap_or(1) as u64 * u64::from(whole.ho * whole.wo));
+            if packed_bytes <= ctx.gpu.max_binding() {
+                return self.plan_blocked(ctx, &whole, workgroup, inputs, outputs[0]);
+            }
+        }
         let taps = (whole.c_in * whole.kh * whole.kw) as usize;
         let tile = channel_tile(whole.c_out as usize);
         // Few taps (LeNet's first layer has 25: 7 invocations) would leave

@@ -1,9 +1,10 @@
 //! `nn.Linear` (y = x W^T + b, weight `[out, in]`) and the strided matrix
 //! product its gradients are made of; both run `shaders/gemm.wgsl`.
 
+use super::blocked::{self, BlockedParams, PackParams};
 use super::reduce::MAX_LOOP_TRIPS;
 use super::{expect_rank, ChannelSum, CpuTensor};
-use crate::gpu::Shader;
+use crate::gpu::{GemmKernel, Shader};
 use crate::graph::{DType, Graph, Op, PlanContext, Shape, Tensor, TensorId};
 use anyhow::{bail, Result};
 
@@ -78,6 +79,9 @@ impl MatMul {
                 p.k
             );
         }
+        if let GemmKernel::Blocked { workgroup } = ctx.gpu.tuning.gemm {
+            return self.record_blocked(ctx, &p, workgroup, a, b, bias, c);
+        }
         let invocations = (p.m as usize).div_ceil(TILE) * (p.n as usize).div_ceil(TILE);
         let (entry, storage) = match bias {
             Some(bias) => (
@@ -87,6 +91,52 @@ impl MatMul {
             None => ("matmul", ctx.bind(&[(1, a), (2, b), (4, c)])),
         };
         ctx.dispatch(Shader::Gemm, entry, &p, &storage, invocations)
+    }
+
+    /// The product on CPU adapters: both operands packed k-major, then the
+    /// register-tiled kernel (`shaders/gemm_blocked.wgsl`).
+    #[allow(clippy::too_many_arguments)]
+    fn record_blocked(
+        &self,
+        ctx: &mut PlanContext,
+        p: &GemmParams,
+        workgroup: u32,
+        a: TensorId,
+        b: TensorId,
+        bias: Option<TensorId>,
+        c: TensorId,
+    ) -> Result<()> {
+        let (m_padded, n_padded) = (blocked::padded_rows(p.m), blocked::padded_columns(p.n));
+        let a_stored = ctx.binding(a);
+        let packed_a = blocked::packed_k_major(
+            ctx,
+            a_stored,
+            PackParams::matrix(p.m, m_padded, p.k, p.a_row_stride, p.a_col_stride),
+        )?;
+        let b_stored = ctx.binding(b);
+        let packed_b = blocked::packed_k_major(
+            ctx,
+            b_stored,
+            PackParams::matrix(p.n, n_padded, p.k, p.b_col_stride, p.b_row_stride),
+        )?;
+        let params = BlockedParams {
+            m: p.m,
+            n: p.n,
+            k: p.k,
+            a_quads: m_padded / 4,
+            b_quads: n_padded / 4,
+            out_plane: p.n,
+            ..BlockedParams::default()
+        };
+        let mut storage = vec![(1, packed_a), (2, packed_b), (4, ctx.binding(c))];
+        let entry = match bias {
+            Some(bias) => {
+                storage.push((3, ctx.binding(bias)));
+                "matmul_bias"
+            }
+            None => "matmul",
+        };
+        blocked::dispatch(ctx, entry, workgroup, &params, &storage)
     }
 
     /// CPU reference.

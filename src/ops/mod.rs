@@ -2,6 +2,7 @@
 //! reference, read side by side. Each pairs with a file in `shaders/`.
 
 mod batchnorm;
+mod blocked;
 mod concat;
 mod conv2d;
 mod eltwise;

@@ -74,14 +74,12 @@ pub fn bench(gpu: &Gpu, cfg: &TrainConfig, steps: usize, profile: bool) -> Resul
 /// GFLOP/s (2 per multiply-add) of the project's matrix product, the kernel
 /// every Linear layer runs, on `n` x `n` by `n` x `n`: the median of `reps`
 /// timed products after a warm-up, each submitted and waited for alone.
-pub fn gemm_gflops(gpu: &Gpu, n: usize, reps: usize) -> Result<f64> {
+/// `product` says how A is stored: `A^T B` hands the blocked kernel both
+/// operands in its k-major layout, `A B` adds the pass that repacks A.
+pub fn gemm_gflops(gpu: &Gpu, product: MatMul, n: usize, reps: usize) -> Result<f64> {
     let mut g = Graph::new(false);
     let a = g.param("a".into(), vec![n, n], Init::Zeros);
     let b = g.param("b".into(), vec![n, n], Init::Zeros);
-    let product = MatMul {
-        transpose_a: false,
-        transpose_b: false,
-    };
     g.apply1(product, &[a, b])?;
     let store = ParamStore::new(gpu, &g)?;
     let mut rng = Rng::new(0);

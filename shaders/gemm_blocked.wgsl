@@ -1,0 +1,399 @@
+// Register-tiled kernels for CPU adapters: C[M, N] = A[M, K] * B[K, N] with a
+// 32 x 16 tile of C per invocation. lavapipe runs a workgroup as 8-wide
+// SIMD: the 32 rows of a tile are the same for the whole workgroup, so A's
+// vec4 loads are broadcasts, and each invocation takes its own 16 columns of
+// B as four vec4s. Per k that is 12 loads for 512 multiply-adds.
+//
+// A always comes packed by `pack_k_major` (below): k-major, rows padded to
+// a multiple of 32 with zeros, so the inner loop needs no bounds checks.
+// B is either packed the same way (`matmul`, columns padded to 16) or
+// gathered on the fly from an NCHW tensor (the implicit-GEMM convolution
+// `conv_forward`: no im2col matrix is ever materialised).
+//
+// Every accumulator is a named struct member: lavapipe keeps arrays indexed
+// in a loop in memory (measured 2.5 GFLOP/s against 19-33 unrolled at 1024^3).
+
+struct Blocked {
+    m: u32,
+    n: u32,
+    k: u32,
+    // vec4s per packed row of A (padded M / 4) and of B (padded N / 4).
+    a_quads: u32,
+    b_quads: u32,
+    // C's element (row, col) lives at out_at.x + (col / out_plane) * out_at.y
+    // + row * out_plane + col % out_plane: a row-major matrix when
+    // out_plane = N, an NCHW tensor (rows = channels) otherwise.
+    out_plane: u32,
+    // Convolutions: the gathered tensor x is [*, *, x_h, x_w]; output
+    // pixels (columns) are out_w wide; a tap (ky, kx) of output pixel
+    // (oy, ox) reads x at (oy * stride - pad + ky, ox * stride - pad + kx).
+    x_h: u32,
+    x_w: u32,
+    kh: u32,
+    kw: u32,
+    out_w: u32,
+    stride_h: u32,
+    stride_w: u32,
+    pad_h: i32,
+    pad_w: i32,
+    // conv_filter_gradient: output pixels per sample, terms per split (K is
+    // split along workgroup_id.z) and this batch chunk's first split.
+    pixels: u32,
+    k_split: u32,
+    first_split: u32,
+    // graph::Layout (offset, sample stride) of the output and of x.
+    out_at: vec2<u32>,
+    x_at: vec2<u32>,
+}
+
+// Rows per tile in vec4s: 8 (32 rows), or 4 or 2 where the matrix has
+// fewer rows (LeNet's 6 and 16 channels) and full tiles would be padding.
+override ROW_QUADS: u32 = 8u;
+
+@group(0) @binding(0) var<uniform> p: Blocked;
+@group(0) @binding(1) var<storage, read> a: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> b: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read> bias: array<f32>;
+@group(0) @binding(4) var<storage, read_write> c: array<f32>;
+@group(0) @binding(7) var<storage, read> x: array<f32>;
+
+// Four rows (a's lanes) times four columns (b's lanes): row i is column i.
+fn outer(a: vec4<f32>, b: vec4<f32>) -> mat4x4<f32> {
+    return mat4x4<f32>(b * a.x, b * a.y, b * a.z, b * a.w);
+}
+
+// One invocation's 32 x 16 accumulators (4 ROW_QUADS x 16 in use): block
+// tRC holds rows 4R..4R+3 and columns 4C..4C+3, each matrix column one row
+// of the tile.
+struct Tile {
+    t00: mat4x4<f32>, t01: mat4x4<f32>, t02: mat4x4<f32>, t03: mat4x4<f32>,
+    t10: mat4x4<f32>, t11: mat4x4<f32>, t12: mat4x4<f32>, t13: mat4x4<f32>,
+    t20: mat4x4<f32>, t21: mat4x4<f32>, t22: mat4x4<f32>, t23: mat4x4<f32>,
+    t30: mat4x4<f32>, t31: mat4x4<f32>, t32: mat4x4<f32>, t33: mat4x4<f32>,
+    t40: mat4x4<f32>, t41: mat4x4<f32>, t42: mat4x4<f32>, t43: mat4x4<f32>,
+    t50: mat4x4<f32>, t51: mat4x4<f32>, t52: mat4x4<f32>, t53: mat4x4<f32>,
+    t60: mat4x4<f32>, t61: mat4x4<f32>, t62: mat4x4<f32>, t63: mat4x4<f32>,
+    t70: mat4x4<f32>, t71: mat4x4<f32>, t72: mat4x4<f32>, t73: mat4x4<f32>,
+}
+
+// t += a b for one k: a is the tile's rows of A, b its 16 columns of B.
+fn accumulate(t: ptr<function, Tile>, a: array<vec4<f32>, 8>, b: array<vec4<f32>, 4>) {
+    (*t).t00 += outer(a[0], b[0]); (*t).t01 += outer(a[0], b[1]); (*t).t02 += outer(a[0], b[2]); (*t).t03 += outer(a[0], b[3]);
+    (*t).t10 += outer(a[1], b[0]); (*t).t11 += outer(a[1], b[1]); (*t).t12 += outer(a[1], b[2]); (*t).t13 += outer(a[1], b[3]);
+    if (ROW_QUADS > 2u) {
+        (*t).t20 += outer(a[2], b[0]); (*t).t21 += outer(a[2], b[1]); (*t).t22 += outer(a[2], b[2]); (*t).t23 += outer(a[2], b[3]);
+        (*t).t30 += outer(a[3], b[0]); (*t).t31 += outer(a[3], b[1]); (*t).t32 += outer(a[3], b[2]); (*t).t33 += outer(a[3], b[3]);
+    }
+    if (ROW_QUADS > 4u) {
+        (*t).t40 += outer(a[4], b[0]); (*t).t41 += outer(a[4], b[1]); (*t).t42 += outer(a[4], b[2]); (*t).t43 += outer(a[4], b[3]);
+        (*t).t50 += outer(a[5], b[0]); (*t).t51 += outer(a[5], b[1]); (*t).t52 += outer(a[5], b[2]); (*t).t53 += outer(a[5], b[3]);
+        (*t).t60 += outer(a[6], b[0]); (*t).t61 += outer(a[6], b[1]); (*t).t62 += outer(a[6], b[2]); (*t).t63 += outer(a[6], b[3]);
+        (*t).t70 += outer(a[7], b[0]); (*t).t71 += outer(a[7], b[1]); (*t).t72 += outer(a[7], b[2]); (*t).t73 += outer(a[7], b[3]);
+    }
+}
+
+// The ROW_QUADS vec4s of packed A at k = kk for the tile starting at row
+// 4 * quad0 (the rest of the array stays zero).
+fn rows_of_a(kk: u32, quad0: u32) -> array<vec4<f32>, 8> {
+    let at = kk * p.a_quads + quad0;
+    var rows = array<vec4<f32>, 8>();
+    rows[0] = a[at];
+    rows[1] = a[at + 1u];
+    if (ROW_QUADS > 2u) {
+        rows[2] = a[at + 2u];
+        rows[3] = a[at + 3u];
+    }
+    if (ROW_QUADS > 4u) {
+        rows[4] = a[at + 4u];
+        rows[5] = a[at + 5u];
+        rows[6] = a[at + 6u];
+        rows[7] = a[at + 7u];
+    }
+    return rows;
+}
+
+// The first of the 16 columns lane `lane` computes, in vec4s.
+fn first_quad(wid: vec3<u32>, nwg: vec3<u32>, lane: u32) -> u32 {
+    return (lane_group(wid, nwg) * WG + lane) * 4u;
+}
+
+fn store(t: mat4x4<f32>, at: u32, row0: u32, col0: u32) {
+    for (var i = 0u; i < 4u; i++) {
+        let row = row0 + i;
+        for (var j = 0u; j < 4u; j++) {
+            let col = col0 + j;
+            if (row < p.m && col < p.n) {
+                c[at + (col / p.out_plane) * p.out_at.y + row * p.out_plane + col % p.out_plane] = t[i][j];
+            }
+        }
+    }
+}
+
+// Writes the tile whose first row is 4 * row_quad0 and first column 4 * quad0
+// to C starting at element `at`.
+fn store_tile(t: Tile, at: u32, row_quad0: u32, quad0: u32) {
+    let r = row_quad0 * 4u;
+    let q = quad0 * 4u;
+    store(t.t00, at, r, q); store(t.t01, at, r, q + 4u); store(t.t02, at, r, q + 8u); store(t.t03, at, r, q + 12u);
+    store(t.t10, at, r + 4u, q); store(t.t11, at, r + 4u, q + 4u); store(t.t12, at, r + 4u, q + 8u); store(t.t13, at, r + 4u, q + 12u);
+    if (ROW_QUADS > 2u) {
+        store(t.t20, at, r + 8u, q); store(t.t21, at, r + 8u, q + 4u); store(t.t22, at, r + 8u, q + 8u); store(t.t23, at, r + 8u, q + 12u);
+        store(t.t30, at, r + 12u, q); store(t.t31, at, r + 12u, q + 4u); store(t.t32, at, r + 12u, q + 8u); store(t.t33, at, r + 12u, q + 12u);
+    }
+    if (ROW_QUADS > 4u) {
+        store(t.t40, at, r + 16u, q); store(t.t41, at, r + 16u, q + 4u); store(t.t42, at, r + 16u, q + 8u); store(t.t43, at, r + 16u, q + 12u);
+        store(t.t50, at, r + 20u, q); store(t.t51, at, r + 20u, q + 4u); store(t.t52, at, r + 20u, q + 8u); store(t.t53, at, r + 20u, q + 12u);
+        store(t.t60, at, r + 24u, q); store(t.t61, at, r + 24u, q + 4u); store(t.t62, at, r + 24u, q + 8u); store(t.t63, at, r + 24u, q + 12u);
+        store(t.t70, at, r + 28u, q); store(t.t71, at, r + 28u, q + 4u); store(t.t72, at, r + 28u, q + 8u); store(t.t73, at, r + 28u, q + 12u);
+    }
+}
+
+// Four bias values from i on, clamped to the last.
+fn bias_quad(i: u32, len: u32) -> vec4<f32> {
+    let last = len - 1u;
+    return vec4<f32>(bias[min(i, last)], bias[min(i + 1u, last)], bias[min(i + 2u, last)], bias[min(i + 3u, last)]);
+}
+
+const ONES = vec4<f32>(1.0);
+
+// t += bias as an outer product with ones: per column (Linear: bias[n]) or
+// per row (conv: bias[c_out]). Added after the sum, as PyTorch does, so that
+// equal outputs stay equal and max-pool ties break the same way.
+fn add_column_bias(t: ptr<function, Tile>, quad0: u32) {
+    let q = quad0 * 4u;
+    accumulate(t, array<vec4<f32>, 8>(ONES, ONES, ONES, ONES, ONES, ONES, ONES, ONES),
+        array<vec4<f32>, 4>(bias_quad(q, p.n), bias_quad(q + 4u, p.n), bias_quad(q + 8u, p.n), bias_quad(q + 12u, p.n)));
+}
+
+fn add_row_bias(t: ptr<function, Tile>, row_quad0: u32) {
+    let r = row_quad0 * 4u;
+    accumulate(t, array<vec4<f32>, 8>(bias_quad(r, p.m), bias_quad(r + 4u, p.m), bias_quad(r + 8u, p.m), bias_quad(r + 12u, p.m),
+        bias_quad(r + 16u, p.m), bias_quad(r + 20u, p.m), bias_quad(r + 24u, p.m), bias_quad(r + 28u, p.m)),
+        array<vec4<f32>, 4>(ONES, ONES, ONES, ONES));
+}
+
+fn multiply(row_quad0: u32, quad0: u32) -> Tile {
+    var t: Tile;
+    for (var kk = 0u; kk < p.k; kk++) {
+        let at = kk * p.b_quads + quad0;
+        accumulate(&t, rows_of_a(kk, row_quad0), array<vec4<f32>, 4>(b[at], b[at + 1u], b[at + 2u], b[at + 3u]));
+    }
+    return t;
+}
+
+@compute @workgroup_size(WG)
+fn matmul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lane: u32) {
+    let quad0 = first_quad(wid, nwg, lane);
+    if (quad0 < p.b_quads) {
+        store_tile(multiply(wid.y * ROW_QUADS, quad0), p.out_at.x, wid.y * ROW_QUADS, quad0);
+    }
+}
+
+@compute @workgroup_size(WG)
+fn matmul_bias(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lane: u32) {
+    let quad0 = first_quad(wid, nwg, lane);
+    if (quad0 < p.b_quads) {
+        var t = multiply(wid.y * ROW_QUADS, quad0);
+        add_column_bias(&t, quad0);
+        store_tile(t, p.out_at.x, wid.y * ROW_QUADS, quad0);
+    }
+}
+
+// Where four output pixels (columns) read their input: the top-left tap's
+// row and column (negative in the padding) and the sample's first element.
+struct Window {
+    y0: vec4<i32>,
+    x0: vec4<i32>,
+    base: vec4<i32>,
+}
+
+fn window(col0: u32) -> Window {
+    let col = vec4<u32>(col0) + vec4<u32>(0u, 1u, 2u, 3u);
+    let plane = p.out_plane;
+    let pixel = col % plane;
+    let oy = pixel / p.out_w;
+    let ox = pixel % p.out_w;
+    // Columns past the end read nothing: a row far above any tap.
+    let outside = col >= vec4<u32>(p.n);
+    let y0 = select(vec4<i32>(oy * p.stride_h) - p.pad_h, vec4<i32>(-1000000), outside);
+    let x0 = vec4<i32>(ox * p.stride_w) - p.pad_w;
+    let base = vec4<i32>(p.x_at.x + (col / plane) * p.x_at.y);
+    return Window(y0, x0, base);
+}
+
+// x at tap (ky, kx) of input channel plane `plane_at` for four pixels; zero
+// in the padding.
+fn gather(win: Window, plane_at: i32, ky: i32, kx: i32) -> vec4<f32> {
+    let iy = win.y0 + ky;
+    let ix = win.x0 + kx;
+    let inside = (vec4<u32>(iy) < vec4<u32>(p.x_h)) & (vec4<u32>(ix) < vec4<u32>(p.x_w));
+    let at = vec4<u32>(select(vec4<i32>(0), win.base + plane_at + iy * i32(p.x_w) + ix, inside));
+    return select(vec4<f32>(0.0), vec4<f32>(x[at.x], x[at.y], x[at.z], x[at.w]), inside);
+}
+
+// C = A im2col(x) on the tile of rows 4 row_quad0.. and columns 4 quad0..;
+// taps in PyTorch's (channel, ky, kx) order.
+fn convolve(row_quad0: u32, quad0: u32) -> Tile {
+    let w0 = window(quad0 * 4u);
+    let w1 = window(quad0 * 4u + 4u);
+    let w2 = window(quad0 * 4u + 8u);
+    let w3 = window(quad0 * 4u + 12u);
+    var t: Tile;
+    var plane_at = 0i;
+    var ky = 0i;
+    var kx = 0i;
+    for (var kk = 0u; kk < p.k; kk++) {
+        let cols = array<vec4<f32>, 4>(
+            gather(w0, plane_at, ky, kx),
+            gather(w1, plane_at, ky, kx),
+            gather(w2, plane_at, ky, kx),
+            gather(w3, plane_at, ky, kx),
+        );
+        accumulate(&t, rows_of_a(kk, row_quad0), cols);
+        kx++;
+        if (kx == i32(p.kw)) {
+            kx = 0i;
+            ky++;
+            if (ky == i32(p.kh)) {
+                ky = 0i;
+                plane_at += i32(p.x_h * p.x_w);
+            }
+        }
+    }
+    return t;
+}
+
+// y = conv2d(x, w) + bias: C[c_out, batch * ho * wo] = W[c_out, c_in*kh*kw]
+// times the implicit im2col matrix of x.
+@compute @workgroup_size(WG)
+fn conv_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lane: u32) {
+    let quad0 = first_quad(wid, nwg, lane);
+    if (quad0 < p.b_quads) {
+        var t = convolve(wid.y * ROW_QUADS, quad0);
+        add_row_bias(&t, wid.y * ROW_QUADS);
+        store_tile(t, p.out_at.x, wid.y * ROW_QUADS, quad0);
+    }
+}
+
+// The data gradient of a stride-1 convolution is itself one: dx = conv2d(dy,
+// w flipped and transposed to [c_in, c_out, kh, kw], padding kh - 1 - pad).
+// x is dy here, and A comes packed with its taps reversed.
+@compute @workgroup_size(WG)
+fn conv_transposed(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lane: u32) {
+    let quad0 = first_quad(wid, nwg, lane);
+    if (quad0 < p.b_quads) {
+        store_tile(convolve(wid.y * ROW_QUADS, quad0), p.out_at.x, wid.y * ROW_QUADS, quad0);
+    }
+}
+
+// Four filter taps (columns of dweight): their input channel's plane
+// offset and kernel position.
+struct Taps {
+    plane_at: vec4<i32>,
+    ky: vec4<i32>,
+    kx: vec4<i32>,
+}
+
+fn taps(col0: u32) -> Taps {
+    let col = vec4<u32>(col0) + vec4<u32>(0u, 1u, 2u, 3u);
+    let per_channel = p.kh * p.kw;
+    let in_kernel = col % per_channel;
+    // Taps past the end read nothing: a row far above the input.
+    let ky = select(vec4<i32>(in_kernel / p.kw), vec4<i32>(-1000000), col >= vec4<u32>(p.n));
+    return Taps(vec4<i32>((col / per_channel) * p.x_h * p.x_w), ky, vec4<i32>(in_kernel % p.kw));
+}
+
+// x under four taps for the output pixel whose top-left tap is (y0, x0).
+fn gather_taps(tp: Taps, sample_at: i32, y0: i32, x0: i32) -> vec4<f32> {
+    let iy = tp.ky + y0;
+    let ix = tp.kx + x0;
+    let inside = (vec4<u32>(iy) < vec4<u32>(p.x_h)) & (vec4<u32>(ix) < vec4<u32>(p.x_w));
+    let at = vec4<u32>(select(vec4<i32>(0), sample_at + tp.plane_at + iy * i32(p.x_w) + ix, inside));
+    return select(vec4<f32>(0.0), vec4<f32>(x[at.x], x[at.y], x[at.z], x[at.w]), inside);
+}
+
+// dweight = dy im2col(x)^T: C[c_out, c_in*kh*kw] summed over K = the batch
+// chunk's output pixels, A = dy packed k-major. Split z of the K range
+// writes its partial sums to C's slice first_split + z (reduce.wgsl adds
+// the slices up in a fixed order).
+@compute @workgroup_size(WG)
+fn conv_filter_gradient(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lane: u32) {
+    let quad0 = (wid.x * WG + lane) * 4u;
+    if (quad0 >= p.b_quads) {
+        return;
+    }
+    let c0 = quad0 * 4u;
+    let tp0 = taps(c0);
+    let tp1 = taps(c0 + 4u);
+    let tp2 = taps(c0 + 8u);
+    let tp3 = taps(c0 + 12u);
+    let k0 = wid.z * p.k_split;
+    let k1 = min(p.k, k0 + p.k_split);
+    let out_h = p.pixels / p.out_w;
+    let pixel = k0 % p.pixels;
+    var sample_at = i32(p.x_at.x + (k0 / p.pixels) * p.x_at.y);
+    var oy = pixel / p.out_w;
+    var ox = pixel % p.out_w;
+    var t: Tile;
+    for (var kk = k0; kk < k1; kk++) {
+        let y0 = i32(oy * p.stride_h) - p.pad_h;
+        let x0 = i32(ox * p.stride_w) - p.pad_w;
+        let cols = array<vec4<f32>, 4>(
+            gather_taps(tp0, sample_at, y0, x0),
+            gather_taps(tp1, sample_at, y0, x0),
+            gather_taps(tp2, sample_at, y0, x0),
+            gather_taps(tp3, sample_at, y0, x0),
+        );
+        accumulate(&t, rows_of_a(kk, wid.y * ROW_QUADS), cols);
+        ox++;
+        if (ox == p.out_w) {
+            ox = 0u;
+            oy++;
+            if (oy == out_h) {
+                oy = 0u;
+                sample_at += i32(p.x_at.y);
+            }
+        }
+    }
+    store_tile(t, (p.first_split + wid.z) * p.m * p.n, wid.y * ROW_QUADS, quad0);
+}
+
+// packed[kk * rows_padded + i] = X[i][kk] for i < rows, zero for the
+// padding rows: X stored k-major. X[i][kk] is read at offset + i * row_stride
+// + (kk / taps) * col_stride + tap, tap = kk % taps or, with flip_taps,
+// taps - 1 - kk % taps: a strided matrix when taps = 1, and with
+// taps = kh * kw a conv weight [c_out, c_in, kh, kw] seen as
+// [c_in][(c_out, ky, kx)] with the kernel flipped, for the data gradient.
+struct Pack {
+    rows: u32,
+    k: u32,
+    rows_padded: u32,
+    row_stride: u32,
+    col_stride: u32,
+    taps: u32,
+    flip_taps: u32,
+    offset: u32,
+}
+
+@group(0) @binding(0) var<uniform> pack: Pack;
+@group(0) @binding(5) var<storage, read> src: array<f32>;
+@group(0) @binding(6) var<storage, read_write> packed: array<f32>;
+
+@compute @workgroup_size(WG)
+fn pack_k_major(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = linear_index(gid, nwg);
+    if (i >= pack.rows_padded * pack.k) {
+        return;
+    }
+    let kk = i / pack.rows_padded;
+    let row = i % pack.rows_padded;
+    var tap = kk % pack.taps;
+    if (pack.flip_taps == 1u) {
+        tap = pack.taps - 1u - tap;
+    }
+    var v = 0.0;
+    if (row < pack.rows) {
+        v = src[pack.offset + row * pack.row_stride + (kk / pack.taps) * pack.col_stride + tap];
+    }
+    packed[i] = v;
+}
