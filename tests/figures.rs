@@ -31,6 +31,18 @@ fn progress_lines_without_a_terminal_and_none_when_quiet() {
     assert!(progress[9].starts_with("  batch 10/10, loss "), "{text}");
     assert!(progress[9].ends_with(" examples/sec"), "{text}");
     assert!(text.contains("epoch 1, loss "), "{text}");
+    // Each line's rate counts the time since the epoch began, the first too.
+    let rate = |line: &str| -> f64 {
+        let before = line.split(" examples/sec").next().unwrap();
+        before.rsplit(", ").next().unwrap().parse().unwrap()
+    };
+    let epoch_line = text.lines().find(|l| l.starts_with("epoch 1")).unwrap();
+    for line in &progress {
+        assert!(
+            rate(line) > 0.0 && rate(line) < 10.0 * rate(epoch_line),
+            "{line} against {epoch_line}"
+        );
+    }
 
     let quiet = cli_ok(&[&SMALL_RUN[..], &["--epochs", "1", "--quiet"]].concat());
     let lines: Vec<&str> = quiet.lines().collect();

@@ -169,6 +169,9 @@ pub struct Progress {
     pub batches_done: usize,
     pub batches: usize,
     pub examples_done: usize,
+    /// Since the epoch began: at report points, until this step finished
+    /// on the GPU; otherwise until it was submitted.
+    pub seconds: f64,
     pub figures: Option<ProgressFigures>,
 }
 
@@ -722,12 +725,14 @@ impl Session {
         let every = reporting.every(batches);
         let mut reported = MetricSums::default();
         let mut checked = MetricSums::default();
+        let start = Instant::now();
         self.train_steps.run_epoch(gpu, order, |done| {
             let mut step = Progress {
                 epoch,
                 batches_done: done,
                 batches,
                 examples_done: (done * batch).min(order.len()),
+                seconds: start.elapsed().as_secs_f64(),
                 figures: None,
             };
             let report = every > 0 && (done % every == 0 || done == batches);
@@ -761,6 +766,8 @@ impl Session {
                 });
                 reported = now;
             }
+            // The read above waited for the GPU: now the time is the work's.
+            step.seconds = start.elapsed().as_secs_f64();
             progress(&step);
             Ok(())
         })?;

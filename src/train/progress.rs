@@ -5,7 +5,6 @@
 use super::{Progress, Reporting};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::io::IsTerminal;
-use std::time::Instant;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Display {
@@ -42,7 +41,6 @@ pub struct ProgressDisplay {
     display: Display,
     bar: Option<ProgressBar>,
     epoch: usize,
-    epoch_start: Instant,
 }
 
 impl ProgressDisplay {
@@ -51,17 +49,15 @@ impl ProgressDisplay {
             display,
             bar: None,
             epoch: 0,
-            epoch_start: Instant::now(),
         }
     }
 
     pub fn step(&mut self, p: &Progress) {
         if p.epoch != self.epoch {
             self.epoch = p.epoch;
-            self.epoch_start = Instant::now();
             self.bar = (self.display == Display::Bar).then(|| new_bar(p));
         }
-        let per_sec = p.examples_done as f64 / self.epoch_start.elapsed().as_secs_f64();
+        let per_sec = p.examples_done as f64 / p.seconds;
         match (&self.bar, &p.figures) {
             (Some(bar), figures) => {
                 bar.set_position(p.batches_done as u64);
