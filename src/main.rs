@@ -107,6 +107,9 @@ struct BenchArgs {
     /// Also print the GPU time of every op in a training step (timestamp queries).
     #[arg(long)]
     profile: bool,
+    /// Rows of the --profile table (ops with the same shapes share a row).
+    #[arg(long, default_value_t = 25)]
+    top: usize,
     /// Instead of a model, measure the project's matrix product (SGEMM) at 1024^3 and 2048^3.
     #[arg(long)]
     gemm: bool,
@@ -321,18 +324,49 @@ fn run_bench(args: &BenchArgs) -> Result<()> {
         "{} at {}x{}, batch {}, on {}",
         cfg.model.name, cfg.resize, cfg.resize, report.batch, gpu.info.name
     );
-    println!("training step: {:.1} images/s", report.train_images_per_sec);
-    println!("inference:     {:.1} images/s", report.eval_images_per_sec);
+    let step_seconds = report.batch as f64 / report.train.images_per_sec;
+    println!(
+        "training step: {:.1} images/s, {:.1} GFLOP/s, CPU encode {:.3} ms",
+        report.train.images_per_sec,
+        report.train_flops as f64 / step_seconds / 1e9,
+        report.train.encode_seconds * 1e3
+    );
+    println!(
+        "inference:     {:.1} images/s, CPU encode {:.3} ms",
+        report.eval.images_per_sec,
+        report.eval.encode_seconds * 1e3
+    );
+    println!(
+        "GPU memory:    {:.1} MiB in live buffers, {:.1} MiB of them training activations",
+        report.gpu_bytes as f64 / MIB,
+        report.activation_bytes as f64 / MIB
+    );
     if let Some(rows) = report.profile {
-        let total: f64 = rows.iter().map(|r| r.1).sum();
+        let total: f64 = rows.iter().map(|r| r.seconds).sum();
         println!("\nGPU time of one training step: {:.2} ms", total * 1e3);
-        println!("{:>9}  {:>6}  op", "ms", "share");
-        for (label, t) in rows.iter().take(20) {
-            println!("{:>9.3}  {:>5.1}%  {label}", t * 1e3, 100.0 * t / total);
+        println!(
+            "{:>9}  {:>6}  {:>8}  op (count x)",
+            "ms", "share", "GFLOP/s"
+        );
+        for row in rows.iter().take(args.top) {
+            let gflops = if row.flops > 0 {
+                format!("{:.1}", row.flops as f64 / row.seconds / 1e9)
+            } else {
+                String::new()
+            };
+            println!(
+                "{:>9.3}  {:>5.1}%  {gflops:>8}  {}x {}",
+                row.seconds * 1e3,
+                100.0 * row.seconds / total,
+                row.count,
+                row.label
+            );
         }
     }
     Ok(())
 }
+
+const MIB: f64 = 1024.0 * 1024.0;
 
 fn run_eval(args: &EvalArgs) -> Result<()> {
     let (model, resize) = checkpoint_model(&args.checkpoint)?;

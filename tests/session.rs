@@ -115,3 +115,28 @@ fn live_gpu_memory_stays_flat_across_epochs() {
     assert!(live[0] > 0, "the allocator reports no buffers");
     assert!(live.iter().all(|&b| b == live[0]), "{live:?}");
 }
+
+/// A LeNet training step counts the FLOPs PyTorch's FlopCounterMode counts
+/// for `loss.backward()` on d2l's LeNet: 2 per multiply-add of every conv
+/// and Linear forward, of their weight gradients, and of every input
+/// gradient but the first conv's (the images need none). Per image:
+/// conv1 6*28*28 * 1*5*5, conv2 16*10*10 * 6*5*5, Linears 400*120 + 120*84
+/// + 84*10 multiply-adds.
+#[test]
+fn a_training_step_counts_pytorchs_flops() {
+    let gpu = common::gpu();
+    let cfg = TrainConfig {
+        batch_size: 4,
+        limit_train: Some(8),
+        limit_test: Some(8),
+        ..TrainConfig::new(models::find("lenet").unwrap())
+    };
+    let session = Session::new(&gpu, &cfg).unwrap();
+    let (conv1, conv2, linears) = (
+        6 * 28 * 28 * 25,
+        16 * 10 * 10 * 150,
+        400 * 120 + 120 * 84 + 84 * 10,
+    );
+    let per_image = 2 * (3 * (conv1 + conv2 + linears) - conv1);
+    assert_eq!(session.train_plan().0.flops(), 4 * per_image);
+}

@@ -41,6 +41,8 @@ pub type Externals = HashMap<&'static str, Binding>;
 /// One recorded compute dispatch.
 pub struct Dispatch {
     pub label: String,
+    /// The graph node it belongs to.
+    node: usize,
     pipeline: wgpu::ComputePipeline,
     bind_group: wgpu::BindGroup,
     workgroups: [u32; 3],
@@ -73,6 +75,7 @@ pub struct PlanContext<'a> {
     dispatches: Vec<Dispatch>,
     scratch: Vec<wgpu::Buffer>,
     label: String,
+    node: usize,
     chunk: Option<Chunk>,
 }
 
@@ -350,6 +353,7 @@ impl PlanContext<'_> {
         });
         self.dispatches.push(Dispatch {
             label: format!("{} [{entry}]", self.label),
+            node: self.node,
             pipeline,
             bind_group,
             workgroups,
@@ -359,8 +363,25 @@ impl PlanContext<'_> {
 }
 
 /// A graph made ready to run: bound memory and recorded dispatches.
+/// What one graph node does, for profiles: the op with its tensor shapes,
+/// and its floating-point operations per run.
+#[derive(Clone, Debug)]
+pub struct NodeCost {
+    pub label: String,
+    pub flops: u64,
+}
+
+/// GPU time of one node in one step (all its dispatches).
+#[derive(Clone, Debug)]
+pub struct NodeTime {
+    pub cost: NodeCost,
+    pub seconds: f64,
+}
+
 pub struct Plan {
     dispatches: Vec<Dispatch>,
+    /// Per graph node.
+    costs: Vec<NodeCost>,
     bindings: Vec<Option<Binding>>,
     _buffers: Vec<wgpu::Buffer>,
     /// Bytes of activation memory this plan allocated.
@@ -451,10 +472,13 @@ impl Plan {
             dispatches: Vec::new(),
             scratch: Vec::new(),
             label: String::new(),
+            node: 0,
             chunk: None,
         };
-        for node in &graph.nodes {
+        let mut costs = Vec::with_capacity(graph.nodes.len());
+        for (index, node) in graph.nodes.iter().enumerate() {
             ctx.label = node.op.describe();
+            ctx.node = index;
             let mut tensors = node.inputs.iter().chain(&node.outputs);
             if let Some(&t) = tensors.find(|&&t| graph.is_channel_slice(t)) {
                 if !node.op.handles_channel_slices() {
@@ -495,6 +519,19 @@ impl Plan {
                 None => node.op.plan(&mut ctx, &node.inputs, &node.outputs),
             })?;
             planned.with_context(what)?;
+            let tensors =
+                |ids: &[TensorId]| ids.iter().map(|&t| graph.tensor(t)).collect::<Vec<_>>();
+            costs.push(NodeCost {
+                label: format!(
+                    "{} {} -> {}",
+                    node.op.describe(),
+                    shapes(&node.inputs),
+                    shapes(&node.outputs)
+                ),
+                flops: node
+                    .op
+                    .flops(&tensors(&node.inputs), &tensors(&node.outputs)),
+            });
         }
         gpu.check_errors()
             .context("creating the plan's pipelines and bind groups")?;
@@ -508,6 +545,7 @@ impl Plan {
         );
         Ok(Plan {
             dispatches: ctx.dispatches,
+            costs,
             bindings: ctx.bindings,
             _buffers: all_buffers,
             activation_bytes,
@@ -527,9 +565,15 @@ impl Plan {
         }
     }
 
-    /// GPU seconds of every dispatch, labelled, from timestamp queries
-    /// around one compute pass per dispatch (needs `Features::TIMESTAMP_QUERY`).
-    pub fn profile(&self, gpu: &Gpu) -> Result<Vec<(String, f64)>> {
+    /// Floating-point operations of one run (see `Op::flops`).
+    pub fn flops(&self) -> u64 {
+        self.costs.iter().map(|c| c.flops).sum()
+    }
+
+    /// GPU seconds of every node that dispatches work, from timestamp
+    /// queries around one compute pass per dispatch (needs
+    /// `Features::TIMESTAMP_QUERY`).
+    pub fn profile(&self, gpu: &Gpu) -> Result<Vec<NodeTime>> {
         if !gpu
             .device
             .features()
@@ -538,7 +582,7 @@ impl Plan {
             bail!("adapter {:?} has no timestamp queries", gpu.info.name);
         }
         let seconds_per_tick = f64::from(gpu.queue.get_timestamp_period()) * 1e-9;
-        let mut times = Vec::with_capacity(self.dispatches.len());
+        let mut seconds = vec![0.0; self.costs.len()];
         // A query set holds at most 4096 queries: two per dispatch.
         for chunk in self.dispatches.chunks(2048) {
             let count = 2 * chunk.len() as u32;
@@ -570,13 +614,18 @@ impl Plan {
             let bytes = gpu.read_bytes(&resolved, 0, 8 * u64::from(count))?;
             let ticks: &[u64] = bytemuck::cast_slice(&bytes);
             for (d, t) in chunk.iter().zip(ticks.chunks_exact(2)) {
-                times.push((
-                    d.label.clone(),
-                    t[1].saturating_sub(t[0]) as f64 * seconds_per_tick,
-                ));
+                seconds[d.node] += t[1].saturating_sub(t[0]) as f64 * seconds_per_tick;
             }
         }
-        Ok(times)
+        let dispatching: std::collections::HashSet<usize> =
+            self.dispatches.iter().map(|d| d.node).collect();
+        Ok((self.costs.iter().zip(seconds).enumerate())
+            .filter(|(node, _)| dispatching.contains(node))
+            .map(|(_, (cost, seconds))| NodeTime {
+                cost: cost.clone(),
+                seconds,
+            })
+            .collect())
     }
 
     /// One step: one command encoder, one compute pass, one submit.

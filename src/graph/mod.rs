@@ -6,7 +6,7 @@ pub mod autodiff;
 pub mod executor;
 pub mod params;
 
-pub use executor::{Binding, Dispatch, Externals, Plan, PlanContext};
+pub use executor::{Binding, Dispatch, Externals, NodeCost, NodeTime, Plan, PlanContext};
 pub use params::ParamStore;
 
 use anyhow::{bail, Result};
@@ -139,6 +139,13 @@ pub trait Op: std::fmt::Debug {
     /// Ops the executor may plan in batch chunks must do so anyway.
     fn handles_channel_slices(&self) -> bool {
         self.shared_inputs().is_some()
+    }
+
+    /// Floating-point operations of one run, counted as PyTorch's
+    /// FlopCounterMode does: 2 per multiply-add of convolutions and matrix
+    /// products (their gradients included), nothing for other ops.
+    fn flops(&self, _inputs: &[&Tensor], _outputs: &[&Tensor]) -> u64 {
+        0
     }
 
     /// Creates the op's pipelines, uniforms and bind groups (once per plan).

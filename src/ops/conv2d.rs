@@ -222,6 +222,10 @@ impl Op for Conv2d {
         Some(&[1, 2])
     }
 
+    fn flops(&self, inputs: &[&Tensor], outputs: &[&Tensor]) -> u64 {
+        conv_flops(&outputs[0].shape, &inputs[1].shape)
+    }
+
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
         let mut p = self.params(&ctx.shape(inputs[0]), &ctx.shape(inputs[1]));
         (p.x_at, p.y_at) = (ctx.layout(inputs[0]), ctx.layout(outputs[0]));
@@ -287,6 +291,12 @@ impl Op for Conv2d {
         };
         Ok(vec![dx, dw, db])
     }
+}
+
+/// 2 per multiply-add of a convolution with output `y` `[n, c_out, ho, wo]`
+/// and weight `[c_out, c_in, kh, kw]`: the same for its two gradients.
+fn conv_flops(y: &[usize], weight: &[usize]) -> u64 {
+    2 * (y.iter().product::<usize>() * weight[1..].iter().product::<usize>()) as u64
 }
 
 impl ConvParams {
@@ -365,6 +375,10 @@ impl Op for Conv2dBackwardData {
 
     fn shared_inputs(&self) -> Option<&'static [usize]> {
         Some(&[1])
+    }
+
+    fn flops(&self, inputs: &[&Tensor], _outputs: &[&Tensor]) -> u64 {
+        conv_flops(&inputs[0].shape, &inputs[1].shape)
     }
 
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
@@ -518,6 +532,10 @@ impl Op for Conv2dBackwardFilter {
 
     fn handles_channel_slices(&self) -> bool {
         true
+    }
+
+    fn flops(&self, inputs: &[&Tensor], outputs: &[&Tensor]) -> u64 {
+        conv_flops(&inputs[1].shape, &outputs[0].shape)
     }
 
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {

@@ -186,6 +186,11 @@ impl Op for MatMul {
         Ok(vec![(vec![m, n], DType::F32)])
     }
 
+    fn flops(&self, inputs: &[&Tensor], outputs: &[&Tensor]) -> u64 {
+        let ((_, k), _) = self.dims(&inputs[0].shape, &inputs[1].shape);
+        2 * (outputs[0].shape.iter().product::<usize>() * k) as u64
+    }
+
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
         self.record(ctx, inputs[0], inputs[1], None, outputs[0])
     }
@@ -258,6 +263,10 @@ impl Op for Linear {
             );
         }
         Ok(vec![(vec![x.shape[0], weight.shape[0]], DType::F32)])
+    }
+
+    fn flops(&self, inputs: &[&Tensor], outputs: &[&Tensor]) -> u64 {
+        2 * (outputs[0].shape.iter().product::<usize>() * inputs[1].shape[1]) as u64
     }
 
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {

@@ -4,7 +4,7 @@
 use super::rng::Rng;
 use super::{Session, TrainConfig};
 use crate::gpu::Gpu;
-use crate::graph::{Externals, Graph, Init, ParamStore, Plan};
+use crate::graph::{Externals, Graph, Init, NodeTime, ParamStore, Plan};
 use crate::ops::MatMul;
 use anyhow::Result;
 use std::collections::HashMap;
@@ -12,20 +12,48 @@ use std::time::Instant;
 
 pub struct BenchReport {
     pub batch: usize,
-    pub train_images_per_sec: f64,
-    pub eval_images_per_sec: f64,
-    /// Per-op GPU seconds of one training step, largest first.
-    pub profile: Option<Vec<(String, f64)>>,
+    pub train: StepTimes,
+    pub eval: StepTimes,
+    /// Floating-point operations of one training step (see `Op::flops`).
+    pub train_flops: u64,
+    /// Bytes of GPU memory in live buffers with both plans built: all a
+    /// step needs, since plans allocate everything up front.
+    pub gpu_bytes: u64,
+    /// Bytes of activations the training plan allocated.
+    pub activation_bytes: u64,
+    /// Per-op GPU time of one training step, largest first.
+    pub profile: Option<Vec<OpProfile>>,
 }
 
-/// Images per second of `steps` back-to-back runs of `plan` after a warm-up.
+/// Medians over the timed steps.
+pub struct StepTimes {
+    pub images_per_sec: f64,
+    /// Seconds the CPU spends encoding and submitting one step.
+    pub encode_seconds: f64,
+}
+
+/// The GPU time of every node with the same op and shapes in one step.
+pub struct OpProfile {
+    pub label: String,
+    pub count: usize,
+    pub seconds: f64,
+    pub flops: u64,
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// Median images per second and encode time of `steps` runs of `plan`
+/// after a warm-up, each waited for before the next.
 fn time_steps(
     gpu: &Gpu,
     plan: &Plan,
     indices: &wgpu::Buffer,
     batch: usize,
     steps: usize,
-) -> Result<f64> {
+) -> Result<StepTimes> {
     let order: Vec<u32> = (0..batch as u32).collect();
     gpu.queue
         .write_buffer(indices, 0, bytemuck::cast_slice(&order));
@@ -33,31 +61,48 @@ fn time_steps(
         plan.run(gpu);
     }
     gpu.wait()?;
-    let start = Instant::now();
-    for _ in 0..steps {
+    let (mut step, mut encode) = (Vec::new(), Vec::new());
+    for _ in 0..steps.max(1) {
+        let start = Instant::now();
         plan.run(gpu);
+        encode.push(start.elapsed().as_secs_f64());
+        gpu.wait()?;
+        step.push(start.elapsed().as_secs_f64());
     }
-    gpu.wait()?;
-    Ok((steps * batch) as f64 / start.elapsed().as_secs_f64())
+    Ok(StepTimes {
+        images_per_sec: batch as f64 / median(step),
+        encode_seconds: median(encode),
+    })
 }
 
-/// Sums the time of dispatches with the same label, largest first.
-fn by_op(times: Vec<(String, f64)>) -> Vec<(String, f64)> {
-    let mut totals: HashMap<String, f64> = HashMap::new();
-    for (label, t) in times {
-        *totals.entry(label).or_default() += t;
+/// Sums the nodes with the same label, largest total first.
+fn by_op(times: Vec<NodeTime>) -> Vec<OpProfile> {
+    let mut rows: Vec<OpProfile> = Vec::new();
+    let mut index: HashMap<String, usize> = HashMap::new();
+    for t in times {
+        let i = *index.entry(t.cost.label.clone()).or_insert_with(|| {
+            rows.push(OpProfile {
+                label: t.cost.label.clone(),
+                count: 0,
+                seconds: 0.0,
+                flops: 0,
+            });
+            rows.len() - 1
+        });
+        rows[i].count += 1;
+        rows[i].seconds += t.seconds;
+        rows[i].flops += t.cost.flops;
     }
-    let mut rows: Vec<(String, f64)> = totals.into_iter().collect();
-    rows.sort_by(|a, b| b.1.total_cmp(&a.1));
+    rows.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
     rows
 }
 
 pub fn bench(gpu: &Gpu, cfg: &TrainConfig, steps: usize, profile: bool) -> Result<BenchReport> {
     let session = Session::new(gpu, cfg)?;
     let (train, train_indices, batch) = session.train_plan();
-    let train_images_per_sec = time_steps(gpu, train, train_indices, batch, steps)?;
+    let train_times = time_steps(gpu, train, train_indices, batch, steps)?;
     let (eval, eval_indices, eval_batch) = session.eval_plan();
-    let eval_images_per_sec = time_steps(gpu, eval, eval_indices, eval_batch, steps)?;
+    let eval_times = time_steps(gpu, eval, eval_indices, eval_batch, steps)?;
     let profile = if profile {
         Some(by_op(train.profile(gpu)?))
     } else {
@@ -65,8 +110,11 @@ pub fn bench(gpu: &Gpu, cfg: &TrainConfig, steps: usize, profile: bool) -> Resul
     };
     Ok(BenchReport {
         batch,
-        train_images_per_sec,
-        eval_images_per_sec,
+        train: train_times,
+        eval: eval_times,
+        train_flops: train.flops(),
+        gpu_bytes: gpu.live_buffer_bytes(),
+        activation_bytes: train.activation_bytes,
         profile,
     })
 }
