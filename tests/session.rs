@@ -140,3 +140,28 @@ fn a_training_step_counts_pytorchs_flops() {
     let per_image = 2 * (3 * (conv1 + conv2 + linears) - conv1);
     assert_eq!(session.train_plan().0.flops(), 4 * per_image);
 }
+
+/// Activations whose lifetimes do not overlap share buffers: ResNet-18's
+/// training step at 96 px needs at most 60% of a buffer per tensor (the
+/// ratio does not depend on the batch size; the golden model tests check
+/// the shared buffers give PyTorch's numbers).
+#[test]
+fn resnet_activations_share_buffers() {
+    let gpu = common::gpu();
+    let cfg = TrainConfig {
+        batch_size: 4,
+        limit_train: Some(8),
+        limit_test: Some(8),
+        ..TrainConfig::new(models::find("resnet").unwrap())
+    };
+    let session = Session::new(&gpu, &cfg).unwrap();
+    let plan = session.train_plan().0;
+    let share = plan.activation_bytes as f64 / plan.unshared_activation_bytes as f64;
+    println!(
+        "{} of {} bytes: {:.1}%",
+        plan.activation_bytes,
+        plan.unshared_activation_bytes,
+        100.0 * share
+    );
+    assert!(share <= 0.6, "{share}");
+}

@@ -386,33 +386,107 @@ pub struct Plan {
     _buffers: Vec<wgpu::Buffer>,
     /// Bytes of activation memory this plan allocated.
     pub activation_bytes: u64,
+    /// What a buffer per activation tensor would have taken.
+    pub unshared_activation_bytes: u64,
 }
 
-/// Gives every activation tensor a buffer of its own. wgpu tracks read and
-/// write usage per buffer, so a dispatch may not read one range of a buffer
-/// while writing another: tensors cannot share one arena. A buffer may be
-/// larger than one binding: ops then bind it a batch chunk at a time.
-fn allocate_activations(
-    gpu: &Gpu,
-    graph: &Graph,
-    producer: &[String],
-) -> Result<(Vec<Option<Binding>>, Vec<wgpu::Buffer>, u64)> {
-    let mut bindings = vec![None; graph.tensors.len()];
-    let mut buffers = Vec::new();
-    let mut total = 0;
-    for (i, t) in graph.tensors.iter().enumerate() {
-        if t.storage != Storage::Activation {
-            continue;
+/// Activation memory: each activation tensor's binding, the buffers, the
+/// bytes allocated, and the bytes a buffer per tensor would have taken.
+struct Activations {
+    bindings: Vec<Option<Binding>>,
+    buffers: Vec<wgpu::Buffer>,
+    bytes: u64,
+    unshared_bytes: u64,
+}
+
+/// The nodes between which each activation's storage is in use: from the
+/// first node writing it (or a slice of it) to the last reading it (or a
+/// view of it). Graph inputs, written before a run, and tensors nothing
+/// reads, read after one, live through the whole step.
+fn lifetimes(graph: &Graph) -> Vec<(usize, usize)> {
+    let whole_step = (0, usize::MAX);
+    let mut life = vec![(usize::MAX, 0); graph.tensors.len()];
+    let mut read = vec![false; graph.tensors.len()];
+    for (i, node) in graph.nodes.iter().enumerate() {
+        for &t in &node.outputs {
+            let r = graph.storage_root(t).0;
+            life[r] = (life[r].0.min(i), life[r].1.max(i));
         }
-        let size = t.bytes().max(4).next_multiple_of(4);
-        let buffer = gpu
-            .storage_buffer(&producer[i], size)
-            .with_context(|| format!("the output {:?} of {}", t.shape, producer[i]))?;
-        bindings[i] = Some(Binding::whole(&buffer));
-        buffers.push(buffer);
-        total += size;
+        for &t in &node.inputs {
+            let r = graph.storage_root(t).0;
+            life[r].1 = life[r].1.max(i);
+            read[r] = true;
+        }
     }
-    Ok((bindings, buffers, total))
+    for (r, l) in life.iter_mut().enumerate() {
+        if l.0 == usize::MAX || !read[r] {
+            *l = whole_step;
+        }
+    }
+    life
+}
+
+/// Gives every activation tensor a buffer: its own, or with
+/// `graph.reuse_activations` one freed by a tensor whose last reader ran
+/// before this one's first writer (best fit by size, so no node ever reads
+/// and writes the same buffer). wgpu tracks read and write usage per
+/// buffer, so a dispatch may not read one range of a buffer while writing
+/// another: tensors cannot share one arena. A buffer may be larger than one
+/// binding: ops then bind it a batch chunk at a time.
+fn allocate_activations(gpu: &Gpu, graph: &Graph, producer: &[String]) -> Result<Activations> {
+    let life = lifetimes(graph);
+    let mut order: Vec<usize> = (0..graph.tensors.len())
+        .filter(|&i| graph.tensors[i].storage == Storage::Activation)
+        .collect();
+    order.sort_by_key(|&i| life[i].0);
+    let mut a = Activations {
+        bindings: vec![None; graph.tensors.len()],
+        buffers: Vec::new(),
+        bytes: 0,
+        unshared_bytes: 0,
+    };
+    // (buffer index, node after which it is free)
+    let mut in_use: Vec<(usize, usize)> = Vec::new();
+    let mut free: Vec<usize> = Vec::new();
+    for i in order {
+        let t = &graph.tensors[i];
+        let size = t.bytes().max(4).next_multiple_of(4);
+        a.unshared_bytes += size;
+        let (first, last) = life[i];
+        if graph.reuse_activations {
+            in_use.retain(|&(b, free_after)| {
+                let done = free_after < first;
+                if done {
+                    free.push(b);
+                }
+                !done
+            });
+        }
+        let fitting = free
+            .iter()
+            .enumerate()
+            .filter(|(_, &b)| a.buffers[b].size() >= size)
+            .min_by_key(|(_, &b)| a.buffers[b].size())
+            .map(|(slot, _)| slot);
+        let b = match fitting {
+            Some(slot) => free.swap_remove(slot),
+            None => {
+                let buffer = gpu
+                    .storage_buffer(&producer[i], size)
+                    .with_context(|| format!("the output {:?} of {}", t.shape, producer[i]))?;
+                a.bytes += size;
+                a.buffers.push(buffer);
+                a.buffers.len() - 1
+            }
+        };
+        a.bindings[i] = Some(Binding {
+            buffer: a.buffers[b].clone(),
+            offset: 0,
+            size,
+        });
+        in_use.push((b, last));
+    }
+    Ok(a)
 }
 
 impl Plan {
@@ -429,8 +503,12 @@ impl Plan {
                 producer[t.0] = node.op.describe();
             }
         }
-        let (mut bindings, buffers, activation_bytes) =
-            allocate_activations(gpu, graph, &producer)?;
+        let Activations {
+            mut bindings,
+            buffers,
+            bytes: activation_bytes,
+            unshared_bytes,
+        } = allocate_activations(gpu, graph, &producer)?;
         for (i, t) in graph.tensors.iter().enumerate() {
             bindings[i] = match &t.storage {
                 Storage::Activation | Storage::View(_) | Storage::ChannelSlice { .. } => continue,
@@ -538,10 +616,10 @@ impl Plan {
         let mut all_buffers = buffers;
         all_buffers.extend(ctx.scratch);
         log::info!(
-            "plan: {} nodes, {} dispatches, {} bytes of activations",
+            "plan: {} nodes, {} dispatches, {activation_bytes} bytes of activations \
+             ({unshared_bytes} without sharing buffers)",
             graph.nodes.len(),
             ctx.dispatches.len(),
-            activation_bytes
         );
         Ok(Plan {
             dispatches: ctx.dispatches,
@@ -549,6 +627,7 @@ impl Plan {
             bindings: ctx.bindings,
             _buffers: all_buffers,
             activation_bytes,
+            unshared_activation_bytes: unshared_bytes,
         })
     }
 

@@ -183,6 +183,9 @@ pub struct Graph {
     pub training: bool,
     /// `--dropout P`: replaces every dropout layer's probability.
     pub dropout_override: Option<f32>,
+    /// Lets activations whose lifetimes do not overlap share a buffer; a
+    /// graph whose intermediate tensors are read after a run must not.
+    pub reuse_activations: bool,
 }
 
 impl Graph {

@@ -19,8 +19,10 @@ pub struct BenchReport {
     /// Bytes of GPU memory in live buffers with both plans built: all a
     /// step needs, since plans allocate everything up front.
     pub gpu_bytes: u64,
-    /// Bytes of activations the training plan allocated.
+    /// Bytes of activations the training plan allocated, and what a
+    /// buffer per tensor would have taken.
     pub activation_bytes: u64,
+    pub unshared_activation_bytes: u64,
     /// Per-op GPU time of one training step, largest first.
     pub profile: Option<Vec<OpProfile>>,
 }
@@ -115,6 +117,7 @@ pub fn bench(gpu: &Gpu, cfg: &TrainConfig, steps: usize, profile: bool) -> Resul
         train_flops: train.flops(),
         gpu_bytes: gpu.live_buffer_bytes(),
         activation_bytes: train.activation_bytes,
+        unshared_activation_bytes: train.unshared_activation_bytes,
         profile,
     })
 }

@@ -110,6 +110,8 @@ pub fn step_graph(
 ) -> Result<Graph> {
     let mut g = Graph::new(matches!(kind, StepKind::Train { .. }));
     g.dropout_override = dropout;
+    // Only the metrics, the confusion matrix and the parameters are read.
+    g.reuse_activations = true;
     let pixels = g.external("pixels", vec![data.len, data.height, data.width], DType::U8);
     let all_labels = g.external("labels", vec![data.len], DType::U32);
     let indices = g.external("indices", vec![batch], DType::U32);
