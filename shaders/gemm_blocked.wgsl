@@ -20,9 +20,7 @@ struct Blocked {
     // vec4s per packed row of A (padded M / 4) and of B (padded N / 4).
     a_quads: u32,
     b_quads: u32,
-    // C's element (row, col) lives at out_at.x + (col / out_plane) * out_at.y
-    // + row * out_plane + col % out_plane: a row-major matrix when
-    // out_plane = N, an NCHW tensor (rows = channels) otherwise.
+    // Columns per sample of C: col = sample * out_plane + pixel.
     out_plane: u32,
     // Convolutions: the gathered tensor x is [*, *, x_h, x_w]; output
     // pixels (columns) are out_w wide; a tap (ky, kx) of output pixel
@@ -41,6 +39,17 @@ struct Blocked {
     pixels: u32,
     k_split: u32,
     first_split: u32,
+    // C's element (row, sample * out_plane + pixel) lives at out_at.x +
+    // sample * out_at.y + row * dst_plane + dst_first + (pixel / dst_w) *
+    // dst_row + (pixel % dst_w) * dst_step: a row-major matrix or an NCHW
+    // tensor (rows = channels), or for one phase of a strided data gradient
+    // every stride-th pixel of it.
+    dst_plane: u32,
+    dst_w: u32,
+    dst_row: u32,
+    dst_step: u32,
+    dst_first: u32,
+    _pad: u32,
     // graph::Layout (offset, sample stride) of the output and of x.
     out_at: vec2<u32>,
     x_at: vec2<u32>,
@@ -123,7 +132,9 @@ fn store(t: mat4x4<f32>, at: u32, row0: u32, col0: u32) {
         for (var j = 0u; j < 4u; j++) {
             let col = col0 + j;
             if (row < p.m && col < p.n) {
-                c[at + (col / p.out_plane) * p.out_at.y + row * p.out_plane + col % p.out_plane] = t[i][j];
+                let pixel = col % p.out_plane;
+                let in_plane = p.dst_first + (pixel / p.dst_w) * p.dst_row + (pixel % p.dst_w) * p.dst_step;
+                c[at + (col / p.out_plane) * p.out_at.y + row * p.dst_plane + in_plane] = t[i][j];
             }
         }
     }
@@ -275,9 +286,11 @@ fn conv_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
     }
 }
 
-// The data gradient of a stride-1 convolution is itself one: dx = conv2d(dy,
-// w flipped and transposed to [c_in, c_out, kh, kw], padding kh - 1 - pad).
-// x is dy here, and A comes packed with its taps reversed.
+// The data gradient of a convolution is a sum of stride-1 ones, one per
+// phase (iy mod stride, ix mod stride) of dx: each phase's pixels take the
+// taps of the kernel that land on them, flipped, from dy. x is dy here, A
+// the phase's kernel taps packed [c_in][(c_out, ty, tx)], and the stores
+// scatter to every stride-th pixel of dx (dst_*).
 @compute @workgroup_size(WG)
 fn conv_transposed(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lane: u32) {
     let quad0 = first_quad(wid, nwg, lane);
@@ -359,11 +372,12 @@ fn conv_filter_gradient(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_in
 }
 
 // packed[kk * rows_padded + i] = X[i][kk] for i < rows, zero for the
-// padding rows: X stored k-major. X[i][kk] is read at offset + i * row_stride
-// + (kk / taps) * col_stride + tap, tap = kk % taps or, with flip_taps,
-// taps - 1 - kk % taps: a strided matrix when taps = 1, and with
-// taps = kh * kw a conv weight [c_out, c_in, kh, kw] seen as
-// [c_in][(c_out, ky, kx)] with the kernel flipped, for the data gradient.
+// padding rows: X stored k-major. With kk = g * taps + t, X[i][kk] is read at
+// offset + i * row_stride + g * col_stride + (tap_y0 + tap_dy * t / tap_w) *
+// kernel_w + tap_x0 + tap_dx * (t % tap_w): a strided matrix when taps = 1,
+// an NCHW tensor as [channel][(sample, pixel)] when taps = pixels, and a
+// conv weight's taps (a phase's, flipped: negative tap steps) as
+// [c_in][(c_out, ty, tx)] for the data gradient.
 struct Pack {
     rows: u32,
     k: u32,
@@ -371,8 +385,16 @@ struct Pack {
     row_stride: u32,
     col_stride: u32,
     taps: u32,
-    flip_taps: u32,
     offset: u32,
+    tap_w: u32,
+    tap_y0: i32,
+    tap_x0: i32,
+    tap_dy: i32,
+    tap_dx: i32,
+    kernel_w: u32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> pack: Pack;
@@ -387,13 +409,12 @@ fn pack_k_major(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
     }
     let kk = i / pack.rows_padded;
     let row = i % pack.rows_padded;
-    var tap = kk % pack.taps;
-    if (pack.flip_taps == 1u) {
-        tap = pack.taps - 1u - tap;
-    }
+    let t = kk % pack.taps;
+    let tap_y = pack.tap_y0 + pack.tap_dy * i32(t / pack.tap_w);
+    let tap_x = pack.tap_x0 + pack.tap_dx * i32(t % pack.tap_w);
     var v = 0.0;
     if (row < pack.rows) {
-        v = src[pack.offset + row * pack.row_stride + (kk / pack.taps) * pack.col_stride + tap];
+        v = src[pack.offset + row * pack.row_stride + (kk / pack.taps) * pack.col_stride + u32(tap_y * i32(pack.kernel_w) + tap_x)];
     }
     packed[i] = v;
 }

@@ -50,15 +50,38 @@ pub struct BlockedParams {
     pub pixels: u32,
     pub k_split: u32,
     pub first_split: u32,
+    pub dst_plane: u32,
+    pub dst_w: u32,
+    pub dst_row: u32,
+    pub dst_step: u32,
+    pub dst_first: u32,
+    pub _pad: u32,
     pub out_at: [u32; 2],
     pub x_at: [u32; 2],
 }
 
-const _: () = assert!(std::mem::size_of::<BlockedParams>() == 88);
+const _: () = assert!(std::mem::size_of::<BlockedParams>() == 112);
+
+impl BlockedParams {
+    /// C as a row-major matrix (`out_plane` = N) or a whole NCHW tensor
+    /// (`out_plane` pixels per channel) at layout `out_at`.
+    pub fn contiguous_output(self, out_plane: u32, out_at: [u32; 2]) -> BlockedParams {
+        BlockedParams {
+            out_plane,
+            dst_plane: out_plane,
+            dst_w: out_plane,
+            dst_row: 0,
+            dst_step: 1,
+            dst_first: 0,
+            out_at,
+            ..self
+        }
+    }
+}
 
 /// The shader's `Pack` uniform: which matrix `X[rows][k]` to pack.
 #[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+#[derive(Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct PackParams {
     rows: u32,
     k: u32,
@@ -66,8 +89,14 @@ pub struct PackParams {
     row_stride: u32,
     col_stride: u32,
     taps: u32,
-    flip_taps: u32,
     offset: u32,
+    tap_w: u32,
+    tap_y0: i32,
+    tap_x0: i32,
+    tap_dy: i32,
+    tap_dx: i32,
+    kernel_w: u32,
+    _pad: [u32; 3],
 }
 
 impl PackParams {
@@ -87,25 +116,36 @@ impl PackParams {
             row_stride,
             col_stride,
             taps: 1,
-            flip_taps: 0,
-            offset: 0,
+            tap_w: 1,
+            ..PackParams::default()
         }
     }
 
-    /// A conv weight `[c_out, c_in, kh, kw]` as `X[ci][(co, ky, kx)]` with
-    /// the kernel flipped: the A of the data gradient.
-    pub fn flipped_transposed_weight(weight: &[u32; 4]) -> PackParams {
-        let [c_out, c_in, kh, kw] = *weight;
-        let taps = kh * kw;
+    /// The taps `(first.0 + step.0 * ty, first.1 + step.1 * tx)`,
+    /// `ty < taps.0`, `tx < taps.1`, of a conv weight `[c_out, c_in, kh,
+    /// kw]` as `X[ci][(co, ty, tx)]`: the A of one phase of the data
+    /// gradient (flipped: negative steps).
+    pub fn weight_taps(
+        weight: [u32; 4],
+        taps: (u32, u32),
+        first: (i32, i32),
+        step: (i32, i32),
+    ) -> PackParams {
+        let [c_out, c_in, kh, kw] = weight;
         PackParams {
             rows: c_in,
-            k: c_out * taps,
+            k: c_out * taps.0 * taps.1,
             rows_padded: padded_rows(c_in),
-            row_stride: taps,
-            col_stride: c_in * taps,
-            taps,
-            flip_taps: 1,
-            offset: 0,
+            row_stride: kh * kw,
+            col_stride: c_in * kh * kw,
+            taps: taps.0 * taps.1,
+            tap_w: taps.1,
+            tap_y0: first.0,
+            tap_x0: first.1,
+            tap_dy: step.0,
+            tap_dx: step.1,
+            kernel_w: kw,
+            ..PackParams::default()
         }
     }
 }
@@ -126,8 +166,10 @@ impl PackParams {
             row_stride: pixels,
             col_stride: at[1],
             taps: pixels,
-            flip_taps: 0,
             offset: at[0],
+            tap_w: pixels,
+            tap_dx: 1,
+            ..PackParams::default()
         }
     }
 }
@@ -140,7 +182,10 @@ pub fn packed_k_major(ctx: &mut PlanContext, x: Binding, p: PackParams) -> Resul
         return Ok(x);
     }
     let len = p.rows_padded as usize * p.k as usize;
-    let packed = ctx.scratch(4 * len as u64)?;
+    let packed = ctx.scratch(4 * len.max(4) as u64)?;
+    if len == 0 {
+        return Ok(packed);
+    }
     let storage = [(5, x), (6, packed.clone())];
     ctx.dispatch(Shader::GemmBlocked, "pack_k_major", &p, &storage, len)?;
     Ok(packed)

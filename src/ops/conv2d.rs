@@ -343,10 +343,9 @@ fn plan_blocked_forward(
         k: taps,
         a_quads: rows / 4,
         b_quads: blocked::padded_columns(columns) / 4,
-        out_plane: p.ho * p.wo,
-        out_at: p.y_at,
         ..p.blocked()
-    };
+    }
+    .contiguous_output(p.ho * p.wo, p.y_at);
     let storage = [
         (1, packed_weight),
         (3, ctx.binding(inputs[2])),
@@ -387,9 +386,7 @@ impl Op for Conv2dBackwardData {
             .params(&ctx.shape(outputs[0]), &ctx.shape(inputs[1]));
         (p.dy_at, p.dx_at) = (ctx.layout(inputs[0]), ctx.layout(outputs[0]));
         if let GemmKernel::Blocked { workgroup } = ctx.gpu.tuning.gemm {
-            if (p.stride_h, p.stride_w) == (1, 1) && p.kh > p.pad_h && p.kw > p.pad_w {
-                return plan_blocked_backward_data(ctx, &p, workgroup, inputs, outputs[0]);
-            }
+            return plan_blocked_backward_data(ctx, &p, workgroup, inputs, outputs[0]);
         }
         let pixels = (p.batch * p.h * p.w) as usize;
         let tile = channel_tile(p.c_in as usize);
@@ -405,9 +402,11 @@ impl Op for Conv2dBackwardData {
     }
 }
 
-/// The data gradient of a stride-1 convolution on CPU adapters: a
-/// convolution of dy with the flipped, transposed kernel (see
-/// `conv_transposed` in `shaders/gemm_blocked.wgsl`), rows = input channels.
+/// The data gradient on CPU adapters: for each phase (iy mod stride, ix mod
+/// stride) of dx, a stride-1 convolution of dy with the kernel taps that
+/// land on that phase, flipped (`conv_transposed` in
+/// `shaders/gemm_blocked.wgsl`), rows = input channels. One phase when the
+/// stride is 1.
 fn plan_blocked_backward_data(
     ctx: &mut PlanContext,
     p: &ConvParams,
@@ -415,36 +414,95 @@ fn plan_blocked_backward_data(
     inputs: &[TensorId],
     dx: TensorId,
 ) -> Result<()> {
-    let pack = PackParams::flipped_transposed_weight(&[p.c_out, p.c_in, p.kh, p.kw]);
-    let weight = ctx.binding(inputs[1]);
-    let packed_weight = blocked::packed_k_major(ctx, weight, pack)?;
-    let columns = p.batch * p.h * p.w;
-    let params = BlockedParams {
-        m: p.c_in,
-        n: columns,
-        k: p.c_out * p.kh * p.kw,
-        a_quads: blocked::padded_rows(p.c_in) / 4,
-        b_quads: blocked::padded_columns(columns) / 4,
-        out_plane: p.h * p.w,
-        x_h: p.ho,
-        x_w: p.wo,
-        kh: p.kh,
-        kw: p.kw,
-        out_w: p.w,
-        stride_h: 1,
-        stride_w: 1,
-        pad_h: (p.kh - 1 - p.pad_h) as i32,
-        pad_w: (p.kw - 1 - p.pad_w) as i32,
-        out_at: p.dx_at,
-        x_at: p.dy_at,
-        ..BlockedParams::default()
-    };
-    let storage = [
-        (1, packed_weight),
-        (4, ctx.binding(dx)),
-        (7, ctx.binding(inputs[0])),
-    ];
-    blocked::dispatch(ctx, "conv_transposed", workgroup, &params, &storage)
+    for ry in 0..p.stride_h {
+        for rx in 0..p.stride_w {
+            let rows = Phase::new(ry, p.h, p.kh, p.stride_h, p.pad_h);
+            let cols = Phase::new(rx, p.w, p.kw, p.stride_w, p.pad_w);
+            let columns = p.batch * rows.pixels * cols.pixels;
+            if columns == 0 {
+                continue;
+            }
+            let (sh, sw) = (p.stride_h as i32, p.stride_w as i32);
+            let pack = PackParams::weight_taps(
+                [p.c_out, p.c_in, p.kh, p.kw],
+                (rows.taps, cols.taps),
+                (rows.last_tap(sh), cols.last_tap(sw)),
+                (-sh, -sw),
+            );
+            let weight = ctx.binding(inputs[1]);
+            let packed_weight = blocked::packed_k_major(ctx, weight, pack)?;
+            let params = BlockedParams {
+                m: p.c_in,
+                n: columns,
+                k: p.c_out * rows.taps * cols.taps,
+                a_quads: blocked::padded_rows(p.c_in) / 4,
+                b_quads: blocked::padded_columns(columns) / 4,
+                x_h: p.ho,
+                x_w: p.wo,
+                kh: rows.taps,
+                kw: cols.taps,
+                out_w: cols.pixels,
+                stride_h: 1,
+                stride_w: 1,
+                pad_h: rows.pad(),
+                pad_w: cols.pad(),
+                x_at: p.dy_at,
+                ..BlockedParams::default()
+            }
+            .contiguous_output(rows.pixels * cols.pixels, p.dx_at);
+            let params = BlockedParams {
+                dst_plane: p.h * p.w,
+                dst_w: cols.pixels,
+                dst_row: p.stride_h * p.w,
+                dst_step: p.stride_w,
+                dst_first: ry * p.w + rx,
+                ..params
+            };
+            let storage = [
+                (1, packed_weight),
+                (4, ctx.binding(dx)),
+                (7, ctx.binding(inputs[0])),
+            ];
+            blocked::dispatch(ctx, "conv_transposed", workgroup, &params, &storage)?;
+        }
+    }
+    Ok(())
+}
+
+/// One phase `r` of a strided data gradient along one axis: dx positions
+/// `r, r + stride, ...` receive dy through kernel taps `first, first +
+/// stride, ...` (those with `(r + pad - tap) % stride == 0`).
+struct Phase {
+    /// dx positions in the phase.
+    pixels: u32,
+    /// Kernel taps that reach them.
+    taps: u32,
+    first: u32,
+    /// dy position of phase pixel j through tap `first + stride t`: j + offset - t.
+    offset: u32,
+}
+
+impl Phase {
+    fn new(r: u32, size: u32, kernel: u32, stride: u32, pad: u32) -> Phase {
+        let first = (r + pad) % stride;
+        Phase {
+            pixels: size.saturating_sub(r).div_ceil(stride),
+            taps: kernel.saturating_sub(first).div_ceil(stride),
+            first,
+            offset: (r + pad - first) / stride,
+        }
+    }
+
+    /// The phase's last kernel tap, where the flipped taps start.
+    fn last_tap(&self, stride: i32) -> i32 {
+        self.first as i32 + stride * (self.taps as i32 - 1)
+    }
+
+    /// The stride-1 padding that makes flipped tap t' of phase pixel j read
+    /// dy at j - pad + t' = j + offset - (taps - 1 - t').
+    fn pad(&self) -> i32 {
+        self.taps as i32 - 1 - self.offset as i32
+    }
 }
 
 /// dweight from x and dy: split over batch and positions, then the splits summed.
@@ -495,12 +553,12 @@ impl Conv2dBackwardFilter {
                 k: p.batch * pixels as u32,
                 a_quads: blocked::padded_rows(p.c_out) / 4,
                 b_quads: blocked::padded_columns(taps as u32) / 4,
-                out_plane: taps as u32,
                 pixels: pixels as u32,
                 k_split: k_split as u32,
                 first_split: (chunk * splits) as u32,
                 ..p.blocked()
-            };
+            }
+            .contiguous_output(taps as u32, [0, 0]);
             let storage = [(1, packed_dy), (4, partial.clone()), (7, ctx.binding(x))];
             let splits_here = (params.k as usize).div_ceil(k_split) as u32;
             blocked::dispatch_split(

@@ -125,9 +125,9 @@ impl MatMul {
             k: p.k,
             a_quads: m_padded / 4,
             b_quads: n_padded / 4,
-            out_plane: p.n,
             ..BlockedParams::default()
-        };
+        }
+        .contiguous_output(p.n, [0, 0]);
         let mut storage = vec![(1, packed_a), (2, packed_b), (4, ctx.binding(c))];
         let entry = match bias {
             Some(bias) => {
