@@ -68,16 +68,17 @@ pub struct Tuning {
     /// Binds at most this many bytes at once even where the adapter allows
     /// more (tests use it to exercise batch chunking on small tensors).
     pub binding_limit: u64,
-    /// Which matrix-product kernel serves Linear layers.
+    /// Which kernel family serves Linear layers and convolutions.
     pub gemm: GemmKernel,
 }
 
-/// The two matrix-product kernels, each fastest on its kind of adapter.
+/// The two families of matrix-product kernels (Linear, and convolutions as
+/// implicit GEMMs), each fastest on its kind of adapter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GemmKernel {
-    /// `shaders/gemm.wgsl`: a 4x4 tile per invocation read through strides,
-    /// workgroups of `Tuning::workgroup`: what GPUs with many registers
-    /// per thread and wide workgroups want.
+    /// `shaders/gemm.wgsl` and `shaders/conv2d.wgsl`: a 4x4 tile per
+    /// invocation read through strides, workgroups of `Tuning::workgroup`:
+    /// what GPUs with many registers per thread and wide workgroups want.
     Strided,
     /// `shaders/gemm_blocked.wgsl`: a 32x16 tile per invocation on packed
     /// operands, workgroups of `workgroup` (the SIMD width): what CPU

@@ -1,6 +1,8 @@
 //! 2-D convolution (`nn.Conv2d`): NCHW input, weight `[c_out, c_in, kh, kw]`,
 //! bias `[c_out]`. Forward, data gradient and filter gradient are each an
-//! implicit GEMM in `shaders/conv2d.wgsl`; the bias gradient is a channel sum.
+//! implicit GEMM: in `shaders/gemm_blocked.wgsl` on CPU adapters, in
+//! `shaders/conv2d.wgsl` elsewhere (see `GemmKernel`); the bias gradient is
+//! a channel sum.
 
 use super::blocked::{self, BlockedParams, PackParams};
 use super::reduce::{chunked_splits, sum_splits, ReduceParams, MAX_LOOP_TRIPS};
