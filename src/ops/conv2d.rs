@@ -521,7 +521,10 @@ const BLOCKED_SPLIT_TERMS: usize = 2048;
 impl Conv2dBackwardFilter {
     /// The filter gradient on CPU adapters: `dy im2col(x)^T` on the
     /// register-tiled kernel, rows = output channels, columns = taps, the
-    /// sum over each batch chunk's output pixels split along K.
+    /// sum over each batch chunk's output pixels split along K. Plans
+    /// nothing and returns false when a chunk of dy, packed with its
+    /// channels padded to the tile (up to 8x the bytes for one channel),
+    /// would not bind at once.
     fn plan_blocked(
         &self,
         ctx: &mut PlanContext,
@@ -529,13 +532,17 @@ impl Conv2dBackwardFilter {
         workgroup: u32,
         inputs: &[TensorId],
         dweight: TensorId,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let (x, dy) = (inputs[0], inputs[1]);
         let taps = (whole.c_in * whole.kh * whole.kw) as usize;
         let len = whole.c_out as usize * taps;
         let pixels = (whole.ho * whole.wo) as usize;
         let chunks = ctx.batch_chunks(&[x, dy])?;
         let longest = chunks.iter().map(|&(_, count)| count).max().unwrap_or(1) * pixels;
+        let packed_bytes = 4 * blocked::padded_rows(whole.c_out) as u64 * longest as u64;
+        if packed_bytes > ctx.gpu.max_binding() {
+            return Ok(false);
+        }
         let fit_binding = (ctx.gpu.max_binding() as usize / 4) / (len * chunks.len());
         let splits = longest
             .div_ceil(BLOCKED_SPLIT_TERMS)
@@ -573,7 +580,8 @@ impl Conv2dBackwardFilter {
             )
         })?;
         let total = ReduceParams::sum_splits(len, chunks.len() * splits);
-        sum_splits(ctx, &total, &partial, &ctx.binding(dweight))
+        sum_splits(ctx, &total, &partial, &ctx.binding(dweight))?;
+        Ok(true)
     }
 }
 
@@ -603,14 +611,8 @@ impl Op for Conv2dBackwardFilter {
         let ws = ctx.shape(outputs[0]);
         let whole = self.conv.params(&ctx.shape(x), &ws);
         if let GemmKernel::Blocked { workgroup } = ctx.gpu.tuning.gemm {
-            // dy is packed k-major with its channels padded to the tile: up to
-            // 8x the bytes for a single channel, which may not bind at once.
-            let largest_chunk = ctx.batch_chunks(&[x, dy])?.iter().map(|c| c.1).max();
-            let packed_bytes = 4
-                * blocked::padded_rows(whole.c_out) as u64
-                * (largest_chunk.unwrap_or(1) as u64 * u64::from(whole.ho * whole.wo));
-            if packed_bytes <= ctx.gpu.max_binding() {
-                return self.plan_blocked(ctx, &whole, workgroup, inputs, outputs[0]);
+            if self.plan_blocked(ctx, &whole, workgroup, inputs, outputs[0])? {
+                return Ok(());
             }
         }
         let taps = (whole.c_in * whole.kh * whole.kw) as usize;
