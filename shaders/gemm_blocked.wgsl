@@ -1,14 +1,16 @@
 // Register-tiled kernels for CPU adapters: C[M, N] = A[M, K] * B[K, N] with a
-// 32 x 16 tile of C per invocation. lavapipe runs a workgroup as 8-wide
-// SIMD: the 32 rows of a tile are the same for the whole workgroup, so A's
-// vec4 loads are broadcasts, and each invocation takes its own 16 columns of
-// B as four vec4s. Per k that is 12 loads for 512 multiply-adds.
+// 32 x 16 tile of C per invocation (8 or 16 rows for smaller M). lavapipe
+// runs a workgroup as 8-wide SIMD: the rows of a tile are the same for the
+// whole workgroup, so A's vec4 loads are broadcasts, and each invocation
+// takes its own 16 columns of B as four vec4s. Per k that is 12 loads for
+// 512 multiply-adds.
 //
 // A always comes packed by `pack_k_major` (below): k-major, rows padded to
-// a multiple of 32 with zeros, so the inner loop needs no bounds checks.
-// B is either packed the same way (`matmul`, columns padded to 16) or
-// gathered on the fly from an NCHW tensor (the implicit-GEMM convolution
-// `conv_forward`: no im2col matrix is ever materialised).
+// the tile with zeros, so the inner loop needs no bounds checks. B is
+// either packed the same way (`matmul`, columns padded to 16) or gathered on
+// the fly from an NCHW tensor: the implicit-GEMM convolutions
+// `conv_forward`, `conv_transposed` (data gradient) and
+// `conv_filter_gradient`; no im2col matrix is ever materialised.
 //
 // Every accumulator is a named struct member: lavapipe keeps arrays indexed
 // in a loop in memory (measured 2.5 GFLOP/s against 19-33 unrolled at 1024^3).
