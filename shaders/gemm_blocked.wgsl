@@ -128,15 +128,25 @@ fn first_quad(wid: vec3<u32>, nwg: vec3<u32>, lane: u32) -> u32 {
     return (lane_group(wid, nwg) * WG + lane) * 4u;
 }
 
-fn store(t: mat4x4<f32>, at: u32, row0: u32, col0: u32) {
+// Where columns col0..col0+3 of row 0 of C live, relative to `at`;
+// NO_COLUMN past the end. Computed once per 4 columns: the divisions run one
+// lane at a time on CPU adapters and would otherwise cost more than a short
+// k loop.
+const NO_COLUMN = 0xffffffffu;
+
+fn column_offsets(col0: u32) -> vec4<u32> {
+    let col = vec4<u32>(col0) + vec4<u32>(0u, 1u, 2u, 3u);
+    let pixel = col % p.out_plane;
+    let at = (col / p.out_plane) * p.out_at.y + p.dst_first + (pixel / p.dst_w) * p.dst_row + (pixel % p.dst_w) * p.dst_step;
+    return select(at, vec4<u32>(NO_COLUMN), col >= vec4<u32>(p.n));
+}
+
+fn store(t: mat4x4<f32>, at: u32, row0: u32, columns: vec4<u32>) {
     for (var i = 0u; i < 4u; i++) {
         let row = row0 + i;
         for (var j = 0u; j < 4u; j++) {
-            let col = col0 + j;
-            if (row < p.m && col < p.n) {
-                let pixel = col % p.out_plane;
-                let in_plane = p.dst_first + (pixel / p.dst_w) * p.dst_row + (pixel % p.dst_w) * p.dst_step;
-                c[at + (col / p.out_plane) * p.out_at.y + row * p.dst_plane + in_plane] = t[i][j];
+            if (row < p.m && columns[j] != NO_COLUMN) {
+                c[at + row * p.dst_plane + columns[j]] = t[i][j];
             }
         }
     }
@@ -146,18 +156,21 @@ fn store(t: mat4x4<f32>, at: u32, row0: u32, col0: u32) {
 // to C starting at element `at`.
 fn store_tile(t: Tile, at: u32, row_quad0: u32, quad0: u32) {
     let r = row_quad0 * 4u;
-    let q = quad0 * 4u;
-    store(t.t00, at, r, q); store(t.t01, at, r, q + 4u); store(t.t02, at, r, q + 8u); store(t.t03, at, r, q + 12u);
-    store(t.t10, at, r + 4u, q); store(t.t11, at, r + 4u, q + 4u); store(t.t12, at, r + 4u, q + 8u); store(t.t13, at, r + 4u, q + 12u);
+    let c0 = column_offsets(quad0 * 4u);
+    let c1 = column_offsets(quad0 * 4u + 4u);
+    let c2 = column_offsets(quad0 * 4u + 8u);
+    let c3 = column_offsets(quad0 * 4u + 12u);
+    store(t.t00, at, r, c0); store(t.t01, at, r, c1); store(t.t02, at, r, c2); store(t.t03, at, r, c3);
+    store(t.t10, at, r + 4u, c0); store(t.t11, at, r + 4u, c1); store(t.t12, at, r + 4u, c2); store(t.t13, at, r + 4u, c3);
     if (ROW_QUADS > 2u) {
-        store(t.t20, at, r + 8u, q); store(t.t21, at, r + 8u, q + 4u); store(t.t22, at, r + 8u, q + 8u); store(t.t23, at, r + 8u, q + 12u);
-        store(t.t30, at, r + 12u, q); store(t.t31, at, r + 12u, q + 4u); store(t.t32, at, r + 12u, q + 8u); store(t.t33, at, r + 12u, q + 12u);
+        store(t.t20, at, r + 8u, c0); store(t.t21, at, r + 8u, c1); store(t.t22, at, r + 8u, c2); store(t.t23, at, r + 8u, c3);
+        store(t.t30, at, r + 12u, c0); store(t.t31, at, r + 12u, c1); store(t.t32, at, r + 12u, c2); store(t.t33, at, r + 12u, c3);
     }
     if (ROW_QUADS > 4u) {
-        store(t.t40, at, r + 16u, q); store(t.t41, at, r + 16u, q + 4u); store(t.t42, at, r + 16u, q + 8u); store(t.t43, at, r + 16u, q + 12u);
-        store(t.t50, at, r + 20u, q); store(t.t51, at, r + 20u, q + 4u); store(t.t52, at, r + 20u, q + 8u); store(t.t53, at, r + 20u, q + 12u);
-        store(t.t60, at, r + 24u, q); store(t.t61, at, r + 24u, q + 4u); store(t.t62, at, r + 24u, q + 8u); store(t.t63, at, r + 24u, q + 12u);
-        store(t.t70, at, r + 28u, q); store(t.t71, at, r + 28u, q + 4u); store(t.t72, at, r + 28u, q + 8u); store(t.t73, at, r + 28u, q + 12u);
+        store(t.t40, at, r + 16u, c0); store(t.t41, at, r + 16u, c1); store(t.t42, at, r + 16u, c2); store(t.t43, at, r + 16u, c3);
+        store(t.t50, at, r + 20u, c0); store(t.t51, at, r + 20u, c1); store(t.t52, at, r + 20u, c2); store(t.t53, at, r + 20u, c3);
+        store(t.t60, at, r + 24u, c0); store(t.t61, at, r + 24u, c1); store(t.t62, at, r + 24u, c2); store(t.t63, at, r + 24u, c3);
+        store(t.t70, at, r + 28u, c0); store(t.t71, at, r + 28u, c1); store(t.t72, at, r + 28u, c2); store(t.t73, at, r + 28u, c3);
     }
 }
 
