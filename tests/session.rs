@@ -116,6 +116,17 @@ fn live_gpu_memory_stays_flat_across_epochs() {
     assert!(live.iter().all(|&b| b == live[0]), "{live:?}");
 }
 
+/// A model's planned session at batch 4 on 8 images: for properties of the
+/// plan itself.
+fn batch_of_four(model: &str) -> TrainConfig {
+    TrainConfig {
+        batch_size: 4,
+        limit_train: Some(8),
+        limit_test: Some(8),
+        ..TrainConfig::new(models::find(model).unwrap())
+    }
+}
+
 /// A LeNet training step counts the FLOPs PyTorch's FlopCounterMode counts
 /// for `loss.backward()` on d2l's LeNet: 2 per multiply-add of every conv
 /// and Linear forward, of their weight gradients, and of every input
@@ -125,13 +136,7 @@ fn live_gpu_memory_stays_flat_across_epochs() {
 #[test]
 fn a_training_step_counts_pytorchs_flops() {
     let gpu = common::gpu();
-    let cfg = TrainConfig {
-        batch_size: 4,
-        limit_train: Some(8),
-        limit_test: Some(8),
-        ..TrainConfig::new(models::find("lenet").unwrap())
-    };
-    let session = Session::new(&gpu, &cfg).unwrap();
+    let session = Session::new(&gpu, &batch_of_four("lenet")).unwrap();
     let (conv1, conv2, linears) = (
         6 * 28 * 28 * 25,
         16 * 10 * 10 * 150,
@@ -148,13 +153,7 @@ fn a_training_step_counts_pytorchs_flops() {
 #[test]
 fn resnet_activations_share_buffers() {
     let gpu = common::gpu();
-    let cfg = TrainConfig {
-        batch_size: 4,
-        limit_train: Some(8),
-        limit_test: Some(8),
-        ..TrainConfig::new(models::find("resnet").unwrap())
-    };
-    let session = Session::new(&gpu, &cfg).unwrap();
+    let session = Session::new(&gpu, &batch_of_four("resnet")).unwrap();
     let plan = session.train_plan().0;
     let share = plan.activation_bytes as f64 / plan.unshared_activation_bytes as f64;
     println!(

@@ -80,7 +80,7 @@ impl MatMul {
             );
         }
         if let GemmKernel::Blocked { workgroup } = ctx.gpu.tuning.gemm {
-            return self.record_blocked(ctx, &p, workgroup, a, b, bias, c);
+            return Self::record_blocked(ctx, &p, workgroup, a, b, bias, c);
         }
         let invocations = (p.m as usize).div_ceil(TILE) * (p.n as usize).div_ceil(TILE);
         let (entry, storage) = match bias {
@@ -95,9 +95,7 @@ impl MatMul {
 
     /// The product on CPU adapters: both operands packed k-major, then the
     /// register-tiled kernel (`shaders/gemm_blocked.wgsl`).
-    #[allow(clippy::too_many_arguments)]
     fn record_blocked(
-        &self,
         ctx: &mut PlanContext,
         p: &GemmParams,
         workgroup: u32,
