@@ -61,6 +61,11 @@ struct Blocked {
 // fewer rows (LeNet's 6 and 16 channels) and full tiles would be padding.
 override ROW_QUADS: u32 = 8u;
 
+// conv_filter_gradient: lanes of a workgroup that share the same columns and
+// sum different pieces of K. A filter with few taps (LeNet's 25, a 7x7 stem's
+// 49) has too few 16-column tiles to keep the workgroup's lanes busy.
+override K_LANES: u32 = 1u;
+
 @group(0) @binding(0) var<uniform> p: Blocked;
 @group(0) @binding(1) var<storage, read> a: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read> b: array<vec4<f32>>;
@@ -341,21 +346,23 @@ fn gather_taps(tp: Taps, sample_at: i32, y0: i32, x0: i32) -> vec4<f32> {
 }
 
 // dweight = dy im2col(x)^T: C[c_out, c_in*kh*kw] summed over K = the batch
-// chunk's output pixels, A = dy packed k-major. Split z of the K range
-// writes its partial sums to C's slice first_split + z (reduce.wgsl adds
-// the slices up in a fixed order).
+// chunk's output pixels, A = dy packed k-major. Split `split` of the K range
+// (K_LANES of them per workgroup along z) writes its partial sums to C's
+// slice first_split + split (reduce.wgsl adds the slices up in a fixed
+// order).
 @compute @workgroup_size(WG)
 fn conv_filter_gradient(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lane: u32) {
-    let quad0 = (wid.x * WG + lane) * 4u;
+    let quad0 = (wid.x * (WG / K_LANES) + lane / K_LANES) * 4u;
     if (quad0 >= p.b_quads) {
         return;
     }
+    let split = wid.z * K_LANES + lane % K_LANES;
     let c0 = quad0 * 4u;
     let tp0 = taps(c0);
     let tp1 = taps(c0 + 4u);
     let tp2 = taps(c0 + 8u);
     let tp3 = taps(c0 + 12u);
-    let k0 = wid.z * p.k_split;
+    let k0 = split * p.k_split;
     let k1 = min(p.k, k0 + p.k_split);
     let out_h = p.pixels / p.out_w;
     let pixel = k0 % p.pixels;
@@ -383,7 +390,7 @@ fn conv_filter_gradient(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_in
             }
         }
     }
-    store_tile(t, (p.first_split + wid.z) * p.m * p.n, wid.y * ROW_QUADS, quad0);
+    store_tile(t, (p.first_split + split) * p.m * p.n, wid.y * ROW_QUADS, quad0);
 }
 
 // packed[kk * rows_padded + i] = X[i][kk] for i < rows, zero for the

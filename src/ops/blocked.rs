@@ -205,33 +205,42 @@ pub fn dispatch(
     record(ctx, entry, workgroup, params, storage, [x, y, z])
 }
 
-/// Records `entry` over the tiles of `params`' M x N output for each of
-/// `splits` pieces of K (workgroup_id.z); the lane groups must fit one grid
-/// dimension.
+/// Lanes of a workgroup that share one column tile of an `n`-column filter
+/// gradient, each summing its own pieces of K: enough to keep every lane
+/// busy when there are fewer column tiles than lanes.
+pub fn k_lanes(n: u32, workgroup: u32) -> u32 {
+    let column_lanes = (padded_columns(n) / TILE_COLUMNS).next_power_of_two();
+    (workgroup / column_lanes).max(1)
+}
+
+/// Records `conv_filter_gradient` over the tiles of `params`' M x N output
+/// for each of `splits` pieces of K, `k_lanes(n)` of them per workgroup
+/// along z; the lane groups must fit one grid dimension.
 pub fn dispatch_split(
     ctx: &mut PlanContext,
-    entry: &'static str,
     workgroup: u32,
     params: &BlockedParams,
     storage: &[(u32, Binding)],
     splits: u32,
 ) -> Result<()> {
-    let (lane_groups, row_tiles) = tiles(params, workgroup);
-    record(
-        ctx,
-        entry,
-        workgroup,
-        params,
-        storage,
-        [lane_groups, row_tiles, splits],
-    )
+    let k_lanes = k_lanes(params.n, workgroup);
+    let (lane_groups, row_tiles) = tiles(params, workgroup / k_lanes);
+    let grid = [lane_groups, row_tiles, splits.div_ceil(k_lanes)];
+    let constants = [
+        ("WG", workgroup),
+        ("ROW_QUADS", tile_rows(params.m) / 4),
+        ("K_LANES", k_lanes),
+    ];
+    let shader = (Shader::GemmBlocked, "conv_filter_gradient", &constants[..]);
+    ctx.dispatch_grid(shader, params, storage, grid.map(|g| g as usize))
 }
 
-/// Workgroups across the columns and row tiles down the rows of the output.
-fn tiles(params: &BlockedParams, workgroup: u32) -> (u32, u32) {
+/// Workgroups of `column_lanes` column tiles across the columns, and row
+/// tiles down the rows of the output.
+fn tiles(params: &BlockedParams, column_lanes: u32) -> (u32, u32) {
     let lanes = padded_columns(params.n) / TILE_COLUMNS;
     (
-        lanes.div_ceil(workgroup),
+        lanes.div_ceil(column_lanes),
         padded_rows(params.m) / tile_rows(params.m),
     )
 }

@@ -543,11 +543,13 @@ impl Conv2dBackwardFilter {
         if packed_bytes > ctx.gpu.max_binding() {
             return Ok(false);
         }
+        let k_lanes = blocked::k_lanes(taps as u32, workgroup) as usize;
         let fit_binding = (ctx.gpu.max_binding() as usize / 4) / (len * chunks.len());
         let splits = longest
             .div_ceil(BLOCKED_SPLIT_TERMS)
-            .min(fit_binding)
-            .max(longest.div_ceil(MAX_LOOP_TRIPS));
+            .next_multiple_of(k_lanes)
+            .min(fit_binding / k_lanes * k_lanes)
+            .max(longest.div_ceil(MAX_LOOP_TRIPS).next_multiple_of(k_lanes));
         let k_split = longest.div_ceil(splits);
         let partial = ctx.scratch(4 * (chunks.len() * splits * len) as u64)?;
         ctx.for_each_chunk(&[x, dy], |ctx, chunk| {
@@ -570,14 +572,7 @@ impl Conv2dBackwardFilter {
             .contiguous_output(taps as u32, [0, 0]);
             let storage = [(1, packed_dy), (4, partial.clone()), (7, ctx.binding(x))];
             let splits_here = (params.k as usize).div_ceil(k_split) as u32;
-            blocked::dispatch_split(
-                ctx,
-                "conv_filter_gradient",
-                workgroup,
-                &params,
-                &storage,
-                splits_here,
-            )
+            blocked::dispatch_split(ctx, workgroup, &params, &storage, splits_here)
         })?;
         let total = ReduceParams::sum_splits(len, chunks.len() * splits);
         sum_splits(ctx, &total, &partial, &ctx.binding(dweight))?;
