@@ -31,30 +31,43 @@ struct Pool {
 @group(0) @binding(3) var<storage, read_write> argmax: array<u32>;
 @group(0) @binding(4) var<storage, read> argmax_in: array<u32>;
 
-// Element `at` of plane `plane` (= sample * channels + channel) of a tensor
-// laid out as `l`, whose planes hold `plane_len` elements.
-fn plane_element(l: vec2<u32>, plane: u32, plane_len: u32, at: u32) -> u32 {
-    return strided(l, p.channels * plane_len, plane * plane_len + at);
+// Where plane `plane` (= sample * channels + channel) of a tensor laid out
+// as `l`, with `plane_len` elements per plane, starts: a plane never spans
+// two samples, so its elements follow one another from there.
+fn plane_start(l: vec2<u32>, plane: u32, plane_len: u32) -> u32 {
+    return strided(l, p.channels * plane_len, plane * plane_len);
 }
 
-// The output windows (oy, ox) that cover input element (y, x) of a plane,
-// as inclusive ranges: oy * stride <= y + pad < oy * stride + k.
-struct Windows {
-    oy_first: u32,
-    oy_last: u32,
-    ox_first: u32,
-    ox_last: u32,
+// Flat element i of a stack of h x w planes as (plane, y, x).
+struct Pixel {
+    plane: u32,
+    y: u32,
+    x: u32,
 }
 
-fn windows_covering(y_in: u32, x_in: u32) -> Windows {
-    let y = i32(y_in + p.pad_h);
-    let x = i32(x_in + p.pad_w);
-    return Windows(
-        u32(max(y - i32(p.kh) + i32(p.stride_h), 0)) / p.stride_h,
-        min(u32(y) / p.stride_h, p.ho - 1u),
-        u32(max(x - i32(p.kw) + i32(p.stride_w), 0)) / p.stride_w,
-        min(u32(x) / p.stride_w, p.wo - 1u),
-    );
+fn pixel_of(i: u32, h: u32, w: u32) -> Pixel {
+    let plane = quotient(i, h * w);
+    let at = i - plane * (h * w);
+    let y = quotient(at, w);
+    return Pixel(plane, y, at - y * w);
+}
+
+// The windows covering input row (or column) `y` are the `count` ones
+// counting down from `last`: window o covers y when o * stride <= y + pad <
+// o * stride + k. Every lane runs the same `count` steps; `covers` drops the
+// windows that fall outside.
+struct Covering {
+    last: u32,
+    count: u32,
+}
+
+fn covering(y: u32, pad: u32, stride: u32, k: u32) -> Covering {
+    return Covering(quotient(y + pad, stride), (k + stride - 1u) / stride);
+}
+
+fn covers(c: Covering, step: u32, y: u32, pad: u32, stride: u32, k: u32, outputs: u32) -> bool {
+    let o = c.last - step;
+    return c.last >= step && o < outputs && o * stride + k > y + pad;
 }
 
 @compute @workgroup_size(WG)
@@ -63,25 +76,21 @@ fn avg_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
     if (i >= p.planes * p.ho * p.wo) {
         return;
     }
-    let plane = i / (p.ho * p.wo);
-    let oy = (i / p.wo) % p.ho;
-    let ox = i % p.wo;
-    let y0 = i32(oy * p.stride_h) - i32(p.pad_h);
-    let x0 = i32(ox * p.stride_w) - i32(p.pad_w);
+    let o = pixel_of(i, p.ho, p.wo);
+    let src0 = plane_start(p.src_at, o.plane, p.h * p.w);
+    let y0 = i32(o.y * p.stride_h) - i32(p.pad_h);
+    let x0 = i32(o.x * p.stride_w) - i32(p.pad_w);
     var sum = 0.0;
     for (var ky = 0u; ky < p.kh; ky++) {
         let y = y0 + i32(ky);
-        if (y < 0 || y >= i32(p.h)) {
-            continue;
-        }
         for (var kx = 0u; kx < p.kw; kx++) {
             let x = x0 + i32(kx);
-            if (x >= 0 && x < i32(p.w)) {
-                sum += src[plane_element(p.src_at, plane, p.h * p.w, u32(y) * p.w + u32(x))];
-            }
+            let inside = u32(y) < p.h && u32(x) < p.w;
+            let v = src[select(src0, src0 + u32(y) * p.w + u32(x), inside)];
+            sum += select(0.0, v, inside);
         }
     }
-    dst[plane_element(p.dst_at, plane, p.ho * p.wo, i % (p.ho * p.wo))] = sum / f32(p.kh * p.kw);
+    dst[plane_start(p.dst_at, o.plane, p.ho * p.wo) + o.y * p.wo + o.x] = sum / f32(p.kh * p.kw);
 }
 
 // Each input element gathers dy / (kh*kw) from every window that covers it,
@@ -92,15 +101,20 @@ fn avg_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
     if (i >= p.planes * p.h * p.w) {
         return;
     }
-    let plane = i / (p.h * p.w);
-    let win = windows_covering((i / p.w) % p.h, i % p.w);
+    let e = pixel_of(i, p.h, p.w);
+    let src0 = plane_start(p.src_at, e.plane, p.ho * p.wo);
+    let rows = covering(e.y, p.pad_h, p.stride_h, p.kh);
+    let cols = covering(e.x, p.pad_w, p.stride_w, p.kw);
     var sum = 0.0;
-    for (var oy = win.oy_first; oy <= win.oy_last; oy++) {
-        for (var ox = win.ox_first; ox <= win.ox_last; ox++) {
-            sum += src[plane_element(p.src_at, plane, p.ho * p.wo, oy * p.wo + ox)];
+    for (var ty = 0u; ty < rows.count; ty++) {
+        let row_ok = covers(rows, ty, e.y, p.pad_h, p.stride_h, p.kh, p.ho);
+        for (var tx = 0u; tx < cols.count; tx++) {
+            let ok = row_ok && covers(cols, tx, e.x, p.pad_w, p.stride_w, p.kw, p.wo);
+            let v = src[select(src0, src0 + (rows.last - ty) * p.wo + cols.last - tx, ok)];
+            sum += select(0.0, v, ok);
         }
     }
-    dst[plane_element(p.dst_at, plane, p.h * p.w, i % (p.h * p.w))] = sum / f32(p.kh * p.kw);
+    dst[plane_start(p.dst_at, e.plane, p.h * p.w) + e.y * p.w + e.x] = sum / f32(p.kh * p.kw);
 }
 
 @compute @workgroup_size(WG)
@@ -109,31 +123,27 @@ fn max_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
     if (i >= p.planes * p.ho * p.wo) {
         return;
     }
-    let plane = i / (p.ho * p.wo);
-    let y0 = i32(((i / p.wo) % p.ho) * p.stride_h) - i32(p.pad_h);
-    let x0 = i32((i % p.wo) * p.stride_w) - i32(p.pad_w);
+    let o = pixel_of(i, p.ho, p.wo);
+    let src0 = plane_start(p.src_at, o.plane, p.h * p.w);
+    let y0 = i32(o.y * p.stride_h) - i32(p.pad_h);
+    let x0 = i32(o.x * p.stride_w) - i32(p.pad_w);
     var best = 0.0;
     var best_at = 0xffffffffu;
     for (var ky = 0u; ky < p.kh; ky++) {
         let y = y0 + i32(ky);
-        if (y < 0 || y >= i32(p.h)) {
-            continue;
-        }
         for (var kx = 0u; kx < p.kw; kx++) {
             let x = x0 + i32(kx);
-            if (x < 0 || x >= i32(p.w)) {
-                continue;
-            }
+            let inside = u32(y) < p.h && u32(x) < p.w;
             let at = u32(y) * p.w + u32(x);
-            let v = src[plane_element(p.src_at, plane, p.h * p.w, at)];
+            let v = src[select(src0, src0 + at, inside)];
             // Strictly greater keeps the first maximum; NaN wins, as in PyTorch.
-            if (best_at == 0xffffffffu || v > best || v != v) {
+            if (inside && (best_at == 0xffffffffu || v > best || v != v)) {
                 best = v;
                 best_at = at;
             }
         }
     }
-    dst[plane_element(p.dst_at, plane, p.ho * p.wo, i % (p.ho * p.wo))] = best;
+    dst[plane_start(p.dst_at, o.plane, p.ho * p.wo) + o.y * p.wo + o.x] = best;
     argmax[p.argmax_offset + i] = best_at;
 }
 
@@ -144,17 +154,20 @@ fn max_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
     if (i >= p.planes * p.h * p.w) {
         return;
     }
-    let plane = i / (p.h * p.w);
-    let at = i % (p.h * p.w);
-    let win = windows_covering(at / p.w, at % p.w);
+    let e = pixel_of(i, p.h, p.w);
+    let at = e.y * p.w + e.x;
+    let src0 = plane_start(p.src_at, e.plane, p.ho * p.wo);
+    let argmax0 = p.argmax_offset + e.plane * p.ho * p.wo;
+    let rows = covering(e.y, p.pad_h, p.stride_h, p.kh);
+    let cols = covering(e.x, p.pad_w, p.stride_w, p.kw);
     var sum = 0.0;
-    for (var oy = win.oy_first; oy <= win.oy_last; oy++) {
-        for (var ox = win.ox_first; ox <= win.ox_last; ox++) {
-            let o = oy * p.wo + ox;
-            if (argmax_in[p.argmax_offset + plane * p.ho * p.wo + o] == at) {
-                sum += src[plane_element(p.src_at, plane, p.ho * p.wo, o)];
-            }
+    for (var ty = 0u; ty < rows.count; ty++) {
+        let row_ok = covers(rows, ty, e.y, p.pad_h, p.stride_h, p.kh, p.ho);
+        for (var tx = 0u; tx < cols.count; tx++) {
+            let ok = row_ok && covers(cols, tx, e.x, p.pad_w, p.stride_w, p.kw, p.wo);
+            let o = select(0u, (rows.last - ty) * p.wo + cols.last - tx, ok);
+            sum += select(0.0, src[src0 + o], ok && argmax_in[argmax0 + o] == at);
         }
     }
-    dst[plane_element(p.dst_at, plane, p.h * p.w, at)] = sum;
+    dst[plane_start(p.dst_at, e.plane, p.h * p.w) + at] = sum;
 }

@@ -20,5 +20,19 @@ fn lane_group(wid: vec3<u32>, num_workgroups: vec3<u32>) -> u32 {
 // `at` = (offset, sample stride), `sample` = elements per sample. A channel
 // slice of a concatenation is not contiguous across samples.
 fn strided(at: vec2<u32>, sample: u32, i: u32) -> u32 {
-    return at.x + (i / sample) * at.y + i % sample;
+    let s = quotient(i, sample);
+    return at.x + s * at.y + (i - s * sample);
+}
+
+// n / d for 0 < d < 2^30, exact for every n. CPU adapters divide integers
+// one SIMD lane at a time (x86 has no vector integer division), which made
+// index arithmetic the cost of pooling and elementwise kernels; this divides
+// in f32 and corrects the estimate twice (checked against integer division
+// on every n within 2^21 of 0 and of 2^32 and on 1.2e8 random pairs).
+fn quotient(n: u32, d: u32) -> u32 {
+    let q0 = u32(f32(n) / f32(d));
+    let r0 = bitcast<i32>(n - q0 * d);
+    let q1 = bitcast<u32>(bitcast<i32>(q0) + i32(floor(f32(r0) / f32(d))));
+    let r1 = bitcast<i32>(n - q1 * d);
+    return select(select(q1, q1 + 1u, r1 >= i32(d)), q1 - 1u, r1 < 0);
 }

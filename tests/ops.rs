@@ -285,6 +285,7 @@ fn avg_pool_matches_cpu_on_awkward_shapes() {
         ([1, 3, 7, 5], (3, 3), (2, 2), (1, 1)),
         ([2, 2, 5, 5], (2, 2), (1, 1), (0, 0)),
         ([1, 1, 9, 4], (3, 2), (3, 1), (1, 1)),
+        ([2, 3, 11, 10], (2, 3), (3, 4), (1, 1)),
     ];
     for (xs, kernel, stride, padding) in cases {
         let pool = AvgPool2d(PoolWindow {
@@ -339,6 +340,7 @@ fn max_pool_matches_cpu_on_awkward_shapes() {
         ([2, 2, 5, 5], (2, 2), (1, 1), (0, 0)),
         ([1, 1, 9, 4], (3, 2), (3, 1), (1, 1)),
         ([3, 1, 6, 6], (3, 3), (2, 2), (0, 0)),
+        ([2, 3, 11, 10], (2, 3), (3, 4), (1, 1)),
     ];
     for (xs, kernel, stride, padding) in cases {
         let pool = MaxPool2d(PoolWindow {
@@ -651,6 +653,29 @@ fn elementwise_beyond_one_grid_dimension() {
     assert_op_close("sigmoid y", &r.output, &y.data);
     let dx = Activation::Sigmoid.cpu_backward(&y, &dy);
     assert_op_close("sigmoid dx", &r.input_grads[0], &dx.data);
+}
+
+/// Pooling over more than 2^24 elements, where an f32 no longer holds every
+/// flat index exactly: the kernels' index arithmetic must stay exact.
+#[test]
+fn pooling_beyond_f32_exact_indices() {
+    let gpu = gpu();
+    let mut rng = Rng::new(29);
+    let x = random(&[2, 3, 1501, 1900], &mut rng);
+    let window = PoolWindow::new(3, 2).padding(1);
+    let avg = AvgPool2d(window);
+    let y = avg.cpu_forward(&x);
+    let dy = random(&y.shape, &mut rng);
+    let r = run_op(&gpu, avg, &[&x], &dy);
+    assert_op_close("avg_pool2d y", &r.output, &y.data);
+    let dx = avg.cpu_backward(&x.shape, &dy);
+    assert_op_close("avg_pool2d dx", &r.input_grads[0], &dx.data);
+    let max = MaxPool2d(window);
+    let (y, argmax) = max.cpu_forward(&x);
+    let r = run_op(&gpu, max, &[&x], &dy);
+    assert_op_close("max_pool2d y", &r.output, &y.data);
+    let dx = max.cpu_backward(&x.shape, &dy, &argmax);
+    assert_op_close("max_pool2d dx", &r.input_grads[0], &dx.data);
 }
 
 /// Channel sums (bias gradients) over many terms, odd channel counts and
