@@ -214,16 +214,16 @@ pub fn k_lanes(n: u32, workgroup: u32) -> u32 {
 }
 
 /// Records `conv_filter_gradient` over the tiles of `params`' M x N output
-/// for each of `splits` pieces of K, `k_lanes(n)` of them per workgroup
-/// along z; the lane groups must fit one grid dimension.
+/// for each of `splits` pieces of K, in workgroups of `workgroup` lanes
+/// with `k_lanes` (a power of two, at most `k_lanes(n, workgroup)`) lanes
+/// per column tile; the lane groups must fit one grid dimension.
 pub fn dispatch_split(
     ctx: &mut PlanContext,
-    workgroup: u32,
+    (workgroup, k_lanes): (u32, u32),
     params: &BlockedParams,
     storage: &[(u32, Binding)],
     splits: u32,
 ) -> Result<()> {
-    let k_lanes = k_lanes(params.n, workgroup);
     let (lane_groups, row_tiles) = tiles(params, workgroup / k_lanes);
     let grid = [lane_groups, row_tiles, splits.div_ceil(k_lanes)];
     let constants = [

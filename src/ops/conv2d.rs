@@ -543,8 +543,10 @@ impl Conv2dBackwardFilter {
         if packed_bytes > ctx.gpu.max_binding() {
             return Ok(false);
         }
-        let k_lanes = blocked::k_lanes(taps as u32, workgroup) as usize;
         let fit_binding = (ctx.gpu.max_binding() as usize / 4) / (len * chunks.len());
+        // Each lane of a tile writes its own slice: no more lanes than slices fit.
+        let fit_lanes = 1 << fit_binding.max(1).ilog2();
+        let k_lanes = (blocked::k_lanes(taps as u32, workgroup) as usize).min(fit_lanes);
         let splits = longest
             .div_ceil(BLOCKED_SPLIT_TERMS)
             .next_multiple_of(k_lanes)
@@ -572,7 +574,8 @@ impl Conv2dBackwardFilter {
             .contiguous_output(taps as u32, [0, 0]);
             let storage = [(1, packed_dy), (4, partial.clone()), (7, ctx.binding(x))];
             let splits_here = (params.k as usize).div_ceil(k_split) as u32;
-            blocked::dispatch_split(ctx, workgroup, &params, &storage, splits_here)
+            let lanes = (workgroup, k_lanes as u32);
+            blocked::dispatch_split(ctx, lanes, &params, &storage, splits_here)
         })?;
         let total = ReduceParams::sum_splits(len, chunks.len() * splits);
         sum_splits(ctx, &total, &partial, &ctx.binding(dweight))?;
