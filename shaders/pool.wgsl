@@ -52,22 +52,26 @@ fn pixel_of(i: u32, h: u32, w: u32) -> Pixel {
     return Pixel(plane, y, at - y * w);
 }
 
-// The windows covering input row (or column) `y` are the `count` ones
-// counting down from `last`: window o covers y when o * stride <= y + pad <
-// o * stride + k. Every lane runs the same `count` steps; `covers` drops the
-// windows that fall outside.
+// The windows covering input row (or column) `y` are among the `count`
+// ones counting down from `last`: window o of `outputs` covers y when
+// o * stride <= y + pad < o * stride + k. Every lane runs the same `count`
+// steps; `covers` drops the windows that do not cover y.
 struct Covering {
     last: u32,
     count: u32,
+    padded_y: u32,
+    stride: u32,
+    k: u32,
+    outputs: u32,
 }
 
-fn covering(y: u32, pad: u32, stride: u32, k: u32) -> Covering {
-    return Covering(quotient(y + pad, stride), (k + stride - 1u) / stride);
+fn covering(y: u32, pad: u32, stride: u32, k: u32, outputs: u32) -> Covering {
+    return Covering(quotient(y + pad, stride), (k + stride - 1u) / stride, y + pad, stride, k, outputs);
 }
 
-fn covers(c: Covering, step: u32, y: u32, pad: u32, stride: u32, k: u32, outputs: u32) -> bool {
+fn covers(c: Covering, step: u32) -> bool {
     let o = c.last - step;
-    return c.last >= step && o < outputs && o * stride + k > y + pad;
+    return c.last >= step && o < c.outputs && o * c.stride + c.k > c.padded_y;
 }
 
 @compute @workgroup_size(WG)
@@ -103,13 +107,13 @@ fn avg_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
     }
     let e = pixel_of(i, p.h, p.w);
     let src0 = plane_start(p.src_at, e.plane, p.ho * p.wo);
-    let rows = covering(e.y, p.pad_h, p.stride_h, p.kh);
-    let cols = covering(e.x, p.pad_w, p.stride_w, p.kw);
+    let rows = covering(e.y, p.pad_h, p.stride_h, p.kh, p.ho);
+    let cols = covering(e.x, p.pad_w, p.stride_w, p.kw, p.wo);
     var sum = 0.0;
     for (var ty = 0u; ty < rows.count; ty++) {
-        let row_ok = covers(rows, ty, e.y, p.pad_h, p.stride_h, p.kh, p.ho);
+        let row_ok = covers(rows, ty);
         for (var tx = 0u; tx < cols.count; tx++) {
-            let ok = row_ok && covers(cols, tx, e.x, p.pad_w, p.stride_w, p.kw, p.wo);
+            let ok = row_ok && covers(cols, tx);
             let v = src[select(src0, src0 + (rows.last - ty) * p.wo + cols.last - tx, ok)];
             sum += select(0.0, v, ok);
         }
@@ -158,13 +162,13 @@ fn max_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
     let at = e.y * p.w + e.x;
     let src0 = plane_start(p.src_at, e.plane, p.ho * p.wo);
     let argmax0 = p.argmax_offset + e.plane * p.ho * p.wo;
-    let rows = covering(e.y, p.pad_h, p.stride_h, p.kh);
-    let cols = covering(e.x, p.pad_w, p.stride_w, p.kw);
+    let rows = covering(e.y, p.pad_h, p.stride_h, p.kh, p.ho);
+    let cols = covering(e.x, p.pad_w, p.stride_w, p.kw, p.wo);
     var sum = 0.0;
     for (var ty = 0u; ty < rows.count; ty++) {
-        let row_ok = covers(rows, ty, e.y, p.pad_h, p.stride_h, p.kh, p.ho);
+        let row_ok = covers(rows, ty);
         for (var tx = 0u; tx < cols.count; tx++) {
-            let ok = row_ok && covers(cols, tx, e.x, p.pad_w, p.stride_w, p.kw, p.wo);
+            let ok = row_ok && covers(cols, tx);
             let o = select(0u, (rows.last - ty) * p.wo + cols.last - tx, ok);
             sum += select(0.0, src[src0 + o], ok && argmax_in[argmax0 + o] == at);
         }

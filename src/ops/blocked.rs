@@ -202,7 +202,7 @@ pub fn dispatch(
 ) -> Result<()> {
     let (lane_groups, row_tiles) = tiles(params, workgroup);
     let [x, y, z] = tiled_grid(lane_groups, row_tiles);
-    record(ctx, entry, workgroup, params, storage, [x, y, z])
+    record(ctx, entry, (workgroup, 1), params, storage, [x, y, z])
 }
 
 /// Lanes of a workgroup that share one column tile of an `n`-column filter
@@ -226,13 +226,8 @@ pub fn dispatch_split(
 ) -> Result<()> {
     let (lane_groups, row_tiles) = tiles(params, workgroup / k_lanes);
     let grid = [lane_groups, row_tiles, splits.div_ceil(k_lanes)];
-    let constants = [
-        ("WG", workgroup),
-        ("ROW_QUADS", tile_rows(params.m) / 4),
-        ("K_LANES", k_lanes),
-    ];
-    let shader = (Shader::GemmBlocked, "conv_filter_gradient", &constants[..]);
-    ctx.dispatch_grid(shader, params, storage, grid.map(|g| g as usize))
+    let lanes = (workgroup, k_lanes);
+    record(ctx, "conv_filter_gradient", lanes, params, storage, grid)
 }
 
 /// Workgroups of `column_lanes` column tiles across the columns, and row
@@ -248,20 +243,16 @@ fn tiles(params: &BlockedParams, column_lanes: u32) -> (u32, u32) {
 fn record(
     ctx: &mut PlanContext,
     entry: &'static str,
-    workgroup: u32,
+    (workgroup, k_lanes): (u32, u32),
     params: &BlockedParams,
     storage: &[(u32, Binding)],
     grid: [u32; 3],
 ) -> Result<()> {
-    let row_quads = tile_rows(params.m) / 4;
-    ctx.dispatch_grid(
-        (
-            Shader::GemmBlocked,
-            entry,
-            &[("WG", workgroup), ("ROW_QUADS", row_quads)],
-        ),
-        params,
-        storage,
-        grid.map(|g| g as usize),
-    )
+    let constants = [
+        ("WG", workgroup),
+        ("ROW_QUADS", tile_rows(params.m) / 4),
+        ("K_LANES", k_lanes),
+    ];
+    let shader = (Shader::GemmBlocked, entry, &constants[..]);
+    ctx.dispatch_grid(shader, params, storage, grid.map(|g| g as usize))
 }
