@@ -338,11 +338,12 @@ fn run_bench(args: &BenchArgs) -> Result<()> {
     );
     println!(
         "GPU memory:    {:.1} MiB in live buffers; training activations {:.1} MiB \
-         ({:.0}% of the {:.1} MiB a buffer per tensor takes)",
+         ({:.0}% of the {:.1} MiB a buffer per tensor takes), scratch {:.1} MiB",
         report.gpu_bytes as f64 / MIB,
         report.activation_bytes as f64 / MIB,
         100.0 * report.activation_bytes as f64 / report.unshared_activation_bytes as f64,
-        report.unshared_activation_bytes as f64 / MIB
+        report.unshared_activation_bytes as f64 / MIB,
+        report.scratch_bytes as f64 / MIB
     );
     if let Some(rows) = report.profile {
         let total: f64 = rows.iter().map(|r| r.seconds).sum();

@@ -48,6 +48,28 @@ pub struct Dispatch {
     workgroups: [u32; 3],
 }
 
+/// A dispatch as an op records it: its bind group waits until the plan
+/// knows how large each scratch buffer must be.
+struct PendingDispatch {
+    label: String,
+    node: usize,
+    pipeline: wgpu::ComputePipeline,
+    uniform: wgpu::Buffer,
+    storage: Vec<(u32, Binding)>,
+    workgroups: [u32; 3],
+}
+
+/// Scratch memory shared by all ops of a plan. An op's scratch holds
+/// intermediates it reads back within its own dispatches (packed matrices,
+/// split-K partial sums), and dispatches run in order, so the k-th scratch
+/// request of every op can use the same buffer: one per k, as large as the
+/// largest request. While ops plan, that buffer does not exist yet; they
+/// get a 4-byte stand-in that the bind groups later swap for it.
+struct ScratchSlot {
+    stand_in: wgpu::Buffer,
+    bytes: u64,
+}
+
 impl Dispatch {
     fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
         pass.set_pipeline(&self.pipeline);
@@ -72,8 +94,10 @@ pub struct PlanContext<'a> {
     pub gpu: &'a Gpu,
     pub graph: &'a Graph,
     bindings: Vec<Option<Binding>>,
-    dispatches: Vec<Dispatch>,
-    scratch: Vec<wgpu::Buffer>,
+    dispatches: Vec<PendingDispatch>,
+    scratch: Vec<ScratchSlot>,
+    /// Scratch requests of the op being planned so far.
+    scratch_requests: usize,
     label: String,
     node: usize,
     chunk: Option<Chunk>,
@@ -205,14 +229,84 @@ impl PlanContext<'_> {
             .collect()
     }
 
-    /// A private buffer for an op's intermediate results (split-K partial sums).
+    /// Memory for intermediates that only this op's own dispatches read
+    /// (packed matrices, split-K partial sums); other ops reuse it.
     pub fn scratch(&mut self, bytes: u64) -> Result<Binding> {
-        let buffer = self
-            .gpu
-            .storage_buffer(&format!("{} scratch", self.label), bytes)?;
-        let binding = Binding::whole(&buffer);
-        self.scratch.push(buffer);
-        Ok(binding)
+        let slot = self.scratch_requests;
+        self.scratch_requests += 1;
+        if slot == self.scratch.len() {
+            let stand_in = self
+                .gpu
+                .storage_buffer(&format!("scratch {slot} (stand-in)"), 4)?;
+            self.scratch.push(ScratchSlot { stand_in, bytes: 0 });
+        }
+        let size = bytes.max(4).next_multiple_of(4);
+        let slot = &mut self.scratch[slot];
+        slot.bytes = slot.bytes.max(size);
+        Ok(Binding {
+            buffer: slot.stand_in.clone(),
+            offset: 0,
+            size,
+        })
+    }
+
+    /// Allocates the scratch buffers and creates every recorded dispatch's
+    /// bind group; returns the dispatches and the scratch buffers.
+    fn finish(self) -> Result<(Vec<Dispatch>, Vec<wgpu::Buffer>)> {
+        let mut buffers = Vec::with_capacity(self.scratch.len());
+        for (k, slot) in self.scratch.iter().enumerate() {
+            buffers.push(
+                self.gpu
+                    .storage_buffer(&format!("scratch {k}"), slot.bytes)?,
+            );
+        }
+        let real = |b: &wgpu::Buffer| {
+            let slot = self.scratch.iter().position(|s| s.stand_in == *b);
+            slot.map_or(b, |k| &buffers[k]).clone()
+        };
+        let bind = |d: &PendingDispatch| {
+            let mut entries = vec![wgpu::BindGroupEntry {
+                binding: 0,
+                resource: d.uniform.as_entire_binding(),
+            }];
+            let storage: Vec<(u32, Binding)> = (d.storage.iter())
+                .map(|(slot, b)| {
+                    let buffer = real(&b.buffer);
+                    (
+                        *slot,
+                        Binding {
+                            buffer,
+                            ..b.clone()
+                        },
+                    )
+                })
+                .collect();
+            entries.extend(storage.iter().map(|(slot, b)| wgpu::BindGroupEntry {
+                binding: *slot,
+                resource: b.resource(),
+            }));
+            let bind_group = self.gpu.bind_group(&wgpu::BindGroupDescriptor {
+                label: Some(&d.label),
+                layout: &d.pipeline.get_bind_group_layout(0),
+                entries: &entries,
+            });
+            Dispatch {
+                label: d.label.clone(),
+                node: d.node,
+                pipeline: d.pipeline.clone(),
+                bind_group,
+                workgroups: d.workgroups,
+            }
+        };
+        let mut dispatches = Vec::with_capacity(self.dispatches.len());
+        for node in self.dispatches.chunk_by(|a, b| a.node == b.node) {
+            let what = || planning(self.graph, node[0].node);
+            dispatches.extend(
+                self.gpu
+                    .scoped(what, || node.iter().map(bind).collect::<Vec<_>>())?,
+            );
+        }
+        Ok((dispatches, buffers))
     }
 
     /// Records `entry` of `shader` over `invocations` threads, with `params`
@@ -338,28 +432,37 @@ impl PlanContext<'_> {
                 b.borrow().size
             );
         }
-        let mut entries = vec![wgpu::BindGroupEntry {
-            binding: 0,
-            resource: uniform.as_entire_binding(),
-        }];
-        entries.extend(storage.iter().map(|(slot, b)| wgpu::BindGroupEntry {
-            binding: *slot,
-            resource: b.borrow().resource(),
-        }));
-        let bind_group = self.gpu.bind_group(&wgpu::BindGroupDescriptor {
-            label: Some(&self.label),
-            layout: &pipeline.get_bind_group_layout(0),
-            entries: &entries,
-        });
-        self.dispatches.push(Dispatch {
+        self.dispatches.push(PendingDispatch {
             label: format!("{} [{entry}]", self.label),
             node: self.node,
             pipeline,
-            bind_group,
+            uniform,
+            storage: (storage.iter())
+                .map(|(slot, b)| (*slot, b.borrow().clone()))
+                .collect(),
             workgroups,
         });
         Ok(())
     }
+}
+
+/// The tensors' shapes, comma-separated, for messages.
+fn shape_list(graph: &Graph, ids: &[TensorId]) -> String {
+    ids.iter()
+        .map(|&t| format!("{:?}", graph.shape(t)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// What an error while planning node `index` is about: the op and its shapes.
+fn planning(graph: &Graph, index: usize) -> String {
+    let node = &graph.nodes[index];
+    format!(
+        "planning {} (inputs {}; outputs {})",
+        node.op.describe(),
+        shape_list(graph, &node.inputs),
+        shape_list(graph, &node.outputs)
+    )
 }
 
 /// A graph made ready to run: bound memory and recorded dispatches.
@@ -388,6 +491,8 @@ pub struct Plan {
     pub activation_bytes: u64,
     /// What a buffer per activation tensor would have taken.
     pub unshared_activation_bytes: u64,
+    /// Bytes of the scratch buffers all ops share.
+    pub scratch_bytes: u64,
 }
 
 /// Activation memory: each activation tensor's binding, the buffers, the
@@ -549,6 +654,7 @@ impl Plan {
             bindings,
             dispatches: Vec::new(),
             scratch: Vec::new(),
+            scratch_requests: 0,
             label: String::new(),
             node: 0,
             chunk: None,
@@ -557,6 +663,7 @@ impl Plan {
         for (index, node) in graph.nodes.iter().enumerate() {
             ctx.label = node.op.describe();
             ctx.node = index;
+            ctx.scratch_requests = 0;
             let mut tensors = node.inputs.iter().chain(&node.outputs);
             if let Some(&t) = tensors.find(|&&t| graph.is_channel_slice(t)) {
                 if !node.op.handles_channel_slices() {
@@ -567,20 +674,8 @@ impl Plan {
                     );
                 }
             }
-            let shapes = |ids: &[TensorId]| {
-                ids.iter()
-                    .map(|&t| format!("{:?}", graph.shape(t)))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            };
-            let what = || {
-                format!(
-                    "planning {} (inputs {}; outputs {})",
-                    node.op.describe(),
-                    shapes(&node.inputs),
-                    shapes(&node.outputs)
-                )
-            };
+            let shapes = |ids: &[TensorId]| shape_list(graph, ids);
+            let what = || planning(graph, index);
             let planned = gpu.scoped(what, || match node.op.shared_inputs() {
                 // Per-sample work: cut along the batch when a tensor is too
                 // large to bind whole.
@@ -611,23 +706,27 @@ impl Plan {
                     .flops(&tensors(&node.inputs), &tensors(&node.outputs)),
             });
         }
+        let bindings = std::mem::take(&mut ctx.bindings);
+        let (dispatches, scratch) = ctx.finish()?;
         gpu.check_errors()
             .context("creating the plan's pipelines and bind groups")?;
+        let scratch_bytes = scratch.iter().map(wgpu::Buffer::size).sum();
         let mut all_buffers = buffers;
-        all_buffers.extend(ctx.scratch);
+        all_buffers.extend(scratch);
         log::info!(
             "plan: {} nodes, {} dispatches, {activation_bytes} bytes of activations \
-             ({unshared_bytes} without sharing buffers)",
+             ({unshared_bytes} without sharing buffers), {scratch_bytes} bytes of scratch",
             graph.nodes.len(),
-            ctx.dispatches.len(),
+            dispatches.len(),
         );
         Ok(Plan {
-            dispatches: ctx.dispatches,
+            dispatches,
             costs,
-            bindings: ctx.bindings,
+            bindings,
             _buffers: all_buffers,
             activation_bytes,
             unshared_activation_bytes: unshared_bytes,
+            scratch_bytes,
         })
     }
 

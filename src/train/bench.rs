@@ -23,6 +23,9 @@ pub struct BenchReport {
     /// buffer per tensor would have taken.
     pub activation_bytes: u64,
     pub unshared_activation_bytes: u64,
+    /// Bytes of the training plan's scratch buffers (packed operands,
+    /// partial sums), shared by all its ops.
+    pub scratch_bytes: u64,
     /// Per-op GPU time of one training step, largest first.
     pub profile: Option<Vec<OpProfile>>,
 }
@@ -118,6 +121,7 @@ pub fn bench(gpu: &Gpu, cfg: &TrainConfig, steps: usize, profile: bool) -> Resul
         gpu_bytes: gpu.live_buffer_bytes(),
         activation_bytes: train.activation_bytes,
         unshared_activation_bytes: train.unshared_activation_bytes,
+        scratch_bytes: train.scratch_bytes,
         profile,
     })
 }
