@@ -116,7 +116,7 @@ fn forward(
         let v = acc[c] + bias[co];
         for (var j = 0u; j < 4u; j++) {
             if (q0 + j < pixels) {
-                y[out_image[j] + co * plane] = v[j];
+                y[out_image[j] + co * plane] = activate(v[j]);
             }
         }
     }

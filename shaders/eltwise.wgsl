@@ -32,7 +32,7 @@ fn at_out(i: u32) -> u32 { return strided(p.out_at, p.sample, i); }
 fn sigmoid_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = linear_index(gid, nwg);
     if (i < p.len) {
-        out[at_out(i)] = 1.0 / (1.0 + exp(-x[at_x(i)]));
+        out[at_out(i)] = activation(SIGMOID, x[at_x(i)]);
     }
 }
 
@@ -50,7 +50,7 @@ fn sigmoid_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_
 fn relu_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = linear_index(gid, nwg);
     if (i < p.len) {
-        out[at_out(i)] = max(x[at_x(i)], 0.0);
+        out[at_out(i)] = activation(RELU, x[at_x(i)]);
     }
 }
 

@@ -67,7 +67,7 @@ fn store(t: Tile, acc: array<vec4<f32>, TM>) {
         for (var j = 0u; j < TN; j++) {
             let col = t.col0 + j;
             if (col < p.n) {
-                c[row * p.n + col] = acc[i][j];
+                c[row * p.n + col] = activate(acc[i][j]);
             }
         }
     }

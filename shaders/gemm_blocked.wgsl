@@ -151,7 +151,7 @@ fn store(t: mat4x4<f32>, at: u32, row0: u32, columns: vec4<u32>) {
         let row = row0 + i;
         for (var j = 0u; j < 4u; j++) {
             if (row < p.m && columns[j] != NO_COLUMN) {
-                c[at + row * p.dst_plane + columns[j]] = t[i][j];
+                c[at + row * p.dst_plane + columns[j]] = activate(t[i][j]);
             }
         }
     }

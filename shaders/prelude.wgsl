@@ -36,3 +36,25 @@ fn quotient(n: u32, d: u32) -> u32 {
     let r1 = bitcast<i32>(n - q1 * d);
     return select(select(q1, q1 + 1u, r1 >= i32(d)), q1 - 1u, r1 < 0);
 }
+
+// The activation a kernel applies to what it stores: convolutions and
+// matrix products followed by a ReLU or sigmoid run it in their epilogue
+// (graph::fusion), saving a pass over the output. Values match ops::Activation.
+const NO_ACTIVATION = 0u;
+const RELU = 1u;
+const SIGMOID = 2u;
+override ACTIVATION: u32 = NO_ACTIVATION;
+
+fn activation(kind: u32, v: f32) -> f32 {
+    if (kind == RELU) {
+        return max(v, 0.0);
+    }
+    if (kind == SIGMOID) {
+        return 1.0 / (1.0 + exp(-v));
+    }
+    return v;
+}
+
+fn activate(v: f32) -> f32 {
+    return activation(ACTIVATION, v);
+}

@@ -891,3 +891,146 @@ fn adam_matches_pytorch() {
     assert_eq!(meta_f32(file, "eps"), 1e-8);
     check_optimizer(file, Optimizer::adam(meta_f32(file, "lr"), 0.0));
 }
+
+/// `act(F.conv2d(x, w, b))` and `act(F.linear(x, w, b))` with ReLU and
+/// sigmoid, on both kernel families: the executor fuses the activation into
+/// the kernel's epilogue, so the pre-activation tensor gets no memory; when
+/// another node also reads the pre-activation (`act(p) + p`) it must not.
+/// Outputs and every gradient against the CPU references.
+#[test]
+fn activations_fuse_into_conv_and_linear() {
+    let mut gpu = gpu();
+    let mut rng = Rng::new(23);
+    let conv = Conv2d {
+        stride: (2, 1),
+        padding: (1, 1),
+    };
+    let kernels = [GemmKernel::Strided, GemmKernel::Blocked { workgroup: 8 }];
+    for kernel in kernels {
+        gpu.tuning.gemm = kernel;
+        for activation in [Activation::Relu, Activation::Sigmoid] {
+            for also_read in [false, true] {
+                let case =
+                    format!("{kernel:?} {activation:?}, pre-activation also read: {also_read}");
+                let (x, w, b) = (
+                    random(&[2, 3, 7, 9], &mut rng),
+                    random(&[5, 3, 3, 3], &mut rng),
+                    random(&[5], &mut rng),
+                );
+                let pre = conv.cpu_forward(&x, &w, &b.data);
+                let dy = random(&pre.shape, &mut rng);
+                let dpre = activation_then(activation, also_read, &pre, &dy);
+                let (dx, dw, db) = conv.cpu_backward(&x, &w, &dpre.1);
+                let r = run_activated(&gpu, conv, (activation, also_read), &[&x, &w, &b], &dy);
+                check_activated(
+                    &format!("conv {case}"),
+                    &r,
+                    &dpre.0,
+                    [&dx.data, &dw.data, &db],
+                );
+
+                let (x, w, b) = (
+                    random(&[3, 7], &mut rng),
+                    random(&[5, 7], &mut rng),
+                    random(&[5], &mut rng),
+                );
+                let pre = Linear::cpu_forward(&x, &w, &b.data);
+                let dy = random(&pre.shape, &mut rng);
+                let dpre = activation_then(activation, also_read, &pre, &dy);
+                let (dx, dw, db) = Linear::cpu_backward(&x, &w, &dpre.1);
+                let r = run_activated(&gpu, Linear, (activation, also_read), &[&x, &w, &b], &dy);
+                check_activated(
+                    &format!("linear {case}"),
+                    &r,
+                    &dpre.0,
+                    [&dx.data, &dw.data, &db],
+                );
+            }
+        }
+    }
+}
+
+/// The CPU output `act(pre)` (plus `pre` when `also_read`) and the gradient
+/// reaching `pre` from `dy`.
+fn activation_then(
+    activation: Activation,
+    also_read: bool,
+    pre: &CpuTensor,
+    dy: &CpuTensor,
+) -> (CpuTensor, CpuTensor) {
+    let mut y = activation.cpu_forward(pre);
+    let mut dpre = activation.cpu_backward(&y, dy);
+    if also_read {
+        for (i, v) in pre.data.iter().enumerate() {
+            y.data[i] += v;
+            dpre.data[i] += dy.data[i];
+        }
+    }
+    (y, dpre)
+}
+
+struct Activated {
+    result: common::OpResult,
+    /// Activation bytes a buffer per tensor would take, less those planned.
+    unallocated: u64,
+    pre_activation_bytes: u64,
+    also_read: bool,
+}
+
+fn run_activated(
+    gpu: &d2l_wgpu::gpu::Gpu,
+    op: impl Op + 'static,
+    (activation, also_read): (Activation, bool),
+    inputs: &[&CpuTensor],
+    dy: &CpuTensor,
+) -> Activated {
+    let mut g = Graph::new(true);
+    let ids: Vec<_> = (inputs.iter().enumerate())
+        .map(|(i, t)| g.param(format!("input{i}"), t.shape.clone(), Init::Zeros))
+        .collect();
+    let pre = g.apply1(op, &ids).unwrap();
+    let mut y = g.apply1(activation, &[pre]).unwrap();
+    if also_read {
+        y = g.apply1(d2l_wgpu::ops::Add, &[y, pre]).unwrap();
+    }
+    let dy_id = g.input(dy.shape.clone(), DType::F32);
+    autodiff::backward(&mut g, &[(y, dy_id)]).unwrap();
+    let store = ParamStore::new(gpu, &g).unwrap();
+    for (i, t) in inputs.iter().enumerate() {
+        store.write(gpu, i, &t.data).unwrap();
+    }
+    let plan = Plan::new(gpu, &g, &store, &Externals::new()).unwrap();
+    plan.write_f32(gpu, &g, dy_id, &dy.data).unwrap();
+    plan.run(gpu);
+    Activated {
+        result: common::OpResult {
+            output: plan.read_f32(gpu, &g, y).unwrap(),
+            input_grads: (0..inputs.len())
+                .map(|i| store.read_grad(gpu, i).unwrap())
+                .collect(),
+        },
+        unallocated: plan.unshared_activation_bytes - plan.activation_bytes,
+        pre_activation_bytes: g.tensor(pre).bytes(),
+        also_read,
+    }
+}
+
+fn check_activated(case: &str, r: &Activated, y: &CpuTensor, grads: [&[f32]; 3]) {
+    assert_op_close(&format!("{case} y"), &r.result.output, &y.data);
+    for (name, (got, want)) in ["dx", "dweight", "dbias"]
+        .iter()
+        .zip(r.result.input_grads.iter().zip(grads))
+    {
+        assert_op_close(&format!("{case} {name}"), got, want);
+    }
+    // Graph::new keeps a buffer per tensor: only an elided tensor has none.
+    let elided = if r.also_read {
+        0
+    } else {
+        r.pre_activation_bytes
+    };
+    assert_eq!(
+        r.unallocated, elided,
+        "{case}: bytes of activations left unallocated"
+    );
+}

@@ -2,7 +2,7 @@
 //! pipelines, uniforms and bind groups, all created once. Running a step
 //! replays the recorded dispatches in one compute pass and one submit.
 
-use super::{DType, Graph, Shape, Storage, TensorId};
+use super::{fusion, DType, Graph, Node, Shape, Storage, TensorId};
 use crate::gpu::{grid, tiled_grid, Gpu, Shader, MAX_GROUPS};
 use crate::graph::ParamStore;
 use anyhow::{bail, Context, Result};
@@ -252,7 +252,7 @@ impl PlanContext<'_> {
 
     /// Allocates the scratch buffers and creates every recorded dispatch's
     /// bind group; returns the dispatches and the scratch buffers.
-    fn finish(self) -> Result<(Vec<Dispatch>, Vec<wgpu::Buffer>)> {
+    fn finish(self, nodes: &[Node]) -> Result<(Vec<Dispatch>, Vec<wgpu::Buffer>)> {
         let mut buffers = Vec::with_capacity(self.scratch.len());
         for (k, slot) in self.scratch.iter().enumerate() {
             buffers.push(
@@ -300,7 +300,7 @@ impl PlanContext<'_> {
         };
         let mut dispatches = Vec::with_capacity(self.dispatches.len());
         for node in self.dispatches.chunk_by(|a, b| a.node == b.node) {
-            let what = || planning(self.graph, node[0].node);
+            let what = || planning(self.graph, &nodes[node[0].node]);
             dispatches.extend(
                 self.gpu
                     .scoped(what, || node.iter().map(bind).collect::<Vec<_>>())?,
@@ -319,8 +319,20 @@ impl PlanContext<'_> {
         storage: &[(u32, impl Borrow<Binding>)],
         invocations: usize,
     ) -> Result<()> {
+        self.dispatch_with((shader, entry, &[]), params, storage, invocations)
+    }
+
+    /// `dispatch` with override constants.
+    pub fn dispatch_with<P: bytemuck::Pod>(
+        &mut self,
+        kernel: (Shader, &'static str, &[(&'static str, u32)]),
+        params: &P,
+        storage: &[(u32, impl Borrow<Binding>)],
+        invocations: usize,
+    ) -> Result<()> {
         let workgroups = self.groups(invocations)?;
-        self.dispatch_workgroups(shader, entry, &[], params, storage, grid(workgroups))
+        let (shader, entry, constants) = kernel;
+        self.dispatch_workgroups(shader, entry, constants, params, storage, grid(workgroups))
     }
 
     /// Records a tiled kernel: `blocks` rows of workgroups (workgroup_id.y)
@@ -454,9 +466,8 @@ fn shape_list(graph: &Graph, ids: &[TensorId]) -> String {
         .join(", ")
 }
 
-/// What an error while planning node `index` is about: the op and its shapes.
-fn planning(graph: &Graph, index: usize) -> String {
-    let node = &graph.nodes[index];
+/// What an error while planning `node` is about: the op and its shapes.
+fn planning(graph: &Graph, node: &Node) -> String {
     format!(
         "planning {} (inputs {}; outputs {})",
         node.op.describe(),
@@ -508,11 +519,11 @@ struct Activations {
 /// first node writing it (or a slice of it) to the last reading it (or a
 /// view of it). Graph inputs, written before a run, and tensors nothing
 /// reads, read after one, live through the whole step.
-fn lifetimes(graph: &Graph) -> Vec<(usize, usize)> {
+fn lifetimes(graph: &Graph, nodes: &[Node]) -> Vec<(usize, usize)> {
     let whole_step = (0, usize::MAX);
     let mut life = vec![(usize::MAX, 0); graph.tensors.len()];
     let mut read = vec![false; graph.tensors.len()];
-    for (i, node) in graph.nodes.iter().enumerate() {
+    for (i, node) in nodes.iter().enumerate() {
         for &t in &node.outputs {
             let r = graph.storage_root(t).0;
             life[r] = (life[r].0.min(i), life[r].1.max(i));
@@ -538,8 +549,13 @@ fn lifetimes(graph: &Graph) -> Vec<(usize, usize)> {
 /// buffer, so a dispatch may not read one range of a buffer while writing
 /// another: tensors cannot share one arena. A buffer may be larger than one
 /// binding: ops then bind it a batch chunk at a time.
-fn allocate_activations(gpu: &Gpu, graph: &Graph, producer: &[String]) -> Result<Activations> {
-    let life = lifetimes(graph);
+fn allocate_activations(
+    gpu: &Gpu,
+    graph: &Graph,
+    (nodes, elided): (&[Node], &[bool]),
+    producer: &[String],
+) -> Result<Activations> {
+    let life = lifetimes(graph, nodes);
     let mut order: Vec<usize> = (0..graph.tensors.len())
         .filter(|&i| graph.tensors[i].storage == Storage::Activation)
         .collect();
@@ -557,6 +573,9 @@ fn allocate_activations(gpu: &Gpu, graph: &Graph, producer: &[String]) -> Result
         let t = &graph.tensors[i];
         let size = t.bytes().max(4).next_multiple_of(4);
         a.unshared_bytes += size;
+        if elided[i] {
+            continue;
+        }
         let (first, last) = life[i];
         if graph.reuse_activations {
             in_use.retain(|&(b, free_after)| {
@@ -602,8 +621,9 @@ impl Plan {
         externals: &Externals,
     ) -> Result<Plan> {
         params.check(graph)?;
+        let (nodes, elided) = fusion::fuse_activations(graph);
         let mut producer: Vec<String> = vec!["input".to_string(); graph.tensors.len()];
-        for node in &graph.nodes {
+        for node in &nodes {
             for &t in &node.outputs {
                 producer[t.0] = node.op.describe();
             }
@@ -613,7 +633,7 @@ impl Plan {
             buffers,
             bytes: activation_bytes,
             unshared_bytes,
-        } = allocate_activations(gpu, graph, &producer)?;
+        } = allocate_activations(gpu, graph, (&nodes, &elided), &producer)?;
         for (i, t) in graph.tensors.iter().enumerate() {
             bindings[i] = match &t.storage {
                 Storage::Activation | Storage::View(_) | Storage::ChannelSlice { .. } => continue,
@@ -659,8 +679,8 @@ impl Plan {
             node: 0,
             chunk: None,
         };
-        let mut costs = Vec::with_capacity(graph.nodes.len());
-        for (index, node) in graph.nodes.iter().enumerate() {
+        let mut costs = Vec::with_capacity(nodes.len());
+        for (index, node) in nodes.iter().enumerate() {
             ctx.label = node.op.describe();
             ctx.node = index;
             ctx.scratch_requests = 0;
@@ -675,7 +695,7 @@ impl Plan {
                 }
             }
             let shapes = |ids: &[TensorId]| shape_list(graph, ids);
-            let what = || planning(graph, index);
+            let what = || planning(graph, node);
             let planned = gpu.scoped(what, || match node.op.shared_inputs() {
                 // Per-sample work: cut along the batch when a tensor is too
                 // large to bind whole.
@@ -707,7 +727,7 @@ impl Plan {
             });
         }
         let bindings = std::mem::take(&mut ctx.bindings);
-        let (dispatches, scratch) = ctx.finish()?;
+        let (dispatches, scratch) = ctx.finish(&nodes)?;
         gpu.check_errors()
             .context("creating the plan's pipelines and bind groups")?;
         let scratch_bytes = scratch.iter().map(wgpu::Buffer::size).sum();
@@ -716,7 +736,7 @@ impl Plan {
         log::info!(
             "plan: {} nodes, {} dispatches, {activation_bytes} bytes of activations \
              ({unshared_bytes} without sharing buffers), {scratch_bytes} bytes of scratch",
-            graph.nodes.len(),
+            nodes.len(),
             dispatches.len(),
         );
         Ok(Plan {

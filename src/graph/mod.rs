@@ -4,11 +4,13 @@
 
 pub mod autodiff;
 pub mod executor;
+mod fusion;
 pub mod params;
 
 pub use executor::{Binding, Dispatch, Externals, NodeCost, NodeTime, Plan, PlanContext};
 pub use params::ParamStore;
 
+use crate::ops::Activation;
 use anyhow::{bail, Result};
 use std::rc::Rc;
 
@@ -151,6 +153,17 @@ pub trait Op: std::fmt::Debug {
     /// Creates the op's pipelines, uniforms and bind groups (once per plan).
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()>;
 
+    /// Which activation this op is, if it is one.
+    fn activation(&self) -> Option<Activation> {
+        None
+    }
+
+    /// This op with `activation` applied to its output as its kernels store
+    /// it, where they can (convolutions, linear layers); see `fusion`.
+    fn with_activation(&self, _activation: Activation) -> Option<Rc<dyn Op>> {
+        None
+    }
+
     /// Adds the nodes computing the input gradients from the output
     /// gradients; `needs[i]` says whether input `i` wants one.
     fn backward(
@@ -165,7 +178,7 @@ pub trait Op: std::fmt::Debug {
     }
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Node {
     pub op: Rc<dyn Op>,
     pub inputs: Vec<TensorId>,

@@ -2,6 +2,8 @@
 //! (the matrix product and convolutions on CPU adapters): their uniform, the
 //! pass that packs an operand k-major, and the dispatch grid.
 
+use super::fused::activation_constant;
+use super::Activation;
 use crate::gpu::{tiled_grid, Shader};
 use crate::graph::{Binding, PlanContext};
 use anyhow::Result;
@@ -192,17 +194,19 @@ pub fn packed_k_major(ctx: &mut PlanContext, x: Binding, p: PackParams) -> Resul
 }
 
 /// Records `entry` over the tiles of `params`' M x N output: lane groups
-/// along x (folded into z past the grid limit), row tiles along y.
+/// along x (folded into z past the grid limit), row tiles along y; the
+/// kernel applies `activation` to what it stores.
 pub fn dispatch(
     ctx: &mut PlanContext,
-    entry: &'static str,
+    (entry, activation): (&'static str, Option<Activation>),
     workgroup: u32,
     params: &BlockedParams,
     storage: &[(u32, Binding)],
 ) -> Result<()> {
     let (lane_groups, row_tiles) = tiles(params, workgroup);
     let [x, y, z] = tiled_grid(lane_groups, row_tiles);
-    record(ctx, entry, (workgroup, 1), params, storage, [x, y, z])
+    let lanes = (workgroup, 1);
+    record(ctx, (entry, activation), lanes, params, storage, [x, y, z])
 }
 
 /// Lanes of a workgroup that share one column tile of an `n`-column filter
@@ -227,7 +231,8 @@ pub fn dispatch_split(
     let (lane_groups, row_tiles) = tiles(params, workgroup / k_lanes);
     let grid = [lane_groups, row_tiles, splits.div_ceil(k_lanes)];
     let lanes = (workgroup, k_lanes);
-    record(ctx, "conv_filter_gradient", lanes, params, storage, grid)
+    let entry = ("conv_filter_gradient", None);
+    record(ctx, entry, lanes, params, storage, grid)
 }
 
 /// Workgroups of `column_lanes` column tiles across the columns, and row
@@ -242,7 +247,7 @@ fn tiles(params: &BlockedParams, column_lanes: u32) -> (u32, u32) {
 
 fn record(
     ctx: &mut PlanContext,
-    entry: &'static str,
+    (entry, activation): (&'static str, Option<Activation>),
     (workgroup, k_lanes): (u32, u32),
     params: &BlockedParams,
     storage: &[(u32, Binding)],
@@ -252,6 +257,7 @@ fn record(
         ("WG", workgroup),
         ("ROW_QUADS", tile_rows(params.m) / 4),
         ("K_LANES", k_lanes),
+        activation_constant(activation),
     ];
     let shader = (Shader::GemmBlocked, entry, &constants[..]);
     ctx.dispatch_grid(shader, params, storage, grid.map(|g| g as usize))

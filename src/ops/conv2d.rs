@@ -5,11 +5,13 @@
 //! a channel sum.
 
 use super::blocked::{self, BlockedParams, PackParams};
+use super::fused::{activation_constant, Epilogue};
 use super::reduce::{chunked_splits, sum_splits, ReduceParams, MAX_LOOP_TRIPS};
-use super::{expect_rank, ChannelSum, CpuTensor};
+use super::{expect_rank, Activated, Activation, ChannelSum, CpuTensor};
 use crate::gpu::{GemmKernel, Shader};
 use crate::graph::{DType, Graph, Op, PlanContext, Shape, Tensor, TensorId};
 use anyhow::{bail, Result};
+use std::rc::Rc;
 
 /// Pixels (or filter taps) per invocation: the vec4 lanes of the shader.
 const PIXELS_PER_INVOCATION: usize = 4;
@@ -229,27 +231,14 @@ impl Op for Conv2d {
     }
 
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
-        let mut p = self.params(&ctx.shape(inputs[0]), &ctx.shape(inputs[1]));
-        (p.x_at, p.y_at) = (ctx.layout(inputs[0]), ctx.layout(outputs[0]));
-        if let GemmKernel::Blocked { workgroup } = ctx.gpu.tuning.gemm {
-            return plan_blocked_forward(ctx, &p, workgroup, inputs, outputs[0]);
-        }
-        let pixels = (p.batch * p.ho * p.wo) as usize;
-        let tile = channel_tile(p.c_out as usize);
-        let storage = ctx.bind(&[
-            (1, inputs[0]),
-            (2, inputs[1]),
-            (3, inputs[2]),
-            (4, outputs[0]),
-        ]);
-        let (shader, entry, constants) = kernel("forward", tile);
-        ctx.dispatch_tiled(
-            (shader, entry, &constants),
-            &p,
-            &storage,
-            pixels.div_ceil(PIXELS_PER_INVOCATION),
-            (p.c_out as usize).div_ceil(tile),
-        )
+        self.plan_activated(ctx, inputs, outputs, None)
+    }
+
+    fn with_activation(&self, activation: Activation) -> Option<Rc<dyn Op>> {
+        Some(Rc::new(Activated {
+            op: *self,
+            activation,
+        }))
     }
 
     fn backward(
@@ -295,6 +284,40 @@ impl Op for Conv2d {
     }
 }
 
+impl Epilogue for Conv2d {
+    fn plan_activated(
+        &self,
+        ctx: &mut PlanContext,
+        inputs: &[TensorId],
+        outputs: &[TensorId],
+        activation: Option<Activation>,
+    ) -> Result<()> {
+        let mut p = self.params(&ctx.shape(inputs[0]), &ctx.shape(inputs[1]));
+        (p.x_at, p.y_at) = (ctx.layout(inputs[0]), ctx.layout(outputs[0]));
+        if let GemmKernel::Blocked { workgroup } = ctx.gpu.tuning.gemm {
+            let kernel = ("conv_forward", activation);
+            return plan_blocked_forward(ctx, &p, (kernel, workgroup), inputs, outputs[0]);
+        }
+        let pixels = (p.batch * p.ho * p.wo) as usize;
+        let tile = channel_tile(p.c_out as usize);
+        let storage = ctx.bind(&[
+            (1, inputs[0]),
+            (2, inputs[1]),
+            (3, inputs[2]),
+            (4, outputs[0]),
+        ]);
+        let (shader, entry, [tile_constant]) = kernel("forward", tile);
+        let constants = [tile_constant, activation_constant(activation)];
+        ctx.dispatch_tiled(
+            (shader, entry, &constants),
+            &p,
+            &storage,
+            pixels.div_ceil(PIXELS_PER_INVOCATION),
+            (p.c_out as usize).div_ceil(tile),
+        )
+    }
+}
+
 /// 2 per multiply-add of a convolution with output `y` `[n, c_out, ho, wo]`
 /// and weight `[c_out, c_in, kh, kw]`: the same for its two gradients.
 fn conv_flops(y: &[usize], weight: &[usize]) -> u64 {
@@ -326,7 +349,7 @@ impl ConvParams {
 fn plan_blocked_forward(
     ctx: &mut PlanContext,
     p: &ConvParams,
-    workgroup: u32,
+    (kernel, workgroup): ((&'static str, Option<Activation>), u32),
     inputs: &[TensorId],
     y: TensorId,
 ) -> Result<()> {
@@ -354,7 +377,7 @@ fn plan_blocked_forward(
         (4, ctx.binding(y)),
         (7, ctx.binding(inputs[0])),
     ];
-    blocked::dispatch(ctx, "conv_forward", workgroup, &params, &storage)
+    blocked::dispatch(ctx, kernel, workgroup, &params, &storage)
 }
 
 /// dx from dy and the weight. Keeps the input shape, which the output shape
@@ -465,7 +488,8 @@ fn plan_blocked_backward_data(
                 (4, ctx.binding(dx)),
                 (7, ctx.binding(inputs[0])),
             ];
-            blocked::dispatch(ctx, "conv_transposed", workgroup, &params, &storage)?;
+            let kernel = ("conv_transposed", None);
+            blocked::dispatch(ctx, kernel, workgroup, &params, &storage)?;
         }
     }
     Ok(())

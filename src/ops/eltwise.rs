@@ -139,6 +139,10 @@ impl Op for Activation {
         Some(&[])
     }
 
+    fn activation(&self) -> Option<Activation> {
+        Some(*self)
+    }
+
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
         elementwise(ctx, self.entries().0, &[(1, inputs[0])], outputs[0])
     }

@@ -2,11 +2,13 @@
 //! product its gradients are made of; both run `shaders/gemm.wgsl`.
 
 use super::blocked::{self, BlockedParams, PackParams};
+use super::fused::{activation_constant, Epilogue};
 use super::reduce::MAX_LOOP_TRIPS;
-use super::{expect_rank, ChannelSum, CpuTensor};
+use super::{expect_rank, Activated, Activation, ChannelSum, CpuTensor};
 use crate::gpu::{GemmKernel, Shader};
 use crate::graph::{DType, Graph, Op, PlanContext, Shape, Tensor, TensorId};
 use anyhow::{bail, Result};
+use std::rc::Rc;
 
 /// Rows and columns of C per invocation: TM and TN in the shader.
 const TILE: usize = 4;
@@ -68,7 +70,7 @@ impl MatMul {
         ctx: &mut PlanContext,
         a: TensorId,
         b: TensorId,
-        bias: Option<TensorId>,
+        (bias, activation): (Option<TensorId>, Option<Activation>),
         c: TensorId,
     ) -> Result<()> {
         let p = self.params(&ctx.shape(a), &ctx.shape(b));
@@ -80,7 +82,7 @@ impl MatMul {
             );
         }
         if let GemmKernel::Blocked { workgroup } = ctx.gpu.tuning.gemm {
-            return Self::record_blocked(ctx, &p, workgroup, a, b, bias, c);
+            return Self::record_blocked(ctx, &p, workgroup, a, b, (bias, activation), c);
         }
         let invocations = (p.m as usize).div_ceil(TILE) * (p.n as usize).div_ceil(TILE);
         let (entry, storage) = match bias {
@@ -90,7 +92,8 @@ impl MatMul {
             ),
             None => ("matmul", ctx.bind(&[(1, a), (2, b), (4, c)])),
         };
-        ctx.dispatch(Shader::Gemm, entry, &p, &storage, invocations)
+        let constants = [activation_constant(activation)];
+        ctx.dispatch_with((Shader::Gemm, entry, &constants), &p, &storage, invocations)
     }
 
     /// The product on CPU adapters: both operands packed k-major, then the
@@ -101,7 +104,7 @@ impl MatMul {
         workgroup: u32,
         a: TensorId,
         b: TensorId,
-        bias: Option<TensorId>,
+        (bias, activation): (Option<TensorId>, Option<Activation>),
         c: TensorId,
     ) -> Result<()> {
         let (m_padded, n_padded) = (blocked::padded_rows(p.m), blocked::padded_columns(p.n));
@@ -134,7 +137,7 @@ impl MatMul {
             }
             None => "matmul",
         };
-        blocked::dispatch(ctx, entry, workgroup, &params, &storage)
+        blocked::dispatch(ctx, (entry, activation), workgroup, &params, &storage)
     }
 
     /// CPU reference.
@@ -190,7 +193,7 @@ impl Op for MatMul {
     }
 
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
-        self.record(ctx, inputs[0], inputs[1], None, outputs[0])
+        self.record(ctx, inputs[0], inputs[1], (None, None), outputs[0])
     }
 }
 
@@ -268,7 +271,14 @@ impl Op for Linear {
     }
 
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
-        X_TIMES_W_T.record(ctx, inputs[0], inputs[1], Some(inputs[2]), outputs[0])
+        self.plan_activated(ctx, inputs, outputs, None)
+    }
+
+    fn with_activation(&self, activation: Activation) -> Option<Rc<dyn Op>> {
+        Some(Rc::new(Activated {
+            op: *self,
+            activation,
+        }))
     }
 
     fn backward(
@@ -305,5 +315,18 @@ impl Op for Linear {
             None
         };
         Ok(vec![dx, dw, db])
+    }
+}
+
+impl Epilogue for Linear {
+    fn plan_activated(
+        &self,
+        ctx: &mut PlanContext,
+        inputs: &[TensorId],
+        outputs: &[TensorId],
+        activation: Option<Activation>,
+    ) -> Result<()> {
+        let (x, weight, bias) = (inputs[0], inputs[1], inputs[2]);
+        X_TIMES_W_T.record(ctx, x, weight, (Some(bias), activation), outputs[0])
     }
 }

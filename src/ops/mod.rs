@@ -6,6 +6,7 @@ mod blocked;
 mod concat;
 mod conv2d;
 mod eltwise;
+mod fused;
 mod input;
 mod linear;
 mod optim;
@@ -20,6 +21,7 @@ pub use conv2d::{Conv2d, Conv2dBackwardData, Conv2dBackwardFilter};
 pub use eltwise::{
     dropout_keeps, Activation, ActivationBackward, Add, AdvanceRng, Dropout, DropoutBackward,
 };
+pub use fused::Activated;
 pub use input::GatherResize;
 pub use linear::{Linear, MatMul};
 pub use optim::{Optimizer, OptimizerStep, ADAM_STEP_BYTES};
