@@ -544,8 +544,9 @@ fn lifetimes(graph: &Graph, nodes: &[Node]) -> Vec<(usize, usize)> {
 
 /// Gives every activation tensor a buffer: its own, or with
 /// `graph.reuse_activations` one freed by a tensor whose last reader ran
-/// before this one's first writer (best fit by size, so no node ever reads
-/// and writes the same buffer). wgpu tracks read and write usage per
+/// before this one's first writer, so no node ever reads and writes the
+/// same buffer: the smallest free one that fits, else the largest free one,
+/// grown. wgpu tracks read and write usage per
 /// buffer, so a dispatch may not read one range of a buffer while writing
 /// another: tensors cannot share one arena. A buffer may be larger than one
 /// binding: ops then bind it a batch chunk at a time.
@@ -566,12 +567,16 @@ fn allocate_activations(
         bytes: 0,
         unshared_bytes: 0,
     };
-    // (buffer index, node after which it is free)
+    // Sizes first, buffers after: a free buffer too small for the next
+    // tensor grows to take it rather than leaving a new one beside it.
+    // (slot, node after which it is free)
     let mut in_use: Vec<(usize, usize)> = Vec::new();
     let mut free: Vec<usize> = Vec::new();
+    // Per slot: its bytes and the tensor that needs them all.
+    let mut slots: Vec<(u64, usize)> = Vec::new();
+    let mut slot_of = vec![None; graph.tensors.len()];
     for i in order {
-        let t = &graph.tensors[i];
-        let size = t.bytes().max(4).next_multiple_of(4);
+        let size = graph.tensors[i].bytes().max(4).next_multiple_of(4);
         a.unshared_bytes += size;
         if elided[i] {
             continue;
@@ -586,29 +591,37 @@ fn allocate_activations(
                 !done
             });
         }
-        let fitting = free
-            .iter()
-            .enumerate()
-            .filter(|(_, &b)| a.buffers[b].size() >= size)
-            .min_by_key(|(_, &b)| a.buffers[b].size())
-            .map(|(slot, _)| slot);
-        let b = match fitting {
-            Some(slot) => free.swap_remove(slot),
+        let bytes = |k: &usize| slots[free[*k]].0;
+        let fitting = (0..free.len())
+            .filter(|k| bytes(k) >= size)
+            .min_by_key(bytes);
+        let b = match fitting.or_else(|| (0..free.len()).max_by_key(bytes)) {
+            Some(k) => free.swap_remove(k),
             None => {
-                let buffer = gpu
-                    .storage_buffer(&producer[i], size)
-                    .with_context(|| format!("the output {:?} of {}", t.shape, producer[i]))?;
-                a.bytes += size;
-                a.buffers.push(buffer);
-                a.buffers.len() - 1
+                slots.push((0, i));
+                slots.len() - 1
             }
         };
-        a.bindings[i] = Some(Binding {
+        if slots[b].0 < size {
+            slots[b] = (size, i);
+        }
+        slot_of[i] = Some((b, size));
+        in_use.push((b, last));
+    }
+    for &(bytes, i) in &slots {
+        let shape = &graph.tensors[i].shape;
+        let buffer = gpu
+            .storage_buffer(&producer[i], bytes)
+            .with_context(|| format!("the output {shape:?} of {}", producer[i]))?;
+        a.bytes += bytes;
+        a.buffers.push(buffer);
+    }
+    for (i, slot) in slot_of.into_iter().enumerate() {
+        a.bindings[i] = slot.map(|(b, size)| Binding {
             buffer: a.buffers[b].clone(),
             offset: 0,
             size,
         });
-        in_use.push((b, last));
     }
     Ok(a)
 }
