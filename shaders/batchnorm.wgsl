@@ -122,7 +122,7 @@ fn normalize(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgro
         return;
     }
     let c = (i / p.spatial) % p.channels;
-    out[flat(p.out_at, i)] = (x[flat(p.x_at, i)] - saved_mean[c]) * saved_invstd[c] * gamma[c] + beta[c];
+    out[flat(p.out_at, i)] = activate((x[flat(p.x_at, i)] - saved_mean[c]) * saved_invstd[c] * gamma[c] + beta[c]);
 }
 
 @compute @workgroup_size(WG)
@@ -132,7 +132,7 @@ fn normalize_eval(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
         return;
     }
     let c = (i / p.spatial) % p.channels;
-    out[flat(p.out_at, i)] = (x[flat(p.x_at, i)] - running_mean[c]) / sqrt(running_var[c] + p.eps) * gamma[c] + beta[c];
+    out[flat(p.out_at, i)] = activate((x[flat(p.x_at, i)] - running_mean[c]) / sqrt(running_var[c] + p.eps) * gamma[c] + beta[c]);
 }
 
 // partial[split, c] = (sum dy * xhat, sum dy) over the split.

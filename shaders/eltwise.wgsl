@@ -41,8 +41,7 @@ fn sigmoid_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_w
 fn sigmoid_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = linear_index(gid, nwg);
     if (i < p.len) {
-        let v = y[at_y(i)];
-        out[at_out(i)] = dy[at_dy(i)] * v * (1.0 - v);
+        out[at_out(i)] = activation_backward(SIGMOID, y[at_y(i)], dy[at_dy(i)]);
     }
 }
 
@@ -59,7 +58,7 @@ fn relu_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
 fn relu_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = linear_index(gid, nwg);
     if (i < p.len) {
-        out[at_out(i)] = select(0.0, dy[at_dy(i)], y[at_y(i)] > 0.0);
+        out[at_out(i)] = activation_backward(RELU, y[at_y(i)], dy[at_dy(i)]);
     }
 }
 

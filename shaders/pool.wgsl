@@ -23,6 +23,8 @@ struct Pool {
     // chunk's first element need not start the binding.
     argmax_offset: u32,
     _pad: u32,
+    // *_backward_activated: graph::Layout of act_out.
+    act_at: vec2<u32>,
 }
 
 @group(0) @binding(0) var<uniform> p: Pool;
@@ -30,6 +32,9 @@ struct Pool {
 @group(0) @binding(2) var<storage, read_write> dst: array<f32>;
 @group(0) @binding(3) var<storage, read_write> argmax: array<u32>;
 @group(0) @binding(4) var<storage, read> argmax_in: array<u32>;
+// The output of the activation whose input this pool read, for the
+// backward kernels with that activation's backward fused in (graph::fusion).
+@group(0) @binding(5) var<storage, read> act_out: array<f32>;
 
 // Where plane `plane` (= sample * channels + channel) of a tensor laid out
 // as `l`, with `plane_len` elements per plane, starts: a plane never spans
@@ -99,13 +104,7 @@ fn avg_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
 
 // Each input element gathers dy / (kh*kw) from every window that covers it,
 // so no two invocations write the same element (no atomics).
-@compute @workgroup_size(WG)
-fn avg_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = linear_index(gid, nwg);
-    if (i >= p.planes * p.h * p.w) {
-        return;
-    }
-    let e = pixel_of(i, p.h, p.w);
+fn avg_gradient(e: Pixel) -> f32 {
     let src0 = plane_start(p.src_at, e.plane, p.ho * p.wo);
     let rows = covering(e.y, p.pad_h, p.stride_h, p.kh, p.ho);
     let cols = covering(e.x, p.pad_w, p.stride_w, p.kw, p.wo);
@@ -118,7 +117,30 @@ fn avg_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
             sum += select(0.0, v, ok);
         }
     }
-    dst[plane_start(p.dst_at, e.plane, p.h * p.w) + e.y * p.w + e.x] = sum / f32(p.kh * p.kw);
+    return sum / f32(p.kh * p.kw);
+}
+
+// Where element e of the pool's input lives in a tensor laid out as `l`.
+fn input_at(l: vec2<u32>, e: Pixel) -> u32 {
+    return plane_start(l, e.plane, p.h * p.w) + e.y * p.w + e.x;
+}
+
+@compute @workgroup_size(WG)
+fn avg_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = linear_index(gid, nwg);
+    if (i < p.planes * p.h * p.w) {
+        let e = pixel_of(i, p.h, p.w);
+        dst[input_at(p.dst_at, e)] = avg_gradient(e);
+    }
+}
+
+@compute @workgroup_size(WG)
+fn avg_backward_activated(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = linear_index(gid, nwg);
+    if (i < p.planes * p.h * p.w) {
+        let e = pixel_of(i, p.h, p.w);
+        dst[input_at(p.dst_at, e)] = activation_backward(ACTIVATION, act_out[input_at(p.act_at, e)], avg_gradient(e));
+    }
 }
 
 @compute @workgroup_size(WG)
@@ -152,13 +174,7 @@ fn max_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
 }
 
 // dx[y, x] = sum of dy over the windows whose maximum was at (y, x).
-@compute @workgroup_size(WG)
-fn max_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = linear_index(gid, nwg);
-    if (i >= p.planes * p.h * p.w) {
-        return;
-    }
-    let e = pixel_of(i, p.h, p.w);
+fn max_gradient(e: Pixel) -> f32 {
     let at = e.y * p.w + e.x;
     let src0 = plane_start(p.src_at, e.plane, p.ho * p.wo);
     let argmax0 = p.argmax_offset + e.plane * p.ho * p.wo;
@@ -173,5 +189,23 @@ fn max_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
             sum += select(0.0, src[src0 + o], ok && argmax_in[argmax0 + o] == at);
         }
     }
-    dst[plane_start(p.dst_at, e.plane, p.h * p.w) + at] = sum;
+    return sum;
+}
+
+@compute @workgroup_size(WG)
+fn max_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = linear_index(gid, nwg);
+    if (i < p.planes * p.h * p.w) {
+        let e = pixel_of(i, p.h, p.w);
+        dst[input_at(p.dst_at, e)] = max_gradient(e);
+    }
+}
+
+@compute @workgroup_size(WG)
+fn max_backward_activated(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = linear_index(gid, nwg);
+    if (i < p.planes * p.h * p.w) {
+        let e = pixel_of(i, p.h, p.w);
+        dst[input_at(p.dst_at, e)] = activation_backward(ACTIVATION, act_out[input_at(p.act_at, e)], max_gradient(e));
+    }
 }

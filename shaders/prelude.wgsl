@@ -39,7 +39,8 @@ fn quotient(n: u32, d: u32) -> u32 {
 
 // The activation a kernel applies to what it stores: convolutions and
 // matrix products followed by a ReLU or sigmoid run it in their epilogue
-// (graph::fusion), saving a pass over the output. Values match ops::Activation.
+// (graph::fusion), as does batch norm; this saves a pass over the output.
+// Values match ops::fused::activation_constant.
 const NO_ACTIVATION = 0u;
 const RELU = 1u;
 const SIGMOID = 2u;
@@ -57,4 +58,16 @@ fn activation(kind: u32, v: f32) -> f32 {
 
 fn activate(v: f32) -> f32 {
     return activation(ACTIVATION, v);
+}
+
+// The gradient reaching an activation's input from `dy` at its output, from
+// its output `y` (PyTorch passes no gradient where ReLU clamped).
+fn activation_backward(kind: u32, y: f32, dy: f32) -> f32 {
+    if (kind == RELU) {
+        return select(0.0, dy, y > 0.0);
+    }
+    if (kind == SIGMOID) {
+        return dy * y * (1.0 - y);
+    }
+    return dy;
 }

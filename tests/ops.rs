@@ -373,13 +373,17 @@ struct BatchNormRun {
     running_mean: Vec<f32>,
     running_var: Vec<f32>,
     y_eval: Vec<f32>,
+    /// Activation bytes of the training plan a buffer per tensor would
+    /// take, less those it planned.
+    unallocated: u64,
 }
 
 /// Runs a training step of batch norm (with autodiff from `dy`), then an
-/// evaluation pass over the same x with the updated running statistics.
+/// evaluation pass over the same x with the updated running statistics;
+/// with `activation`, of the activation after batch norm.
 fn run_batch_norm(
     gpu: &d2l_wgpu::gpu::Gpu,
-    x: &CpuTensor,
+    (x, activation): (&CpuTensor, Option<Activation>),
     gamma: &[f32],
     beta: &[f32],
     running: (&[f32], &[f32]),
@@ -393,9 +397,12 @@ fn run_batch_norm(
         let bi = g.param("bias".into(), vec![c], Init::Zeros);
         let mean = g.state("running_mean".into(), vec![c], Init::Zeros);
         let var = g.state("running_var".into(), vec![c], Init::Ones);
-        let y = g
+        let mut y = g
             .apply1(BatchNorm::new(training), &[xi, gi, bi, mean, var])
             .unwrap();
+        if let Some(activation) = activation {
+            y = g.apply1(activation, &[y]).unwrap();
+        }
         (g, xi, y)
     };
     let (mut g, xi, y) = build(true);
@@ -422,6 +429,7 @@ fn run_batch_norm(
         running_mean: store.read_state(gpu, 0).unwrap(),
         running_var: store.read_state(gpu, 1).unwrap(),
         y_eval: eval.read_f32(gpu, &eval_graph, y_eval).unwrap(),
+        unallocated: plan.unshared_activation_bytes - plan.activation_bytes,
     }
 }
 
@@ -439,7 +447,7 @@ fn batch_norm_matches_pytorch() {
             gold.f32("running_mean_before").data,
             gold.f32("running_var_before").data,
         );
-        let r = run_batch_norm(&gpu, &x, &gamma, &beta, (&rm, &rv), &dy);
+        let r = run_batch_norm(&gpu, (&x, None), &gamma, &beta, (&rm, &rv), &dy);
         assert_op_close(&format!("{name} y"), &r.y, &gold.f32("y").data);
         assert_op_close(&format!("{name} dx"), &r.dx, &gold.f32("dx").data);
         assert_op_close(
@@ -513,7 +521,7 @@ fn batch_norm_matches_cpu_on_awkward_shapes() {
             .map(|v| v.abs() + 0.5)
             .collect();
         let dy = random(&shape, &mut rng);
-        let r = run_batch_norm(&gpu, &x, &gamma, &beta, (&rm, &rv), &dy);
+        let r = run_batch_norm(&gpu, (&x, None), &gamma, &beta, (&rm, &rv), &dy);
         let norm = BatchNorm::new(true);
         let cpu = norm.cpu_train(&x, &gamma, &beta, (&rm, &rv));
         let (dx, dgamma, dbeta) = norm.cpu_backward(&x, &gamma, &dy);
@@ -1033,4 +1041,107 @@ fn check_activated(case: &str, r: &Activated, y: &CpuTensor, grads: [&[f32]; 3])
         r.unallocated, elided,
         "{case}: bytes of activations left unallocated"
     );
+}
+
+/// `act(F.batch_norm(x, ...))` for ReLU and sigmoid, training and eval: the
+/// activation runs in batch norm's normalising pass (the pre-activation gets
+/// no memory), and outputs and gradients match the CPU references.
+#[test]
+fn activations_fuse_into_batch_norm() {
+    let gpu = gpu();
+    let mut rng = Rng::new(31);
+    for shape in [vec![3, 4], vec![2, 5, 3, 7]] {
+        for activation in [Activation::Relu, Activation::Sigmoid] {
+            let c = shape[1];
+            let x = random(&shape, &mut rng);
+            let (gamma, beta) = (random(&[c], &mut rng).data, random(&[c], &mut rng).data);
+            let rm = random(&[c], &mut rng).data;
+            let rv: Vec<f32> = random(&[c], &mut rng)
+                .data
+                .iter()
+                .map(|v| v.abs() + 0.5)
+                .collect();
+            let dy = random(&shape, &mut rng);
+            let r = run_batch_norm(&gpu, (&x, Some(activation)), &gamma, &beta, (&rm, &rv), &dy);
+
+            let norm = BatchNorm::new(true);
+            let cpu = norm.cpu_train(&x, &gamma, &beta, (&rm, &rv));
+            let y = activation.cpu_forward(&cpu.y);
+            let (dx, dgamma, dbeta) =
+                norm.cpu_backward(&x, &gamma, &activation.cpu_backward(&y, &dy));
+            let running = (&cpu.running_mean[..], &cpu.running_var[..]);
+            let y_eval = activation.cpu_forward(&norm.cpu_eval(&x, &gamma, &beta, running));
+            let case = format!("batch norm {shape:?} + {activation:?}");
+            assert_op_close(&format!("{case} y"), &r.y, &y.data);
+            assert_op_close(&format!("{case} dx"), &r.dx, &dx.data);
+            assert_op_close(&format!("{case} dgamma"), &r.dgamma, &dgamma);
+            assert_op_close(&format!("{case} dbeta"), &r.dbeta, &dbeta);
+            assert_op_close(&format!("{case} y_eval"), &r.y_eval, &y_eval.data);
+            assert_eq!(
+                r.unallocated,
+                4 * x.data.len() as u64,
+                "{case}: the pre-activation is not elided"
+            );
+        }
+    }
+}
+
+/// `pool(act(x))` with average and max pooling, ReLU and sigmoid: the
+/// activation's backward runs inside the pooling gradient's kernel (the
+/// gradient at the activation's output gets no memory); dx against the CPU.
+#[test]
+fn activation_backward_fuses_into_pool_gradients() {
+    let gpu = gpu();
+    let mut rng = Rng::new(37);
+    let window = PoolWindow {
+        kernel: (3, 2),
+        stride: (2, 2),
+        padding: (1, 1),
+    };
+    for activation in [Activation::Relu, Activation::Sigmoid] {
+        for max in [false, true] {
+            let case = format!(
+                "{activation:?} then {} pool",
+                if max { "max" } else { "avg" }
+            );
+            let x = random(&[2, 3, 7, 9], &mut rng);
+            let y = activation.cpu_forward(&x);
+            let mut g = Graph::new(true);
+            let xi = g.leaf(x.shape.clone());
+            let yi = g.apply1(activation, &[xi]).unwrap();
+            let (pooled, dy_y) = if max {
+                let pool = MaxPool2d(window);
+                let (pooled, argmax) = pool.cpu_forward(&y);
+                let dy = random(&pooled.shape, &mut rng);
+                let dy_y = pool.cpu_backward(&x.shape, &dy, &argmax);
+                (g.apply(pool, &[yi]).unwrap()[0], (dy, dy_y))
+            } else {
+                let pool = AvgPool2d(window);
+                let dy = random(&pool.cpu_forward(&y).shape, &mut rng);
+                let dy_y = pool.cpu_backward(&x.shape, &dy);
+                (g.apply1(pool, &[yi]).unwrap(), (dy, dy_y))
+            };
+            let (dy, dy_y) = dy_y;
+            let dy_id = g.input(dy.shape.clone(), DType::F32);
+            let grads = autodiff::backward(&mut g, &[(pooled, dy_id)]).unwrap();
+            let store = ParamStore::new(&gpu, &g).unwrap();
+            let plan = Plan::new(&gpu, &g, &store, &Externals::new()).unwrap();
+            plan.write_f32(&gpu, &g, xi, &x.data).unwrap();
+            plan.write_f32(&gpu, &g, dy_id, &dy.data).unwrap();
+            plan.run(&gpu);
+            let dx = plan.read_f32(&gpu, &g, grads[&xi]).unwrap();
+            assert_op_close(
+                &format!("{case} dx"),
+                &dx,
+                &activation.cpu_backward(&y, &dy_y).data,
+            );
+            // Graph::new keeps a buffer per tensor: only the elided gradient has none.
+            let unallocated = plan.unshared_activation_bytes - plan.activation_bytes;
+            assert_eq!(
+                unallocated,
+                4 * x.data.len() as u64,
+                "{case}: the gradient at y is not elided"
+            );
+        }
+    }
 }

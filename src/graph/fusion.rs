@@ -1,58 +1,114 @@
-//! Fusion at plan time: a convolution or linear layer whose output only an
-//! activation reads computes the activation as it stores (the epilogue of
-//! its kernel), so the pre-activation tensor is never written or kept.
-//! Autodiff has run by then: the activation's backward reads its output,
-//! not its input, so the backward nodes stay as they are.
+//! Fusion at plan time, after autodiff has added the backward nodes.
+//!
+//! Forward: a convolution, linear layer or batch norm whose output only an
+//! activation reads applies the activation as it stores (the epilogue of
+//! its kernel), so the pre-activation tensor is never written or kept. The
+//! activation's backward reads its output, not its input, so the backward
+//! nodes stay as they are.
+//!
+//! Backward: a pooling gradient that only an activation's backward reads
+//! carries the gradient on through the activation as it stores, reading the
+//! activation's output, so the gradient at the activation's output is never
+//! written or kept.
 
-use super::{Graph, Node, Storage};
+use super::{Graph, Node, Op, Storage, TensorId};
+use std::rc::Rc;
 
 /// The nodes to plan, fused, and for each tensor whether fusion left it
 /// without a reader or writer (it then needs no memory).
 pub fn fuse_activations(graph: &Graph) -> (Vec<Node>, Vec<bool>) {
-    let mut readers = vec![0usize; graph.tensors.len()];
-    let mut producer = vec![None; graph.tensors.len()];
+    let mut fusion = Fusion::new(graph);
     for (i, node) in graph.nodes.iter().enumerate() {
-        for &t in &node.inputs {
-            readers[t.0] += 1;
-        }
-        for &t in &node.outputs {
-            producer[t.0] = Some(i);
+        if let Some(activation) = node.op.activation() {
+            // Further outputs (batch norm's saved statistics) stay as they are.
+            fusion.merge_with_producer(i, node.inputs[0], |first| {
+                let fused = first.op.with_activation(activation)?;
+                let outputs = [&node.outputs[..], &first.outputs[1..]].concat();
+                Some((fused, first.inputs.clone(), outputs))
+            });
+        } else if let Some(activation) = node.op.activation_backward() {
+            let (y, dy) = (node.inputs[0], node.inputs[1]);
+            fusion.merge_with_producer(i, dy, |first| {
+                let fused = first.op.with_activation_backward(activation)?;
+                (first.outputs.len() == 1).then(|| {
+                    (
+                        fused,
+                        [&first.inputs[..], &[y]].concat(),
+                        node.outputs.clone(),
+                    )
+                })
+            });
         }
     }
-    for t in &graph.tensors {
-        if let Storage::View(of) | Storage::ChannelSlice { of, .. } = t.storage {
-            readers[of.0] += 1;
+    let nodes = fusion.nodes.into_iter().flatten().collect();
+    (nodes, fusion.elided)
+}
+
+struct Fusion<'a> {
+    graph: &'a Graph,
+    /// Nodes reading each tensor, views and slices of it counted as readers.
+    readers: Vec<usize>,
+    producer: Vec<Option<usize>>,
+    nodes: Vec<Option<Node>>,
+    elided: Vec<bool>,
+}
+
+impl Fusion<'_> {
+    fn new(graph: &Graph) -> Fusion<'_> {
+        let mut readers = vec![0usize; graph.tensors.len()];
+        let mut producer = vec![None; graph.tensors.len()];
+        for (i, node) in graph.nodes.iter().enumerate() {
+            for &t in &node.inputs {
+                readers[t.0] += 1;
+            }
+            for &t in &node.outputs {
+                producer[t.0] = Some(i);
+            }
+        }
+        for t in &graph.tensors {
+            if let Storage::View(of) | Storage::ChannelSlice { of, .. } = t.storage {
+                readers[of.0] += 1;
+            }
+        }
+        Fusion {
+            graph,
+            readers,
+            producer,
+            nodes: graph.nodes.iter().cloned().map(Some).collect(),
+            elided: vec![false; graph.tensors.len()],
         }
     }
-    let mut nodes: Vec<Option<Node>> = graph.nodes.iter().cloned().map(Some).collect();
-    let mut elided = vec![false; graph.tensors.len()];
-    for (i, node) in graph.nodes.iter().enumerate() {
-        let Some(activation) = node.op.activation() else {
-            continue;
-        };
-        let x = node.inputs[0];
-        if graph.tensor(x).storage != Storage::Activation || readers[x.0] != 1 {
-            continue;
+
+    /// Replaces node `i` and the producer of its input `t` by one node,
+    /// `fuse(producer)`'s (op, inputs, outputs), when only node `i` reads
+    /// `t`, `t` is the producer's first output, and `fuse` gives one.
+    fn merge_with_producer(
+        &mut self,
+        i: usize,
+        t: TensorId,
+        fuse: impl FnOnce(&Node) -> Option<(Rc<dyn Op>, Vec<TensorId>, Vec<TensorId>)>,
+    ) {
+        if self.graph.tensor(t).storage != Storage::Activation || self.readers[t.0] != 1 {
+            return;
         }
-        let Some(j) = producer[x.0] else {
-            continue;
+        let Some(j) = self.producer[t.0] else {
+            return;
         };
-        let Some(Some(first)) = nodes.get(j) else {
-            continue;
+        let Some(first) = &self.nodes[j] else {
+            return;
         };
-        if first.outputs != [x] {
-            continue;
+        if first.outputs[0] != t {
+            return;
         }
-        let Some(fused) = first.op.with_activation(activation) else {
-            continue;
+        let Some((op, inputs, outputs)) = fuse(first) else {
+            return;
         };
-        nodes[j] = Some(Node {
-            op: fused,
-            inputs: first.inputs.clone(),
-            outputs: node.outputs.clone(),
+        self.nodes[j] = Some(Node {
+            op,
+            inputs,
+            outputs,
         });
-        nodes[i] = None;
-        elided[x.0] = true;
+        self.nodes[i] = None;
+        self.elided[t.0] = true;
     }
-    (nodes.into_iter().flatten().collect(), elided)
 }

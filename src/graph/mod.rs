@@ -158,9 +158,23 @@ pub trait Op: std::fmt::Debug {
         None
     }
 
-    /// This op with `activation` applied to its output as its kernels store
-    /// it, where they can (convolutions, linear layers); see `fusion`.
+    /// This op with `activation` applied to its (first) output as its
+    /// kernels store it, where they can (convolutions, linear layers, batch
+    /// norm); see `fusion`.
     fn with_activation(&self, _activation: Activation) -> Option<Rc<dyn Op>> {
+        None
+    }
+
+    /// Which activation's backward this op is, if it is one (inputs: the
+    /// activation's output y, then dy).
+    fn activation_backward(&self) -> Option<Activation> {
+        None
+    }
+
+    /// This op followed by `activation`'s backward, with the activation's
+    /// output as one more input, where its kernels can (pooling gradients);
+    /// see `fusion`.
+    fn with_activation_backward(&self, _activation: Activation) -> Option<Rc<dyn Op>> {
         None
     }
 

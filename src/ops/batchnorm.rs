@@ -2,11 +2,13 @@
 //! training mode (batch statistics, running statistics updated) or
 //! evaluation mode (running statistics). Pairs with `shaders/batchnorm.wgsl`.
 
+use super::fused::{activation_constant, Epilogue};
 use super::reduce::chunked_splits;
-use super::CpuTensor;
+use super::{Activated, Activation, CpuTensor};
 use crate::gpu::Shader;
 use crate::graph::{Binding, DType, Graph, Op, PlanContext, Shape, Tensor, TensorId};
 use anyhow::{bail, Result};
+use std::rc::Rc;
 
 /// Inputs: x `[n, c]` or `[n, c, h, w]`, gamma, beta, running_mean,
 /// running_var (all `[c]`). Outputs: y, and in training the batch mean and
@@ -114,18 +116,21 @@ impl BatchNorm {
         Ok((partial, chunks * splits))
     }
 
-    /// Records the per-element `entry` from `x` to `y`, a batch chunk at a time.
+    /// Records the per-element `entry` from `x` to `y`, a batch chunk at a
+    /// time, applying `activation` to what it stores.
     fn record_normalize(
         &self,
         ctx: &mut PlanContext,
-        entry: &'static str,
+        (entry, activation): (&'static str, Option<Activation>),
         (x, y): (TensorId, TensorId),
         storage: &[(u32, TensorId)],
     ) -> Result<()> {
+        let constants = [activation_constant(activation)];
         ctx.for_each_chunk(&[x, y], |ctx, _| {
             let p = self.params(ctx, (x, None, Some(y)), 1);
             let b = ctx.bind(storage);
-            ctx.dispatch(Shader::BatchNorm, entry, &p, &b, ctx.len(x))
+            let kernel = (Shader::BatchNorm, entry, &constants[..]);
+            ctx.dispatch_with(kernel, &p, &b, ctx.len(x))
         })
     }
 
@@ -268,42 +273,11 @@ impl Op for BatchNorm {
     }
 
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
-        let &[x, gamma, beta, running_mean, running_var] = inputs else {
-            bail!("batch norm takes five inputs")
-        };
-        let y = outputs[0];
-        if !self.training {
-            let storage = [
-                (1, x),
-                (3, gamma),
-                (4, beta),
-                (8, running_mean),
-                (9, running_var),
-                (10, y),
-            ];
-            return self.record_normalize(ctx, "normalize_eval", (x, y), &storage);
-        }
-        let (mean, invstd) = (outputs[1], outputs[2]);
-        let (partial, splits) = self.record_partials(ctx, "stats_partial", &[x], &[(1, x)])?;
-        let p = self.params(ctx, (x, None, None), splits);
-        let mut b = ctx.bind(&[(6, mean), (7, invstd), (8, running_mean), (9, running_var)]);
-        b.push((5, partial));
-        ctx.dispatch(
-            Shader::BatchNorm,
-            "stats_finalize",
-            &p,
-            &b,
-            p.channels as usize,
-        )?;
-        let storage = [
-            (1, x),
-            (3, gamma),
-            (4, beta),
-            (10, y),
-            (11, mean),
-            (12, invstd),
-        ];
-        self.record_normalize(ctx, "normalize", (x, y), &storage)
+        self.plan_activated(ctx, inputs, outputs, None)
+    }
+
+    fn with_activation(&self, activation: Activation) -> Option<Rc<dyn Op>> {
+        Some(Rc::new(Activated::new(*self, activation)))
     }
 
     fn backward(
@@ -336,6 +310,54 @@ impl Op for BatchNorm {
 #[derive(Debug)]
 pub struct BatchNormBackwardParams {
     norm: BatchNorm,
+}
+
+impl Epilogue for BatchNorm {
+    fn plan_activated(
+        &self,
+        ctx: &mut PlanContext,
+        inputs: &[TensorId],
+        outputs: &[TensorId],
+        activation: Option<Activation>,
+    ) -> Result<()> {
+        let &[x, gamma, beta, running_mean, running_var] = inputs else {
+            bail!("batch norm takes five inputs")
+        };
+        let y = outputs[0];
+        if !self.training {
+            let storage = [
+                (1, x),
+                (3, gamma),
+                (4, beta),
+                (8, running_mean),
+                (9, running_var),
+                (10, y),
+            ];
+            let kernel = ("normalize_eval", activation);
+            return self.record_normalize(ctx, kernel, (x, y), &storage);
+        }
+        let (mean, invstd) = (outputs[1], outputs[2]);
+        let (partial, splits) = self.record_partials(ctx, "stats_partial", &[x], &[(1, x)])?;
+        let p = self.params(ctx, (x, None, None), splits);
+        let mut b = ctx.bind(&[(6, mean), (7, invstd), (8, running_mean), (9, running_var)]);
+        b.push((5, partial));
+        ctx.dispatch(
+            Shader::BatchNorm,
+            "stats_finalize",
+            &p,
+            &b,
+            p.channels as usize,
+        )?;
+        let storage = [
+            (1, x),
+            (3, gamma),
+            (4, beta),
+            (10, y),
+            (11, mean),
+            (12, invstd),
+        ];
+        self.record_normalize(ctx, ("normalize", activation), (x, y), &storage)
+    }
 }
 
 impl Op for BatchNormBackwardParams {

@@ -235,10 +235,7 @@ impl Op for Conv2d {
     }
 
     fn with_activation(&self, activation: Activation) -> Option<Rc<dyn Op>> {
-        Some(Rc::new(Activated {
-            op: *self,
-            activation,
-        }))
+        Some(Rc::new(Activated::new(*self, activation)))
     }
 
     fn backward(

@@ -171,6 +171,10 @@ impl Op for ActivationBackward {
         format!("{} backward", self.0.name())
     }
 
+    fn activation_backward(&self) -> Option<Activation> {
+        Some(self.0)
+    }
+
     fn infer(&self, inputs: &[&Tensor]) -> Result<Vec<(Shape, DType)>> {
         same_shape(inputs)
     }

@@ -275,10 +275,7 @@ impl Op for Linear {
     }
 
     fn with_activation(&self, activation: Activation) -> Option<Rc<dyn Op>> {
-        Some(Rc::new(Activated {
-            op: *self,
-            activation,
-        }))
+        Some(Rc::new(Activated::new(*self, activation)))
     }
 
     fn backward(

@@ -1,10 +1,12 @@
 //! `nn.AvgPool2d` (count_include_pad=True) and `nn.MaxPool2d`, floor mode,
 //! forward and backward. Both share the window arithmetic in `PoolWindow`.
 
-use super::{expect_rank, CpuTensor};
+use super::fused::{activation_constant, GradientEpilogue, WithActivationBackward};
+use super::{expect_rank, Activation, CpuTensor};
 use crate::gpu::Shader;
 use crate::graph::{DType, Graph, Op, PlanContext, Shape, Tensor, TensorId};
 use anyhow::{bail, Result};
+use std::rc::Rc;
 
 /// Kernel, stride and padding of a pooling window.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -33,6 +35,7 @@ struct PoolParams {
     dst_at: [u32; 2],
     argmax_offset: u32,
     _pad: u32,
+    act_at: [u32; 2],
 }
 
 impl PoolWindow {
@@ -100,6 +103,7 @@ impl PoolWindow {
             dst_at: [0, 0],
             argmax_offset: 0,
             _pad: 0,
+            act_at: [0, 0],
         }
     }
 
@@ -136,11 +140,12 @@ impl PoolWindow {
     }
 
     /// Records `entry` over every element of `dst` (slot 2), for a pool
-    /// whose input has `input`'s shape.
+    /// whose input has `input`'s shape; `activation` is the one whose
+    /// backward a `*_backward_activated` entry applies.
     fn record(
         &self,
         ctx: &mut PlanContext,
-        entry: &'static str,
+        (entry, activation): (&'static str, Option<Activation>),
         input: TensorId,
         storage: &[(u32, TensorId)],
     ) -> Result<()> {
@@ -151,11 +156,13 @@ impl PoolWindow {
                 1 => p.src_at = ctx.layout(t),
                 2 => (p.dst_at, len) = (ctx.layout(t), ctx.len(t)),
                 3 | 4 => p.argmax_offset = ctx.layout(t)[0],
+                5 => p.act_at = ctx.layout(t),
                 _ => {}
             }
         }
         let bound = ctx.bind(storage);
-        ctx.dispatch(Shader::Pool, entry, &p, &bound, len)
+        let constants = [activation_constant(activation)];
+        ctx.dispatch_with((Shader::Pool, entry, &constants), &p, &bound, len)
     }
 }
 
@@ -206,7 +213,8 @@ impl Op for AvgPool2d {
 
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
         let storage = [(1, inputs[0]), (2, outputs[0])];
-        self.0.record(ctx, "avg_forward", inputs[0], &storage)
+        self.0
+            .record(ctx, ("avg_forward", None), inputs[0], &storage)
     }
 
     fn backward(
@@ -227,7 +235,7 @@ impl Op for AvgPool2d {
 }
 
 /// dx: every input element gathers dy / area from the windows covering it.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct AvgPool2dBackward {
     pub pool: AvgPool2d,
     pub input: Shape,
@@ -248,9 +256,29 @@ impl Op for AvgPool2dBackward {
 
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
         let storage = [(1, inputs[0]), (2, outputs[0])];
-        self.pool
-            .0
-            .record(ctx, "avg_backward", outputs[0], &storage)
+        let kernel = ("avg_backward", None);
+        self.pool.0.record(ctx, kernel, outputs[0], &storage)
+    }
+
+    fn with_activation_backward(&self, activation: Activation) -> Option<Rc<dyn Op>> {
+        Some(Rc::new(WithActivationBackward::new(
+            self.clone(),
+            activation,
+        )))
+    }
+}
+
+impl GradientEpilogue for AvgPool2dBackward {
+    fn plan_activation_backward(
+        &self,
+        ctx: &mut PlanContext,
+        inputs: &[TensorId],
+        outputs: &[TensorId],
+        activation: Activation,
+    ) -> Result<()> {
+        let storage = [(1, inputs[0]), (5, inputs[1]), (2, outputs[0])];
+        let kernel = ("avg_backward_activated", Some(activation));
+        self.pool.0.record(ctx, kernel, outputs[0], &storage)
     }
 }
 
@@ -302,7 +330,8 @@ impl Op for MaxPool2d {
 
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
         let storage = [(1, inputs[0]), (2, outputs[0]), (3, outputs[1])];
-        self.0.record(ctx, "max_forward", inputs[0], &storage)
+        self.0
+            .record(ctx, ("max_forward", None), inputs[0], &storage)
     }
 
     fn backward(
@@ -323,7 +352,7 @@ impl Op for MaxPool2d {
 }
 
 /// dx: every input element gathers dy from the windows whose maximum it was.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct MaxPool2dBackward {
     pub pool: MaxPool2d,
     pub input: Shape,
@@ -344,8 +373,33 @@ impl Op for MaxPool2dBackward {
 
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
         let storage = [(1, inputs[0]), (4, inputs[1]), (2, outputs[0])];
-        self.pool
-            .0
-            .record(ctx, "max_backward", outputs[0], &storage)
+        let kernel = ("max_backward", None);
+        self.pool.0.record(ctx, kernel, outputs[0], &storage)
+    }
+
+    fn with_activation_backward(&self, activation: Activation) -> Option<Rc<dyn Op>> {
+        Some(Rc::new(WithActivationBackward::new(
+            self.clone(),
+            activation,
+        )))
+    }
+}
+
+impl GradientEpilogue for MaxPool2dBackward {
+    fn plan_activation_backward(
+        &self,
+        ctx: &mut PlanContext,
+        inputs: &[TensorId],
+        outputs: &[TensorId],
+        activation: Activation,
+    ) -> Result<()> {
+        let storage = [
+            (1, inputs[0]),
+            (4, inputs[1]),
+            (5, inputs[2]),
+            (2, outputs[0]),
+        ];
+        let kernel = ("max_backward_activated", Some(activation));
+        self.pool.0.record(ctx, kernel, outputs[0], &storage)
     }
 }
