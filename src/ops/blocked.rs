@@ -155,12 +155,7 @@ impl PackParams {
 impl PackParams {
     /// An NCHW tensor (samples at `at`: offset, sample stride) as
     /// `X[channel][(sample, pixel)]`: the A of the filter gradient.
-    pub fn channels_by_pixels(
-        channels: u32,
-        pixels: u32,
-        samples: u32,
-        at: [u32; 2],
-    ) -> PackParams {
+    fn channels_by_pixels(channels: u32, pixels: u32, samples: u32, at: [u32; 2]) -> PackParams {
         PackParams {
             rows: channels,
             k: samples * pixels,
@@ -190,6 +185,36 @@ pub fn packed_k_major(ctx: &mut PlanContext, x: Binding, p: PackParams) -> Resul
     }
     let storage = [(5, x), (6, packed.clone())];
     ctx.dispatch(Shader::GemmBlocked, "pack_k_major", &p, &storage, len)?;
+    Ok(packed)
+}
+
+/// An NCHW tensor `x` with `channels` planes of `pixels` per sample, its
+/// samples at `at` (offset, sample stride), packed as `X[channel][(sample,
+/// pixel)]` (the A of a filter gradient): four by four with vec4 loads and
+/// stores when the planes, samples and offset allow, else as `packed_k_major`.
+pub fn packed_channels_by_pixels(
+    ctx: &mut PlanContext,
+    x: Binding,
+    (channels, pixels, samples): (u32, u32, u32),
+    at: [u32; 2],
+) -> Result<Binding> {
+    let p = PackParams::channels_by_pixels(channels, pixels, samples, at);
+    if [pixels, at[0], at[1]].iter().any(|v| v % 4 != 0) {
+        return packed_k_major(ctx, x, p);
+    }
+    let len = p.rows_padded as usize * p.k as usize;
+    let packed = ctx.scratch(4 * len.max(4) as u64)?;
+    if len == 0 {
+        return Ok(packed);
+    }
+    let storage = [(8, x), (9, packed.clone())];
+    ctx.dispatch(
+        Shader::GemmBlocked,
+        "pack_planes_k_major",
+        &p,
+        &storage,
+        len / 16,
+    )?;
     Ok(packed)
 }
 

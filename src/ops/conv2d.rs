@@ -579,8 +579,8 @@ impl Conv2dBackwardFilter {
             let mut p = self.conv.params(&ctx.shape(x), &ctx.shape(dweight));
             (p.x_at, p.dy_at) = (ctx.layout(x), ctx.layout(dy));
             let dy_stored = ctx.binding(dy);
-            let pack = PackParams::channels_by_pixels(p.c_out, pixels as u32, p.batch, p.dy_at);
-            let packed_dy = blocked::packed_k_major(ctx, dy_stored, pack)?;
+            let planes = (p.c_out, pixels as u32, p.batch);
+            let packed_dy = blocked::packed_channels_by_pixels(ctx, dy_stored, planes, p.dy_at)?;
             let params = BlockedParams {
                 m: p.c_out,
                 n: taps as u32,
