@@ -378,6 +378,15 @@ struct BatchNormRun {
     unallocated: u64,
 }
 
+/// Batch norm's gamma, beta, running mean and running variance (positive)
+/// for `c` channels.
+fn random_norm_parameters(c: usize, rng: &mut Rng) -> [Vec<f32>; 4] {
+    let mut v = || random(&[c], rng).data;
+    let (gamma, beta, mean) = (v(), v(), v());
+    let var = v().iter().map(|v| v.abs() + 0.5).collect();
+    [gamma, beta, mean, var]
+}
+
 /// Runs a training step of batch norm (with autodiff from `dy`), then an
 /// evaluation pass over the same x with the updated running statistics;
 /// with `activation`, of the activation after batch norm.
@@ -512,14 +521,7 @@ fn batch_norm_matches_cpu_on_awkward_shapes() {
         let c = shape[1];
         let mut x = random(&shape, &mut rng);
         x.data.iter_mut().for_each(|v| *v = 100.0 + 2.0 * *v);
-        let gamma = random(&[c], &mut rng).data;
-        let beta = random(&[c], &mut rng).data;
-        let rm = random(&[c], &mut rng).data;
-        let rv: Vec<f32> = random(&[c], &mut rng)
-            .data
-            .iter()
-            .map(|v| v.abs() + 0.5)
-            .collect();
+        let [gamma, beta, rm, rv] = random_norm_parameters(c, &mut rng);
         let dy = random(&shape, &mut rng);
         let r = run_batch_norm(&gpu, (&x, None), &gamma, &beta, (&rm, &rv), &dy);
         let norm = BatchNorm::new(true);
@@ -1054,13 +1056,7 @@ fn activations_fuse_into_batch_norm() {
         for activation in [Activation::Relu, Activation::Sigmoid] {
             let c = shape[1];
             let x = random(&shape, &mut rng);
-            let (gamma, beta) = (random(&[c], &mut rng).data, random(&[c], &mut rng).data);
-            let rm = random(&[c], &mut rng).data;
-            let rv: Vec<f32> = random(&[c], &mut rng)
-                .data
-                .iter()
-                .map(|v| v.abs() + 0.5)
-                .collect();
+            let [gamma, beta, rm, rv] = random_norm_parameters(c, &mut rng);
             let dy = random(&shape, &mut rng);
             let r = run_batch_norm(&gpu, (&x, Some(activation)), &gamma, &beta, (&rm, &rv), &dy);
 

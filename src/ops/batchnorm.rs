@@ -2,9 +2,9 @@
 //! training mode (batch statistics, running statistics updated) or
 //! evaluation mode (running statistics). Pairs with `shaders/batchnorm.wgsl`.
 
-use super::fused::{activation_constant, Epilogue};
+use super::fused::{activation_constant, Activated, Epilogue};
 use super::reduce::chunked_splits;
-use super::{Activated, Activation, CpuTensor};
+use super::{Activation, CpuTensor};
 use crate::gpu::Shader;
 use crate::graph::{Binding, DType, Graph, Op, PlanContext, Shape, Tensor, TensorId};
 use anyhow::{bail, Result};

@@ -5,9 +5,9 @@
 //! a channel sum.
 
 use super::blocked::{self, BlockedParams, PackParams};
-use super::fused::{activation_constant, Epilogue};
+use super::fused::{activation_constant, Activated, Epilogue};
 use super::reduce::{chunked_splits, sum_splits, ReduceParams, MAX_LOOP_TRIPS};
-use super::{expect_rank, Activated, Activation, ChannelSum, CpuTensor};
+use super::{expect_rank, Activation, ChannelSum, CpuTensor};
 use crate::gpu::{GemmKernel, Shader};
 use crate::graph::{DType, Graph, Op, PlanContext, Shape, Tensor, TensorId};
 use anyhow::{bail, Result};

@@ -2,9 +2,9 @@
 //! product its gradients are made of; both run `shaders/gemm.wgsl`.
 
 use super::blocked::{self, BlockedParams, PackParams};
-use super::fused::{activation_constant, Epilogue};
+use super::fused::{activation_constant, Activated, Epilogue};
 use super::reduce::MAX_LOOP_TRIPS;
-use super::{expect_rank, Activated, Activation, ChannelSum, CpuTensor};
+use super::{expect_rank, Activation, ChannelSum, CpuTensor};
 use crate::gpu::{GemmKernel, Shader};
 use crate::graph::{DType, Graph, Op, PlanContext, Shape, Tensor, TensorId};
 use anyhow::{bail, Result};

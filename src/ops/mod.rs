@@ -21,7 +21,6 @@ pub use conv2d::{Conv2d, Conv2dBackwardData, Conv2dBackwardFilter};
 pub use eltwise::{
     dropout_keeps, Activation, ActivationBackward, Add, AdvanceRng, Dropout, DropoutBackward,
 };
-pub use fused::Activated;
 pub use input::GatherResize;
 pub use linear::{Linear, MatMul};
 pub use optim::{Optimizer, OptimizerStep, ADAM_STEP_BYTES};
