@@ -35,6 +35,9 @@ struct Pool {
 // The output of the activation whose input this pool read, for the
 // backward kernels with that activation's backward fused in (graph::fusion).
 @group(0) @binding(5) var<storage, read> act_out: array<f32>;
+// dst and act_out as vec4s, for the *_quads backward kernels.
+@group(0) @binding(6) var<storage, read_write> dst_quads: array<vec4<f32>>;
+@group(0) @binding(7) var<storage, read> act_out_quads: array<vec4<f32>>;
 
 // Where plane `plane` (= sample * channels + channel) of a tensor laid out
 // as `l`, with `plane_len` elements per plane, starts: a plane never spans
@@ -207,5 +210,72 @@ fn max_backward_activated(@builtin(global_invocation_id) gid: vec3<u32>, @builti
     if (i < p.planes * p.h * p.w) {
         let e = pixel_of(i, p.h, p.w);
         dst[input_at(p.dst_at, e)] = activation_backward(ACTIVATION, act_out[input_at(p.act_at, e)], max_gradient(e));
+    }
+}
+
+// The backward kernels four input elements at a time, for rows of whole
+// vec4s (w % 4 == 0, layouts in whole vec4s): one element's index arithmetic
+// and one vec4 load and store for four. CPU adapters access memory one lane
+// at a time, a vec4 at about the cost of a float.
+fn quad_of(i: u32) -> Pixel {
+    return pixel_of(4u * i, p.h, p.w);
+}
+
+fn next(e: Pixel, dx: u32) -> Pixel {
+    return Pixel(e.plane, e.y, e.x + dx);
+}
+
+fn avg_gradients(e: Pixel) -> vec4<f32> {
+    return vec4<f32>(avg_gradient(e), avg_gradient(next(e, 1u)), avg_gradient(next(e, 2u)), avg_gradient(next(e, 3u)));
+}
+
+fn max_gradients(e: Pixel) -> vec4<f32> {
+    return vec4<f32>(max_gradient(e), max_gradient(next(e, 1u)), max_gradient(next(e, 2u)), max_gradient(next(e, 3u)));
+}
+
+fn activation_backwards(y: vec4<f32>, dy: vec4<f32>) -> vec4<f32> {
+    return vec4<f32>(
+        activation_backward(ACTIVATION, y.x, dy.x),
+        activation_backward(ACTIVATION, y.y, dy.y),
+        activation_backward(ACTIVATION, y.z, dy.z),
+        activation_backward(ACTIVATION, y.w, dy.w),
+    );
+}
+
+@compute @workgroup_size(WG)
+fn avg_backward_quads(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = linear_index(gid, nwg);
+    if (4u * i < p.planes * p.h * p.w) {
+        let e = quad_of(i);
+        dst_quads[input_at(p.dst_at, e) / 4u] = avg_gradients(e);
+    }
+}
+
+@compute @workgroup_size(WG)
+fn avg_backward_activated_quads(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = linear_index(gid, nwg);
+    if (4u * i < p.planes * p.h * p.w) {
+        let e = quad_of(i);
+        let y = act_out_quads[input_at(p.act_at, e) / 4u];
+        dst_quads[input_at(p.dst_at, e) / 4u] = activation_backwards(y, avg_gradients(e));
+    }
+}
+
+@compute @workgroup_size(WG)
+fn max_backward_quads(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = linear_index(gid, nwg);
+    if (4u * i < p.planes * p.h * p.w) {
+        let e = quad_of(i);
+        dst_quads[input_at(p.dst_at, e) / 4u] = max_gradients(e);
+    }
+}
+
+@compute @workgroup_size(WG)
+fn max_backward_activated_quads(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = linear_index(gid, nwg);
+    if (4u * i < p.planes * p.h * p.w) {
+        let e = quad_of(i);
+        let y = act_out_quads[input_at(p.act_at, e) / 4u];
+        dst_quads[input_at(p.dst_at, e) / 4u] = activation_backwards(y, max_gradients(e));
     }
 }

@@ -1085,6 +1085,7 @@ fn activations_fuse_into_batch_norm() {
 /// `pool(act(x))` with average and max pooling, ReLU and sigmoid: the
 /// activation's backward runs inside the pooling gradient's kernel (the
 /// gradient at the activation's output gets no memory); dx against the CPU.
+/// Rows of 9 take the per-element kernels, rows of 8 the four-at-a-time ones.
 #[test]
 fn activation_backward_fuses_into_pool_gradients() {
     let gpu = gpu();
@@ -1094,13 +1095,15 @@ fn activation_backward_fuses_into_pool_gradients() {
         stride: (2, 2),
         padding: (1, 1),
     };
-    for activation in [Activation::Relu, Activation::Sigmoid] {
+    let activations = [Activation::Relu, Activation::Sigmoid];
+    for (activation, shape) in activations
+        .into_iter()
+        .flat_map(|a| [(a, [2, 3, 7, 9]), (a, [2, 3, 6, 8])])
+    {
         for max in [false, true] {
-            let case = format!(
-                "{activation:?} then {} pool",
-                if max { "max" } else { "avg" }
-            );
-            let x = random(&[2, 3, 7, 9], &mut rng);
+            let pool_kind = if max { "max" } else { "avg" };
+            let case = format!("{activation:?} then {pool_kind} pool on {shape:?}");
+            let x = random(&shape, &mut rng);
             let y = activation.cpu_forward(&x);
             let mut g = Graph::new(true);
             let xi = g.leaf(x.shape.clone());

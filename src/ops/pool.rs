@@ -149,6 +149,45 @@ impl PoolWindow {
         input: TensorId,
         storage: &[(u32, TensorId)],
     ) -> Result<()> {
+        let (p, len) = self.bound_params(ctx, input, storage);
+        let bound = ctx.bind(storage);
+        let constants = [activation_constant(activation)];
+        ctx.dispatch_with((Shader::Pool, entry, &constants), &p, &bound, len)
+    }
+
+    /// `record` for a backward kernel: its `quads` form (four elements per
+    /// invocation, dst and act_out at slots 6 and 7) where rows and layouts
+    /// are whole vec4s, else `entry`.
+    fn record_backward(
+        &self,
+        ctx: &mut PlanContext,
+        (entry, quads, activation): (&'static str, &'static str, Option<Activation>),
+        input: TensorId,
+        storage: &[(u32, TensorId)],
+    ) -> Result<()> {
+        let (p, len) = self.bound_params(ctx, input, storage);
+        let in_quads = [p.w, p.dst_at[0], p.dst_at[1], p.act_at[0], p.act_at[1]];
+        if in_quads.iter().any(|v| v % 4 != 0) {
+            return self.record(ctx, (entry, activation), input, storage);
+        }
+        let as_quads = |&(slot, t): &(u32, TensorId)| match slot {
+            2 => (6, t),
+            5 => (7, t),
+            _ => (slot, t),
+        };
+        let bound = ctx.bind(&storage.iter().map(as_quads).collect::<Vec<_>>());
+        let constants = [activation_constant(activation)];
+        ctx.dispatch_with((Shader::Pool, quads, &constants), &p, &bound, len / 4)
+    }
+
+    /// The uniform for a pool whose input has `input`'s shape, with the
+    /// layouts of the tensors at their slots; and the elements of dst.
+    fn bound_params(
+        &self,
+        ctx: &PlanContext,
+        input: TensorId,
+        storage: &[(u32, TensorId)],
+    ) -> (PoolParams, usize) {
         let mut p = self.params(&ctx.shape(input));
         let mut len = 0;
         for &(slot, t) in storage {
@@ -160,9 +199,7 @@ impl PoolWindow {
                 _ => {}
             }
         }
-        let bound = ctx.bind(storage);
-        let constants = [activation_constant(activation)];
-        ctx.dispatch_with((Shader::Pool, entry, &constants), &p, &bound, len)
+        (p, len)
     }
 }
 
@@ -256,8 +293,10 @@ impl Op for AvgPool2dBackward {
 
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
         let storage = [(1, inputs[0]), (2, outputs[0])];
-        let kernel = ("avg_backward", None);
-        self.pool.0.record(ctx, kernel, outputs[0], &storage)
+        let kernel = ("avg_backward", "avg_backward_quads", None);
+        self.pool
+            .0
+            .record_backward(ctx, kernel, outputs[0], &storage)
     }
 
     fn with_activation_backward(&self, activation: Activation) -> Option<Rc<dyn Op>> {
@@ -277,8 +316,14 @@ impl GradientEpilogue for AvgPool2dBackward {
         activation: Activation,
     ) -> Result<()> {
         let storage = [(1, inputs[0]), (5, inputs[1]), (2, outputs[0])];
-        let kernel = ("avg_backward_activated", Some(activation));
-        self.pool.0.record(ctx, kernel, outputs[0], &storage)
+        let kernel = (
+            "avg_backward_activated",
+            "avg_backward_activated_quads",
+            Some(activation),
+        );
+        self.pool
+            .0
+            .record_backward(ctx, kernel, outputs[0], &storage)
     }
 }
 
@@ -373,8 +418,10 @@ impl Op for MaxPool2dBackward {
 
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
         let storage = [(1, inputs[0]), (4, inputs[1]), (2, outputs[0])];
-        let kernel = ("max_backward", None);
-        self.pool.0.record(ctx, kernel, outputs[0], &storage)
+        let kernel = ("max_backward", "max_backward_quads", None);
+        self.pool
+            .0
+            .record_backward(ctx, kernel, outputs[0], &storage)
     }
 
     fn with_activation_backward(&self, activation: Activation) -> Option<Rc<dyn Op>> {
@@ -399,7 +446,13 @@ impl GradientEpilogue for MaxPool2dBackward {
             (5, inputs[2]),
             (2, outputs[0]),
         ];
-        let kernel = ("max_backward_activated", Some(activation));
-        self.pool.0.record(ctx, kernel, outputs[0], &storage)
+        let kernel = (
+            "max_backward_activated",
+            "max_backward_activated_quads",
+            Some(activation),
+        );
+        self.pool
+            .0
+            .record_backward(ctx, kernel, outputs[0], &storage)
     }
 }
