@@ -46,11 +46,36 @@ struct Norm {
 @group(0) @binding(14) var<storage, read_write> dbeta: array<f32>;
 @group(0) @binding(15) var<storage, read> dgamma_in: array<f32>;
 @group(0) @binding(16) var<storage, read> dbeta_in: array<f32>;
+// x, dy and out as vec4s, for the *_quads kernels.
+@group(0) @binding(17) var<storage, read> x_quads: array<vec4<f32>>;
+@group(0) @binding(18) var<storage, read> dy_quads: array<vec4<f32>>;
+@group(0) @binding(19) var<storage, read_write> out_quads: array<vec4<f32>>;
 
-// Element q of channel c in a tensor laid out as `l`: q runs over the
-// (sample, position) pairs.
-fn at(l: vec2<u32>, c: u32, q: u32) -> u32 {
-    return l.x + (q / p.spatial) * l.y + c * p.spatial + q % p.spatial;
+// Where channel c's (sample, position) pairs from q on lie in a tensor laid
+// out as `l`: the loops over a split step through them without dividing
+// (CPU adapters divide integers one lane at a time).
+struct Walk {
+    at: u32,
+    position: u32,
+}
+
+fn walk(l: vec2<u32>, c: u32, q: u32) -> Walk {
+    let sample = quotient(q, p.spatial);
+    let position = q - sample * p.spatial;
+    return Walk(l.x + sample * l.y + c * p.spatial + position, position);
+}
+
+fn step(w: Walk, l: vec2<u32>) -> Walk {
+    if (w.position + 1u == p.spatial) {
+        return Walk(w.at + 1u + l.y - p.spatial, 0u);
+    }
+    return Walk(w.at + 1u, w.position + 1u);
+}
+
+// The channel of flat element i of an (N, C, ...) tensor.
+fn channel_of(i: u32) -> u32 {
+    let plane = quotient(i, p.spatial);
+    return plane - quotient(plane, p.channels) * p.channels;
 }
 
 // Flat element i of a tensor laid out as `l`.
@@ -74,14 +99,18 @@ fn stats_partial(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wor
     let c = id % p.channels;
     let range = split_range(id / p.channels);
     var sum = 0.0;
+    var w = walk(p.x_at, c, range.x);
     for (var q = range.x; q < range.y; q++) {
-        sum += x[at(p.x_at, c, q)];
+        sum += x[w.at];
+        w = step(w, p.x_at);
     }
     let m = sum / f32(max(range.y - range.x, 1u));
     var m2 = 0.0;
+    w = walk(p.x_at, c, range.x);
     for (var q = range.x; q < range.y; q++) {
-        let d = x[at(p.x_at, c, q)] - m;
+        let d = x[w.at] - m;
         m2 += d * d;
+        w = step(w, p.x_at);
     }
     partial[p.first_split * p.channels + id] = vec4<f32>(m, m2, f32(range.y - range.x), 0.0);
 }
@@ -121,7 +150,7 @@ fn normalize(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgro
     if (i >= p.batch * p.channels * p.spatial) {
         return;
     }
-    let c = (i / p.spatial) % p.channels;
+    let c = channel_of(i);
     out[flat(p.out_at, i)] = activate((x[flat(p.x_at, i)] - saved_mean[c]) * saved_invstd[c] * gamma[c] + beta[c]);
 }
 
@@ -131,7 +160,7 @@ fn normalize_eval(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
     if (i >= p.batch * p.channels * p.spatial) {
         return;
     }
-    let c = (i / p.spatial) % p.channels;
+    let c = channel_of(i);
     out[flat(p.out_at, i)] = activate((x[flat(p.x_at, i)] - running_mean[c]) / sqrt(running_var[c] + p.eps) * gamma[c] + beta[c]);
 }
 
@@ -148,10 +177,14 @@ fn backward_partial(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_
     let s = saved_invstd[c];
     var dxhat = 0.0;
     var dsum = 0.0;
+    var wx = walk(p.x_at, c, range.x);
+    var wdy = walk(p.dy_at, c, range.x);
     for (var q = range.x; q < range.y; q++) {
-        let g = dy[at(p.dy_at, c, q)];
-        dxhat += g * (x[at(p.x_at, c, q)] - m) * s;
+        let g = dy[wdy.at];
+        dxhat += g * (x[wx.at] - m) * s;
         dsum += g;
+        wx = step(wx, p.x_at);
+        wdy = step(wdy, p.dy_at);
     }
     partial[p.first_split * p.channels + id] = vec4<f32>(dxhat, dsum, 0.0, 0.0);
 }
@@ -176,9 +209,52 @@ fn backward_data(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wor
     if (i >= p.batch * p.channels * p.spatial) {
         return;
     }
-    let c = (i / p.spatial) % p.channels;
+    let c = channel_of(i);
     let count = f32(p.count);
     let s = saved_invstd[c];
     let xhat = (x[flat(p.x_at, i)] - saved_mean[c]) * s;
     out[flat(p.out_at, i)] = gamma[c] * s / count * (count * dy[flat(p.dy_at, i)] - dbeta_in[c] - xhat * dgamma_in[c]);
+}
+
+// The per-element kernels four elements at a time, where planes and layouts
+// are whole vec4s (the four share a channel): one vec4 load and store for
+// four elements; CPU adapters access memory one lane at a time.
+fn quads_len() -> u32 {
+    return p.batch * p.channels * p.spatial / 4u;
+}
+
+@compute @workgroup_size(WG)
+fn normalize_quads(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = linear_index(gid, nwg);
+    if (i >= quads_len()) {
+        return;
+    }
+    let c = channel_of(4u * i);
+    let v = x_quads[flat(p.x_at, 4u * i) / 4u];
+    out_quads[flat(p.out_at, 4u * i) / 4u] = activate4((v - saved_mean[c]) * saved_invstd[c] * gamma[c] + beta[c]);
+}
+
+@compute @workgroup_size(WG)
+fn normalize_eval_quads(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = linear_index(gid, nwg);
+    if (i >= quads_len()) {
+        return;
+    }
+    let c = channel_of(4u * i);
+    let v = x_quads[flat(p.x_at, 4u * i) / 4u];
+    out_quads[flat(p.out_at, 4u * i) / 4u] = activate4((v - running_mean[c]) / sqrt(running_var[c] + p.eps) * gamma[c] + beta[c]);
+}
+
+@compute @workgroup_size(WG)
+fn backward_data_quads(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = linear_index(gid, nwg);
+    if (i >= quads_len()) {
+        return;
+    }
+    let c = channel_of(4u * i);
+    let count = f32(p.count);
+    let s = saved_invstd[c];
+    let xhat = (x_quads[flat(p.x_at, 4u * i) / 4u] - saved_mean[c]) * s;
+    let g = dy_quads[flat(p.dy_at, 4u * i) / 4u];
+    out_quads[flat(p.out_at, 4u * i) / 4u] = gamma[c] * s / count * (count * g - dbeta_in[c] - xhat * dgamma_in[c]);
 }

@@ -60,6 +60,10 @@ fn activate(v: f32) -> f32 {
     return activation(ACTIVATION, v);
 }
 
+fn activate4(v: vec4<f32>) -> vec4<f32> {
+    return vec4<f32>(activate(v.x), activate(v.y), activate(v.z), activate(v.w));
+}
+
 // The gradient reaching an activation's input from `dy` at its output, from
 // its output `y` (PyTorch passes no gradient where ReLU clamped).
 fn activation_backward(kind: u32, y: f32, dy: f32) -> f32 {

@@ -507,7 +507,8 @@ fn batch_norm_matches_pytorch() {
 
 /// Batch 2 (the smallest with a variance), odd channel counts, a large
 /// spatial extent (many splits) and values far from zero (a naive
-/// E[x^2] - E[x]^2 would lose the variance).
+/// E[x^2] - E[x]^2 would lose the variance); planes of whole vec4s (4 x 6,
+/// 16 x 12), which take the four-at-a-time kernels.
 #[test]
 fn batch_norm_matches_cpu_on_awkward_shapes() {
     let gpu = gpu();
@@ -517,6 +518,8 @@ fn batch_norm_matches_cpu_on_awkward_shapes() {
         vec![2, 5, 3, 7],
         vec![3, 7, 1, 1],
         vec![16, 3, 61, 67],
+        vec![3, 5, 4, 6],
+        vec![2, 3, 16, 12],
     ] {
         let c = shape[1];
         let mut x = random(&shape, &mut rng);
@@ -1052,7 +1055,7 @@ fn check_activated(case: &str, r: &Activated, y: &CpuTensor, grads: [&[f32]; 3])
 fn activations_fuse_into_batch_norm() {
     let gpu = gpu();
     let mut rng = Rng::new(31);
-    for shape in [vec![3, 4], vec![2, 5, 3, 7]] {
+    for shape in [vec![3, 4], vec![2, 5, 3, 7], vec![2, 3, 4, 4]] {
         for activation in [Activation::Relu, Activation::Sigmoid] {
             let c = shape[1];
             let x = random(&shape, &mut rng);

@@ -121,16 +121,13 @@ impl BatchNorm {
     fn record_normalize(
         &self,
         ctx: &mut PlanContext,
-        (entry, activation): (&'static str, Option<Activation>),
+        kernel: ((&'static str, &'static str), Option<Activation>),
         (x, y): (TensorId, TensorId),
         storage: &[(u32, TensorId)],
     ) -> Result<()> {
-        let constants = [activation_constant(activation)];
         ctx.for_each_chunk(&[x, y], |ctx, _| {
             let p = self.params(ctx, (x, None, Some(y)), 1);
-            let b = ctx.bind(storage);
-            let kernel = (Shader::BatchNorm, entry, &constants[..]);
-            ctx.dispatch_with(kernel, &p, &b, ctx.len(x))
+            record_elementwise(ctx, kernel, &p, storage)
         })
     }
 
@@ -333,7 +330,7 @@ impl Epilogue for BatchNorm {
                 (9, running_var),
                 (10, y),
             ];
-            let kernel = ("normalize_eval", activation);
+            let kernel = (("normalize_eval", "normalize_eval_quads"), activation);
             return self.record_normalize(ctx, kernel, (x, y), &storage);
         }
         let (mean, invstd) = (outputs[1], outputs[2]);
@@ -356,7 +353,8 @@ impl Epilogue for BatchNorm {
             (11, mean),
             (12, invstd),
         ];
-        self.record_normalize(ctx, ("normalize", activation), (x, y), &storage)
+        let kernel = (("normalize", "normalize_quads"), activation);
+        self.record_normalize(ctx, kernel, (x, y), &storage)
     }
 }
 
@@ -423,7 +421,33 @@ impl Op for BatchNormBackwardData {
         let mut tensors: Vec<(u32, TensorId)> =
             slots.iter().copied().zip(inputs.iter().copied()).collect();
         tensors.push((10, dx));
-        let b = ctx.bind(&tensors);
-        ctx.dispatch(Shader::BatchNorm, "backward_data", &p, &b, ctx.len(x))
+        let kernel = (("backward_data", "backward_data_quads"), None);
+        record_elementwise(ctx, kernel, &p, &tensors)
     }
+}
+
+/// Records a per-element kernel over x: its `quads` form (four elements of
+/// one channel per invocation; x, dy and out at slots 17, 18 and 19) where
+/// the planes and the layouts are whole vec4s, else `entry`.
+fn record_elementwise(
+    ctx: &mut PlanContext,
+    ((entry, quads), activation): ((&'static str, &'static str), Option<Activation>),
+    p: &NormParams,
+    storage: &[(u32, TensorId)],
+) -> Result<()> {
+    let constants = [activation_constant(activation)];
+    let len = (p.batch * p.channels * p.spatial) as usize;
+    let in_quads = [[p.spatial, 0], p.x_at, p.dy_at, p.out_at].concat();
+    if in_quads.iter().any(|v| v % 4 != 0) {
+        let b = ctx.bind(storage);
+        return ctx.dispatch_with((Shader::BatchNorm, entry, &constants), p, &b, len);
+    }
+    let as_quads = |&(slot, t): &(u32, TensorId)| match slot {
+        1 => (17, t),
+        2 => (18, t),
+        10 => (19, t),
+        _ => (slot, t),
+    };
+    let b = ctx.bind(&storage.iter().map(as_quads).collect::<Vec<_>>());
+    ctx.dispatch_with((Shader::BatchNorm, quads, &constants), p, &b, len / 4)
 }
