@@ -22,6 +22,11 @@ struct Eltwise {
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
 // Dropout's random stream: [seed, training steps so far].
 @group(0) @binding(5) var<storage, read_write> rng: array<u32>;
+// x, y, dy and out as vec4s, for the *_quads kernels.
+@group(0) @binding(6) var<storage, read> x_quads: array<vec4<f32>>;
+@group(0) @binding(7) var<storage, read> y_quads: array<vec4<f32>>;
+@group(0) @binding(8) var<storage, read> dy_quads: array<vec4<f32>>;
+@group(0) @binding(9) var<storage, read_write> out_quads: array<vec4<f32>>;
 
 fn at_x(i: u32) -> u32 { return strided(p.x_at, p.sample, i); }
 fn at_y(i: u32) -> u32 { return strided(p.y_at, p.sample, i); }
@@ -111,5 +116,33 @@ fn dropout_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_
 fn advance_rng(@builtin(local_invocation_index) lane: u32) {
     if (lane == 0u) {
         rng[1] += p.len;
+    }
+}
+
+// Activations (ACTIVATION), their backward and the sum four elements at a
+// time, where samples and layouts are whole vec4s: one vec4 load per input
+// and one store for four elements (CPU adapters access memory one lane at a
+// time, a vec4 at about the cost of a float).
+@compute @workgroup_size(WG)
+fn activation_forward_quads(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = 4u * linear_index(gid, nwg);
+    if (i < p.len) {
+        out_quads[at_out(i) / 4u] = activate4(x_quads[at_x(i) / 4u]);
+    }
+}
+
+@compute @workgroup_size(WG)
+fn activation_backward_quads(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = 4u * linear_index(gid, nwg);
+    if (i < p.len) {
+        out_quads[at_out(i) / 4u] = activation_backward4(y_quads[at_y(i) / 4u], dy_quads[at_dy(i) / 4u]);
+    }
+}
+
+@compute @workgroup_size(WG)
+fn add_quads(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = 4u * linear_index(gid, nwg);
+    if (i < p.len) {
+        out_quads[at_out(i) / 4u] = x_quads[at_x(i) / 4u] + y_quads[at_y(i) / 4u];
     }
 }

@@ -233,15 +233,6 @@ fn max_gradients(e: Pixel) -> vec4<f32> {
     return vec4<f32>(max_gradient(e), max_gradient(next(e, 1u)), max_gradient(next(e, 2u)), max_gradient(next(e, 3u)));
 }
 
-fn activation_backwards(y: vec4<f32>, dy: vec4<f32>) -> vec4<f32> {
-    return vec4<f32>(
-        activation_backward(ACTIVATION, y.x, dy.x),
-        activation_backward(ACTIVATION, y.y, dy.y),
-        activation_backward(ACTIVATION, y.z, dy.z),
-        activation_backward(ACTIVATION, y.w, dy.w),
-    );
-}
-
 @compute @workgroup_size(WG)
 fn avg_backward_quads(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = linear_index(gid, nwg);
@@ -257,7 +248,7 @@ fn avg_backward_activated_quads(@builtin(global_invocation_id) gid: vec3<u32>, @
     if (4u * i < p.planes * p.h * p.w) {
         let e = quad_of(i);
         let y = act_out_quads[input_at(p.act_at, e) / 4u];
-        dst_quads[input_at(p.dst_at, e) / 4u] = activation_backwards(y, avg_gradients(e));
+        dst_quads[input_at(p.dst_at, e) / 4u] = activation_backward4(y, avg_gradients(e));
     }
 }
 
@@ -276,6 +267,6 @@ fn max_backward_activated_quads(@builtin(global_invocation_id) gid: vec3<u32>, @
     if (4u * i < p.planes * p.h * p.w) {
         let e = quad_of(i);
         let y = act_out_quads[input_at(p.act_at, e) / 4u];
-        dst_quads[input_at(p.dst_at, e) / 4u] = activation_backwards(y, max_gradients(e));
+        dst_quads[input_at(p.dst_at, e) / 4u] = activation_backward4(y, max_gradients(e));
     }
 }

@@ -75,3 +75,12 @@ fn activation_backward(kind: u32, y: f32, dy: f32) -> f32 {
     }
     return dy;
 }
+
+fn activation_backward4(y: vec4<f32>, dy: vec4<f32>) -> vec4<f32> {
+    return vec4<f32>(
+        activation_backward(ACTIVATION, y.x, dy.x),
+        activation_backward(ACTIVATION, y.y, dy.y),
+        activation_backward(ACTIVATION, y.z, dy.z),
+        activation_backward(ACTIVATION, y.w, dy.w),
+    );
+}

@@ -653,6 +653,46 @@ fn activations_match_pytorch() {
     }
 }
 
+/// Activations, their gradients and the sum against the CPU on samples of
+/// whole vec4s (48 elements: the four-at-a-time kernels) and not (75).
+#[test]
+fn elementwise_kernels_match_cpu_with_and_without_vec4_samples() {
+    let gpu = gpu();
+    let mut rng = Rng::new(41);
+    for shape in [[2, 3, 4, 4], [2, 3, 5, 5]] {
+        for act in [Activation::Sigmoid, Activation::Relu] {
+            let (x, dy) = (random(&shape, &mut rng), random(&shape, &mut rng));
+            let r = run_op(&gpu, act, &[&x], &dy);
+            let y = act.cpu_forward(&x);
+            assert_op_close(&format!("{act:?} {shape:?} y"), &r.output, &y.data);
+            let dx = act.cpu_backward(&y, &dy);
+            assert_op_close(
+                &format!("{act:?} {shape:?} dx"),
+                &r.input_grads[0],
+                &dx.data,
+            );
+        }
+        let (a, b) = (random(&shape, &mut rng), random(&shape, &mut rng));
+        let mut g = Graph::new(false);
+        let (ai, bi) = (
+            g.input(shape.to_vec(), DType::F32),
+            g.input(shape.to_vec(), DType::F32),
+        );
+        let sum = g.apply1(d2l_wgpu::ops::Add, &[ai, bi]).unwrap();
+        let store = ParamStore::new(&gpu, &g).unwrap();
+        let plan = Plan::new(&gpu, &g, &store, &Externals::new()).unwrap();
+        plan.write_f32(&gpu, &g, ai, &a.data).unwrap();
+        plan.write_f32(&gpu, &g, bi, &b.data).unwrap();
+        plan.run(&gpu);
+        let want: Vec<f32> = a.data.iter().zip(&b.data).map(|(a, b)| a + b).collect();
+        assert_op_close(
+            &format!("add {shape:?}"),
+            &plan.read_f32(&gpu, &g, sum).unwrap(),
+            &want,
+        );
+    }
+}
+
 /// An elementwise op over more elements than 65,535 workgroups cover, on
 /// any workgroup size up to 64.
 #[test]

@@ -1,9 +1,10 @@
 //! Elementwise ops: activations and dropout with their backward rules, and
 //! the gradient sum autodiff inserts where a tensor feeds several nodes.
 
+use super::fused::activation_constant;
 use super::CpuTensor;
 use crate::gpu::Shader;
-use crate::graph::{DType, Graph, Op, PlanContext, Shape, Tensor, TensorId};
+use crate::graph::{Binding, DType, Graph, Op, PlanContext, Shape, Tensor, TensorId};
 use anyhow::{bail, Result};
 
 #[repr(C)]
@@ -31,6 +32,36 @@ fn elementwise(
     with_params(ctx, entry, &EltwiseParams::default(), inputs, out)
 }
 
+/// `elementwise` with a form of the kernel that takes four elements per
+/// invocation (`quads`, with the `ACTIVATION` constant for `activation`;
+/// x, y, dy and out at slots 6 to 9), used where the samples and the
+/// layouts are whole vec4s.
+fn elementwise_quads(
+    ctx: &mut PlanContext,
+    (entry, quads, activation): (&'static str, &'static str, Option<Activation>),
+    inputs: &[(u32, TensorId)],
+    out: TensorId,
+) -> Result<()> {
+    let params = sized(ctx, &EltwiseParams::default(), inputs, out);
+    let layouts = [
+        [params.sample, 0],
+        params.x_at,
+        params.y_at,
+        params.dy_at,
+        params.out_at,
+    ];
+    if layouts.concat().iter().any(|v| v % 4 != 0) {
+        return elementwise(ctx, entry, inputs, out);
+    }
+    let mut storage: Vec<(u32, Binding)> = (inputs.iter())
+        .map(|&(slot, t)| (slot + 5, ctx.binding(t)))
+        .collect();
+    storage.push((9, ctx.binding(out)));
+    let constants = [activation_constant(activation)];
+    let kernel = (Shader::Eltwise, quads, &constants[..]);
+    ctx.dispatch_with(kernel, &params, &storage, params.len as usize / 4)
+}
+
 /// `elementwise` with dropout's parameters; fills in the sizes and layouts.
 fn with_params(
     ctx: &mut PlanContext,
@@ -39,6 +70,25 @@ fn with_params(
     inputs: &[(u32, TensorId)],
     out: TensorId,
 ) -> Result<()> {
+    let params = sized(ctx, params, inputs, out);
+    let mut storage = ctx.bind(inputs);
+    storage.push((4, ctx.binding(out)));
+    ctx.dispatch(
+        Shader::Eltwise,
+        entry,
+        &params,
+        &storage,
+        params.len as usize,
+    )
+}
+
+/// `params` with the sizes and the layouts of `inputs` and `out` filled in.
+fn sized(
+    ctx: &PlanContext,
+    params: &EltwiseParams,
+    inputs: &[(u32, TensorId)],
+    out: TensorId,
+) -> EltwiseParams {
     let mut params = *params;
     params.len = ctx.len(out) as u32;
     params.sample = ctx.graph.tensor(out).sample_len() as u32;
@@ -53,15 +103,7 @@ fn with_params(
             _ => {}
         }
     }
-    let mut storage = ctx.bind(inputs);
-    storage.push((4, ctx.binding(out)));
-    ctx.dispatch(
-        Shader::Eltwise,
-        entry,
-        &params,
-        &storage,
-        params.len as usize,
-    )
+    params
 }
 
 fn same_shape(inputs: &[&Tensor]) -> Result<Vec<(Shape, DType)>> {
@@ -144,7 +186,8 @@ impl Op for Activation {
     }
 
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
-        elementwise(ctx, self.entries().0, &[(1, inputs[0])], outputs[0])
+        let kernel = (self.entries().0, "activation_forward_quads", Some(*self));
+        elementwise_quads(ctx, kernel, &[(1, inputs[0])], outputs[0])
     }
 
     fn backward(
@@ -184,12 +227,12 @@ impl Op for ActivationBackward {
     }
 
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
-        elementwise(
-            ctx,
+        let kernel = (
             self.0.entries().1,
-            &[(2, inputs[0]), (3, inputs[1])],
-            outputs[0],
-        )
+            "activation_backward_quads",
+            Some(self.0),
+        );
+        elementwise_quads(ctx, kernel, &[(2, inputs[0]), (3, inputs[1])], outputs[0])
     }
 }
 
@@ -211,7 +254,8 @@ impl Op for Add {
     }
 
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
-        elementwise(ctx, "add", &[(1, inputs[0]), (2, inputs[1])], outputs[0])
+        let kernel = ("add", "add_quads", None);
+        elementwise_quads(ctx, kernel, &[(1, inputs[0]), (2, inputs[1])], outputs[0])
     }
 
     fn backward(
