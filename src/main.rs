@@ -104,7 +104,7 @@ struct BenchArgs {
     /// Timed steps (after two warm-up steps).
     #[arg(long, default_value_t = 20)]
     steps: usize,
-    /// Also print the GPU time of every op in a training step (timestamp queries).
+    /// Also print the GPU time of every op in a training step (timestamp queries; each op's median over --steps profiled steps).
     #[arg(long)]
     profile: bool,
     /// Rows of the --profile table (ops with the same shapes share a row).

@@ -80,6 +80,19 @@ fn time_steps(
     })
 }
 
+/// Every node's median GPU time over `steps` profiled runs of `plan`: one
+/// run's times swing by a third on a shared machine.
+fn median_profile(gpu: &Gpu, plan: &Plan, steps: usize) -> Result<Vec<NodeTime>> {
+    let runs = (0..steps.max(1))
+        .map(|_| plan.profile(gpu))
+        .collect::<Result<Vec<_>>>()?;
+    let mut nodes = runs[0].clone();
+    for (i, node) in nodes.iter_mut().enumerate() {
+        node.seconds = median(runs.iter().map(|run| run[i].seconds).collect());
+    }
+    Ok(nodes)
+}
+
 /// Sums the nodes with the same label, largest total first.
 fn by_op(times: Vec<NodeTime>) -> Vec<OpProfile> {
     let mut rows: Vec<OpProfile> = Vec::new();
@@ -109,7 +122,7 @@ pub fn bench(gpu: &Gpu, cfg: &TrainConfig, steps: usize, profile: bool) -> Resul
     let (eval, eval_indices, eval_batch) = session.eval_plan();
     let eval_times = time_steps(gpu, eval, eval_indices, eval_batch, steps)?;
     let profile = if profile {
-        Some(by_op(train.profile(gpu)?))
+        Some(by_op(median_profile(gpu, train, steps)?))
     } else {
         None
     };
