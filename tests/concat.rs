@@ -229,6 +229,10 @@ fn batch_chunks_match_cpu() {
         let weights = weights(n, 3, 7, 5, &mut rng);
         check(&format!("n {n} binding limit {limit}"), &weights, limit);
     }
+    // 2,912 bytes per sample: the whole batch's channel slices fit one 8 KiB
+    // binding, the concatenation they live in does not.
+    let weights = weights(3, 3, 4, 14, &mut rng);
+    check("n 3 rows of 14, binding limit 8192", &weights, 8192);
 }
 
 #[test]

@@ -203,7 +203,11 @@ impl PlanContext<'_> {
         mut plan: impl FnMut(&mut Self, usize) -> Result<()>,
     ) -> Result<()> {
         let chunks = self.batch_chunks(batched)?;
-        if chunks.len() == 1 {
+        // A channel slice is bound through its whole concatenation unless
+        // it is seen as a chunk, which binds only the slice's range.
+        let max_binding = self.gpu.max_binding();
+        let binds_whole = |t: &TensorId| self.binding(*t).size <= max_binding;
+        if chunks.len() == 1 && batched.iter().all(binds_whole) {
             return plan(self, 0);
         }
         log::info!("{}: {} batch chunks", self.label, chunks.len());
