@@ -51,7 +51,8 @@ struct Blocked {
     dst_row: u32,
     dst_step: u32,
     dst_first: u32,
-    _pad: u32,
+    // conv_rows: 16-pixel segments per output row.
+    row_segments: u32,
     // graph::Layout (offset, sample stride) of the output and of x.
     out_at: vec2<u32>,
     x_at: vec2<u32>,
@@ -157,14 +158,20 @@ fn store(t: mat4x4<f32>, at: u32, row0: u32, columns: vec4<u32>) {
     }
 }
 
-// Writes the tile whose first row is 4 * row_quad0 and first column 4 * quad0
-// to C starting at element `at`.
-fn store_tile(t: Tile, at: u32, row_quad0: u32, quad0: u32) {
+// Where the 16 columns from 4 * quad0 on live (see column_offsets).
+fn tile_columns(quad0: u32) -> array<vec4<u32>, 4> {
+    let col0 = quad0 * 4u;
+    return array<vec4<u32>, 4>(column_offsets(col0), column_offsets(col0 + 4u), column_offsets(col0 + 8u), column_offsets(col0 + 12u));
+}
+
+// Writes the tile whose first row is 4 * row_quad0 to C starting at element
+// `at`, its columns at the given offsets from `at`.
+fn store_tile(t: Tile, at: u32, row_quad0: u32, columns: array<vec4<u32>, 4>) {
     let r = row_quad0 * 4u;
-    let c0 = column_offsets(quad0 * 4u);
-    let c1 = column_offsets(quad0 * 4u + 4u);
-    let c2 = column_offsets(quad0 * 4u + 8u);
-    let c3 = column_offsets(quad0 * 4u + 12u);
+    let c0 = columns[0];
+    let c1 = columns[1];
+    let c2 = columns[2];
+    let c3 = columns[3];
     store(t.t00, at, r, c0); store(t.t01, at, r, c1); store(t.t02, at, r, c2); store(t.t03, at, r, c3);
     store(t.t10, at, r + 4u, c0); store(t.t11, at, r + 4u, c1); store(t.t12, at, r + 4u, c2); store(t.t13, at, r + 4u, c3);
     if (ROW_QUADS > 2u) {
@@ -216,7 +223,7 @@ fn multiply(row_quad0: u32, quad0: u32) -> Tile {
 fn matmul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lane: u32) {
     let quad0 = first_quad(wid, nwg, lane);
     if (quad0 < p.b_quads) {
-        store_tile(multiply(wid.y * ROW_QUADS, quad0), p.out_at.x, wid.y * ROW_QUADS, quad0);
+        store_tile(multiply(wid.y * ROW_QUADS, quad0), p.out_at.x, wid.y * ROW_QUADS, tile_columns(quad0));
     }
 }
 
@@ -226,7 +233,7 @@ fn matmul_bias(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
     if (quad0 < p.b_quads) {
         var t = multiply(wid.y * ROW_QUADS, quad0);
         add_column_bias(&t, quad0);
-        store_tile(t, p.out_at.x, wid.y * ROW_QUADS, quad0);
+        store_tile(t, p.out_at.x, wid.y * ROW_QUADS, tile_columns(quad0));
     }
 }
 
@@ -302,7 +309,7 @@ fn conv_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
     if (quad0 < p.b_quads) {
         var t = convolve(wid.y * ROW_QUADS, quad0);
         add_row_bias(&t, wid.y * ROW_QUADS);
-        store_tile(t, p.out_at.x, wid.y * ROW_QUADS, quad0);
+        store_tile(t, p.out_at.x, wid.y * ROW_QUADS, tile_columns(quad0));
     }
 }
 
@@ -315,8 +322,153 @@ fn conv_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
 fn conv_transposed(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lane: u32) {
     let quad0 = first_quad(wid, nwg, lane);
     if (quad0 < p.b_quads) {
-        store_tile(convolve(wid.y * ROW_QUADS, quad0), p.out_at.x, wid.y * ROW_QUADS, quad0);
+        store_tile(convolve(wid.y * ROW_QUADS, quad0), p.out_at.x, wid.y * ROW_QUADS, tile_columns(quad0));
     }
+}
+
+// Stride-1 convolutions of an input whose rows were copied zero-padded and
+// vec4-aligned (`pad_rows`). An invocation's 16 columns are 16 neighbouring
+// output pixels of one row, so for each input channel and kernel row it
+// loads the 20 floats under them as five vec4s and takes every tap of that
+// row by shifting lanes: 5 loads for kw taps, where `convolve` gathers 16
+// floats one at a time per tap. The grid's z is the output row: a
+// workgroup skips the kernel rows that fall outside the input, which a
+// data gradient's full padding makes a third of them.
+@group(0) @binding(10) var<storage, read> x_rows: array<vec4<f32>>;
+
+// 20 floats of a padded input row.
+struct RowSegment {
+    q0: vec4<f32>,
+    q1: vec4<f32>,
+    q2: vec4<f32>,
+    q3: vec4<f32>,
+    q4: vec4<f32>,
+}
+
+// The 16 floats `shift` (0 to 4) into `s`. Selects, not branches: a branch
+// between two accumulations makes the compiler store and reload the whole
+// tile around it.
+fn shifted(s: RowSegment, shift: u32) -> array<vec4<f32>, 4> {
+    let q = array<vec4<f32>, 5>(s.q0, s.q1, s.q2, s.q3, s.q4);
+    var out: array<vec4<f32>, 4>;
+    for (var j = 0u; j < 4u; j++) {
+        let a = q[j];
+        let b = q[j + 1u];
+        var v = select(a, vec4<f32>(a.yzw, b.x), shift == 1u);
+        v = select(v, vec4<f32>(a.zw, b.xy), shift == 2u);
+        v = select(v, vec4<f32>(a.w, b.xyz), shift == 3u);
+        out[j] = select(v, b, shift == 4u);
+    }
+    return out;
+}
+
+// C = A im2col(x) for 16 pixels of output row oy, from x's rows padded to
+// x_w floats; kernels up to 5 taps wide.
+fn convolve_rows(row_quad0: u32, sample: u32, segment: u32, oy: u32) -> Tile {
+    let taps = p.kh * p.kw;
+    let channels = p.k / taps;
+    let top = i32(oy) - p.pad_h;
+    let first_ky = u32(max(-top, 0));
+    let last_ky = u32(clamp(i32(p.x_h) - top, 0, i32(p.kh)));
+    let row0 = (p.x_at.x + sample * p.x_at.y + segment * 16u) / 4u;
+    let row_quads = p.x_w / 4u;
+    var t: Tile;
+    for (var ci = 0u; ci < channels; ci++) {
+        for (var ky = first_ky; ky < last_ky; ky++) {
+            let at = row0 + (ci * p.x_h + u32(top + i32(ky))) * row_quads;
+            let s = RowSegment(x_rows[at], x_rows[at + 1u], x_rows[at + 2u], x_rows[at + 3u], x_rows[at + 4u]);
+            let kk = ci * taps + ky * p.kw;
+            for (var kx = 0u; kx < p.kw; kx++) {
+                accumulate(&t, rows_of_a(kk + kx, row_quad0), shifted(s, kx));
+            }
+        }
+    }
+    return t;
+}
+
+// Where output pixels ox0.. of row oy live in C relative to the sample's
+// first element; NO_COLUMN past the row's end or for a lane past the last
+// segment.
+fn row_columns(oy: u32, ox0: u32, inside: bool) -> array<vec4<u32>, 4> {
+    var columns: array<vec4<u32>, 4>;
+    for (var j = 0u; j < 4u; j++) {
+        let ox = vec4<u32>(ox0 + 4u * j) + vec4<u32>(0u, 1u, 2u, 3u);
+        columns[j] = select(vec4<u32>(NO_COLUMN), oy * p.out_w + ox, (ox < vec4<u32>(p.out_w)) & vec4<bool>(inside));
+    }
+    return columns;
+}
+
+// A lane's output: lanes along x are (sample, segment) pairs, clamped past
+// the end (see `forward` in conv2d.wgsl for why there is no early return);
+// `inside` is false for the clamped ones, which store nothing.
+struct RowLane {
+    sample: u32,
+    segment: u32,
+    inside: bool,
+}
+
+fn row_lane(wid: vec3<u32>, lane: u32) -> RowLane {
+    let column = wid.x * WG + lane;
+    let clamped = min(column, p.n - 1u);
+    let sample = clamped / p.row_segments;
+    return RowLane(sample, clamped - sample * p.row_segments, column < p.n);
+}
+
+fn store_rows(t: Tile, wid: vec3<u32>, l: RowLane) {
+    let at = p.out_at.x + l.sample * p.out_at.y;
+    store_tile(t, at, wid.y * ROW_QUADS, row_columns(wid.z, l.segment * 16u, l.inside));
+}
+
+@compute @workgroup_size(WG)
+fn conv_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lane: u32) {
+    let l = row_lane(wid, lane);
+    store_rows(convolve_rows(wid.y * ROW_QUADS, l.sample, l.segment, wid.z), wid, l);
+}
+
+@compute @workgroup_size(WG)
+fn conv_rows_bias(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lane: u32) {
+    let l = row_lane(wid, lane);
+    var t = convolve_rows(wid.y * ROW_QUADS, l.sample, l.segment, wid.z);
+    add_row_bias(&t, wid.y * ROW_QUADS);
+    store_rows(t, wid, l);
+}
+
+// The input of conv_rows: every row of an NCHW tensor (samples at `at`)
+// copied into a row of `padded_w` floats (a multiple of 4) starting
+// `pad_w` zeros in, zeros after it. Padded samples lie `sample_quads`
+// vec4s apart, a little more than their rows take: lanes of a conv_rows
+// workgroup read different samples at the same position, and a sample
+// stride of a multiple of 4 KiB would make them evict each other's cache
+// lines.
+struct RowPadding {
+    rows_per_sample: u32,
+    w: u32,
+    padded_w: u32,
+    pad_w: u32,
+    quads: u32,
+    sample_quads: u32,
+    at: vec2<u32>,
+}
+
+@group(0) @binding(0) var<uniform> row_padding: RowPadding;
+@group(0) @binding(11) var<storage, read_write> padded_rows: array<vec4<f32>>;
+
+@compute @workgroup_size(WG)
+fn pad_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = linear_index(gid, nwg);
+    let r = row_padding;
+    if (i >= r.quads) {
+        return;
+    }
+    let sample = quotient(i, r.sample_quads);
+    let in_sample = i - sample * r.sample_quads;
+    let row_quads = r.padded_w / 4u;
+    let row = quotient(in_sample, row_quads);
+    let first = r.at.x + sample * r.at.y + row * r.w;
+    let ix = vec4<i32>(vec4<u32>((in_sample - row * row_quads) * 4u) + vec4<u32>(0u, 1u, 2u, 3u)) - i32(r.pad_w);
+    let inside = (vec4<u32>(ix) < vec4<u32>(r.w)) & vec4<bool>(row < r.rows_per_sample);
+    let at = select(vec4<u32>(0u), vec4<u32>(first) + vec4<u32>(ix), inside);
+    padded_rows[i] = select(vec4<f32>(0.0), vec4<f32>(x[at.x], x[at.y], x[at.z], x[at.w]), inside);
 }
 
 // Four filter taps (columns of dweight): their input channel's plane
@@ -390,7 +542,7 @@ fn conv_filter_gradient(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_in
             }
         }
     }
-    store_tile(t, (p.first_split + split) * p.m * p.n, wid.y * ROW_QUADS, quad0);
+    store_tile(t, (p.first_split + split) * p.m * p.n, wid.y * ROW_QUADS, tile_columns(quad0));
 }
 
 // packed[kk * rows_padded + i] = X[i][kk] for i < rows, zero for the

@@ -209,8 +209,9 @@ fn check(case: &str, w: &Weights, binding_limit: u64) {
 #[test]
 fn concatenated_slices_match_cpu() {
     let mut rng = Rng::new(11);
-    // Batch 1 (slices contiguous) and 3 (strided), odd planes, odd channels.
-    for (n, ci, h, w) in [(1, 3, 5, 7), (3, 3, 7, 5), (2, 1, 4, 9)] {
+    // Batch 1 (slices contiguous) and 3 (strided), odd planes, odd channels;
+    // rows 14 wide take conv_rows for the 3x3 conv and its data gradient.
+    for (n, ci, h, w) in [(1, 3, 5, 7), (3, 3, 7, 5), (2, 1, 4, 9), (3, 2, 4, 14)] {
         let weights = weights(n, ci, h, w, &mut rng);
         check(&format!("n {n} c {ci} {h}x{w}"), &weights, u64::MAX);
     }
@@ -229,8 +230,8 @@ fn batch_chunks_match_cpu() {
         let weights = weights(n, 3, 7, 5, &mut rng);
         check(&format!("n {n} binding limit {limit}"), &weights, limit);
     }
-    // 2,912 bytes per sample: the whole batch's channel slices fit one 8 KiB
-    // binding, the concatenation they live in does not.
+    // 2,912 bytes per sample, 14-pixel rows (conv_rows): two samples per
+    // 8 KiB binding.
     let weights = weights(3, 3, 4, 14, &mut rng);
     check("n 3 rows of 14, binding limit 8192", &weights, 8192);
 }

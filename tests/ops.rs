@@ -5,7 +5,7 @@ mod common;
 
 use common::{assert_close, assert_op_close, gpu, random, run_op, Golden};
 use d2l_wgpu::data::Dataset;
-use d2l_wgpu::gpu::GemmKernel;
+use d2l_wgpu::gpu::{GemmKernel, Gpu};
 use d2l_wgpu::graph::{autodiff, DType, Externals, Graph, Init, Op, ParamStore, Plan};
 use d2l_wgpu::ops::{
     dropout_keeps, Activation, AdvanceRng, AvgPool2d, BatchNorm, ChannelSum, Conv2d, CpuTensor,
@@ -96,39 +96,95 @@ fn conv2d_matches_cpu_on_awkward_shapes() {
     {
         gpu.tuning.gemm = kernel;
         let conv = Conv2d { stride, padding };
-        let x = random(&xs, &mut rng);
-        let w = random(&ws, &mut rng);
-        let b = random(&[ws[0]], &mut rng);
-        let y = conv.cpu_forward(&x, &w, &b.data);
-        let dy = random(&y.shape, &mut rng);
-        let (dx, dw, db) = conv.cpu_backward(&x, &w, &dy);
-        let r = run_op(&gpu, conv, &[&x, &w, &b], &dy);
         let case = format!("{kernel:?} conv x{xs:?} w{ws:?} stride {stride:?} padding {padding:?}");
-        assert_op_close(&format!("{case} y"), &r.output, &y.data);
-        assert_op_close(&format!("{case} dx"), &r.input_grads[0], &dx.data);
-        assert_op_close(&format!("{case} dweight"), &r.input_grads[1], &dw.data);
-        assert_op_close(&format!("{case} dbias"), &r.input_grads[2], &db);
+        check_conv(&gpu, conv, (xs, ws), &mut rng, &case);
+    }
+}
+
+/// Runs `conv` forward and backward on random x `[n, c, h, w]`, weight,
+/// bias and dy, checks y and every gradient against the CPU reference, and
+/// returns the shader entry points the plan dispatched.
+fn check_conv(
+    gpu: &Gpu,
+    conv: Conv2d,
+    (xs, ws): ([usize; 4], [usize; 4]),
+    rng: &mut Rng,
+    case: &str,
+) -> Vec<&'static str> {
+    let x = random(&xs, rng);
+    let w = random(&ws, rng);
+    let b = random(&[ws[0]], rng);
+    let y = conv.cpu_forward(&x, &w, &b.data);
+    let dy = random(&y.shape, rng);
+    let (dx, dw, db) = conv.cpu_backward(&x, &w, &dy);
+    let r = run_op(gpu, conv, &[&x, &w, &b], &dy);
+    assert_op_close(&format!("{case} y"), &r.output, &y.data);
+    assert_op_close(&format!("{case} dx"), &r.input_grads[0], &dx.data);
+    assert_op_close(&format!("{case} dweight"), &r.input_grads[1], &dw.data);
+    assert_op_close(&format!("{case} dbias"), &r.input_grads[2], &db);
+    r.entry_points
+}
+
+/// Stride-1 convolutions that `conv_rows` computes from zero-padded input
+/// rows, 16 output pixels of a row per invocation: forward passes with few
+/// output channels and data gradients with up to 32 input channels whose
+/// rows fill their 16-pixel segments well; kernels 2 to 5 wide, uneven
+/// padding, batch 1 (LeNet's two layers). Each case checks that it took
+/// that kernel where expected.
+#[test]
+fn conv_rows_match_cpu() {
+    let gpu = gpu();
+    let mut rng = Rng::new(8);
+    // x, weight, padding, whether the forward pass takes conv_rows (the
+    // data gradient always does in these cases).
+    type Case = ([usize; 4], [usize; 4], (usize, usize), bool);
+    let cases: [Case; 6] = [
+        ([1, 1, 28, 28], [6, 1, 5, 5], (2, 2), true),
+        ([1, 6, 14, 14], [16, 6, 5, 5], (0, 0), false),
+        ([3, 2, 13, 29], [5, 2, 3, 5], (1, 2), true),
+        ([2, 3, 12, 13], [16, 3, 2, 2], (0, 0), true),
+        ([2, 20, 6, 14], [7, 20, 3, 3], (1, 1), true),
+        ([2, 4, 5, 24], [3, 4, 4, 4], (0, 3), true),
+    ];
+    for (xs, ws, padding, forward_rows) in cases {
+        let conv = Conv2d {
+            stride: (1, 1),
+            padding,
+        };
+        let case = format!("conv x{xs:?} w{ws:?} padding {padding:?}");
+        let entries = check_conv(&gpu, conv, (xs, ws), &mut rng, &case);
+        assert_eq!(
+            entries.contains(&"conv_rows_bias"),
+            forward_rows,
+            "{case}: forward kernel, dispatched {entries:?}"
+        );
+        assert!(
+            entries.contains(&"conv_rows"),
+            "{case}: data gradient kernel, dispatched {entries:?}"
+        );
     }
 }
 
 /// A convolution whose forward and backward-data dispatches need more than
 /// 65,535 workgroups along x (folded into a 2-D grid), and whose filter
 /// gradient sums 16 million terms. Sized from the adapter's workgroup; one
-/// channel keeps every tensor under the largest storage binding.
+/// channel keeps every tensor under the largest storage binding. The kernel
+/// is 3 x 1, which `conv_rows` (its grid is one row of the output per
+/// workgroup row) leaves to the kernels under test.
 #[test]
 fn conv2d_beyond_one_grid_dimension() {
     let gpu = gpu();
     let mut rng = Rng::new(11);
     let conv = Conv2d {
         stride: (1, 1),
-        padding: (1, 1),
+        padding: (1, 0),
     };
     // Each invocation covers 4 pixels: more than 65,535 workgroups needs
     // more than 65,535 * 4 * workgroup pixels.
     let pixels_needed = 65_535 * 4 * gpu.tuning.workgroup as usize;
     let batch = pixels_needed / (64 * 64) + 1;
     let x = random(&[batch, 1, 64, 64], &mut rng);
-    let w = random(&[1, 1, 3, 3], &mut rng);
+    let w = random(&[1, 1, 3, 1], &mut rng);
     let b = random(&[1], &mut rng);
     let y = conv.cpu_forward(&x, &w, &b.data);
     let dy = random(&y.shape, &mut rng);
@@ -391,7 +447,7 @@ fn random_norm_parameters(c: usize, rng: &mut Rng) -> [Vec<f32>; 4] {
 /// evaluation pass over the same x with the updated running statistics;
 /// with `activation`, of the activation after batch norm.
 fn run_batch_norm(
-    gpu: &d2l_wgpu::gpu::Gpu,
+    gpu: &Gpu,
     (x, activation): (&CpuTensor, Option<Activation>),
     gamma: &[f32],
     beta: &[f32],
@@ -1031,7 +1087,7 @@ struct Activated {
 }
 
 fn run_activated(
-    gpu: &d2l_wgpu::gpu::Gpu,
+    gpu: &Gpu,
     op: impl Op + 'static,
     (activation, also_read): (Activation, bool),
     inputs: &[&CpuTensor],
@@ -1061,6 +1117,7 @@ fn run_activated(
             input_grads: (0..inputs.len())
                 .map(|i| store.read_grad(gpu, i).unwrap())
                 .collect(),
+            entry_points: plan.entry_points(),
         },
         unallocated: plan.unshared_activation_bytes - plan.activation_bytes,
         pre_activation_bytes: g.tensor(pre).bytes(),

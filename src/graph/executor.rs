@@ -41,6 +41,8 @@ pub type Externals = HashMap<&'static str, Binding>;
 /// One recorded compute dispatch.
 pub struct Dispatch {
     pub label: String,
+    /// The shader entry point it runs.
+    entry: &'static str,
     /// The graph node it belongs to.
     node: usize,
     pipeline: wgpu::ComputePipeline,
@@ -52,6 +54,7 @@ pub struct Dispatch {
 /// knows how large each scratch buffer must be.
 struct PendingDispatch {
     label: String,
+    entry: &'static str,
     node: usize,
     pipeline: wgpu::ComputePipeline,
     uniform: wgpu::Buffer,
@@ -296,6 +299,7 @@ impl PlanContext<'_> {
             });
             Dispatch {
                 label: d.label.clone(),
+                entry: d.entry,
                 node: d.node,
                 pipeline: d.pipeline.clone(),
                 bind_group,
@@ -450,6 +454,7 @@ impl PlanContext<'_> {
         }
         self.dispatches.push(PendingDispatch {
             label: format!("{} [{entry}]", self.label),
+            entry,
             node: self.node,
             pipeline,
             uniform,
@@ -778,6 +783,12 @@ impl Plan {
         for d in &self.dispatches {
             d.record(pass);
         }
+    }
+
+    /// The shader entry point of every dispatch, in order: which kernels
+    /// the ops chose.
+    pub fn entry_points(&self) -> Vec<&'static str> {
+        self.dispatches.iter().map(|d| d.entry).collect()
     }
 
     /// Floating-point operations of one run (see `Op::flops`).

@@ -4,7 +4,7 @@
 
 use super::fused::activation_constant;
 use super::Activation;
-use crate::gpu::{tiled_grid, Shader};
+use crate::gpu::{tiled_grid, Shader, MAX_GROUPS};
 use crate::graph::{Binding, PlanContext};
 use anyhow::Result;
 
@@ -57,7 +57,7 @@ pub struct BlockedParams {
     pub dst_row: u32,
     pub dst_step: u32,
     pub dst_first: u32,
-    pub _pad: u32,
+    pub row_segments: u32,
     pub out_at: [u32; 2],
     pub x_at: [u32; 2],
 }
@@ -216,6 +216,139 @@ pub fn packed_channels_by_pixels(
         len / 16,
     )?;
     Ok(packed)
+}
+
+/// Output pixels per row segment of `conv_rows`: an invocation's columns.
+const ROW_SEGMENT: u32 = TILE_COLUMNS;
+
+/// Kernels `conv_rows` takes: it shifts the taps of a row out of 20 floats.
+pub const MAX_ROW_TAPS: u32 = 5;
+
+/// A stride-1 convolution as `conv_rows` computes it: input `[samples,
+/// channels, h, w]` at layout `x_at`, zero-padded by `pad`, a `kernel` at
+/// most `MAX_ROW_TAPS` wide, `rows` output channels of `out` pixels at
+/// layout `out_at`.
+pub struct RowConv {
+    pub samples: u32,
+    pub channels: u32,
+    pub input: (u32, u32),
+    pub pad: (u32, u32),
+    pub kernel: (u32, u32),
+    pub rows: u32,
+    pub out: (u32, u32),
+    pub x_at: [u32; 2],
+    pub out_at: [u32; 2],
+}
+
+/// The shader's `RowPadding` uniform.
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct RowPadding {
+    rows_per_sample: u32,
+    w: u32,
+    padded_w: u32,
+    pad_w: u32,
+    quads: u32,
+    sample_quads: u32,
+    at: [u32; 2],
+}
+
+impl RowConv {
+    /// Floats per padded input row: every segment's 16 pixels plus the
+    /// four more its last taps read.
+    fn padded_w(&self) -> u32 {
+        self.out.1.div_ceil(ROW_SEGMENT) * ROW_SEGMENT + 4
+    }
+
+    /// Floats from one padded sample to the next: its rows and 64 bytes
+    /// more (see `RowPadding` in the shader).
+    fn padded_sample(&self) -> u32 {
+        self.channels * self.input.0 * self.padded_w() + 16
+    }
+
+    fn padded_bytes(&self) -> u64 {
+        4 * self.samples as u64 * self.padded_sample() as u64
+    }
+
+    /// Whether `conv_rows` can take this convolution (a data gradient when
+    /// `data_gradient`) in workgroups of `workgroup` lanes on `ctx`'s
+    /// adapter, and is expected to beat `convolve`, as measured on
+    /// lavapipe with LeNet's and GoogLeNet's shapes: output rows that fill
+    /// less than three quarters of their 16-pixel segments lose; it gains
+    /// most where `convolve`'s tile has few rows (16 at most) and in data
+    /// gradients, whose zero padding `convolve` gathers and `conv_rows`
+    /// skips, up to 32 rows (at 64 the two were within the machine's
+    /// noise). A 1x1 kernel is a plain matrix product.
+    pub fn chosen(&self, ctx: &PlanContext, workgroup: u32, data_gradient: bool) -> bool {
+        let w = self.out.1;
+        let filled = 4 * w >= 3 * w.next_multiple_of(ROW_SEGMENT);
+        let most_rows = if data_gradient { 32 } else { 16 };
+        let lanes = self.samples * self.out.1.div_ceil(ROW_SEGMENT);
+        filled
+            && self.rows <= most_rows
+            && (2..=MAX_ROW_TAPS).contains(&self.kernel.1)
+            && self.padded_bytes() <= ctx.gpu.max_binding()
+            && lanes.div_ceil(workgroup) <= MAX_GROUPS
+            && self.out.0 <= MAX_GROUPS
+    }
+
+    /// Records the padding pass and `conv_rows` (`conv_rows_bias` with a
+    /// bias) writing `y`; `packed_weight` is the kernel's A, k-major.
+    pub fn plan(
+        &self,
+        ctx: &mut PlanContext,
+        (workgroup, activation): (u32, Option<Activation>),
+        packed_weight: Binding,
+        bias: Option<Binding>,
+        (x, y): (Binding, Binding),
+    ) -> Result<()> {
+        let padded_w = self.padded_w();
+        let padded = ctx.scratch(self.padded_bytes())?;
+        let padding = RowPadding {
+            rows_per_sample: self.channels * self.input.0,
+            w: self.input.1,
+            padded_w,
+            pad_w: self.pad.1,
+            quads: (self.padded_bytes() / 16) as u32,
+            sample_quads: self.padded_sample() / 4,
+            at: self.x_at,
+        };
+        let storage = [(7, x), (11, padded.clone())];
+        let quads = padding.quads as usize;
+        ctx.dispatch(Shader::GemmBlocked, "pad_rows", &padding, &storage, quads)?;
+        let segments = self.out.1.div_ceil(ROW_SEGMENT);
+        let params = BlockedParams {
+            m: self.rows,
+            n: self.samples * segments,
+            k: self.channels * self.kernel.0 * self.kernel.1,
+            a_quads: padded_rows(self.rows) / 4,
+            x_h: self.input.0,
+            x_w: padded_w,
+            kh: self.kernel.0,
+            kw: self.kernel.1,
+            out_w: self.out.1,
+            pad_h: self.pad.0 as i32,
+            row_segments: segments,
+            x_at: [0, self.padded_sample()],
+            ..BlockedParams::default()
+        }
+        .contiguous_output(self.out.0 * self.out.1, self.out_at);
+        let mut storage = vec![(1, packed_weight), (4, y), (10, padded)];
+        let entry = match bias {
+            Some(bias) => {
+                storage.push((3, bias));
+                "conv_rows_bias"
+            }
+            None => "conv_rows",
+        };
+        let grid = [
+            params.n.div_ceil(workgroup),
+            padded_rows(self.rows) / tile_rows(self.rows),
+            self.out.0,
+        ];
+        let lanes = (workgroup, 1);
+        record(ctx, (entry, activation), lanes, &params, &storage, grid)
+    }
 }
 
 /// Records `entry` over the tiles of `params`' M x N output: lane groups

@@ -4,7 +4,7 @@
 //! `shaders/conv2d.wgsl` elsewhere (see `GemmKernel`); the bias gradient is
 //! a channel sum.
 
-use super::blocked::{self, BlockedParams, PackParams};
+use super::blocked::{self, BlockedParams, PackParams, RowConv};
 use super::fused::{activation_constant, Activated, Epilogue};
 use super::reduce::{chunked_splits, sum_splits, ReduceParams, MAX_LOOP_TRIPS};
 use super::{expect_rank, Activation, ChannelSum, CpuTensor};
@@ -322,6 +322,22 @@ fn conv_flops(y: &[usize], weight: &[usize]) -> u64 {
 }
 
 impl ConvParams {
+    /// This convolution for `conv_rows` (x and y at the given layouts)
+    /// where it is stride 1.
+    fn row_conv(&self, (x_at, out_at): ([u32; 2], [u32; 2])) -> Option<RowConv> {
+        (self.stride_h == 1 && self.stride_w == 1).then_some(RowConv {
+            samples: self.batch,
+            channels: self.c_in,
+            input: (self.h, self.w),
+            pad: (self.pad_h, self.pad_w),
+            kernel: (self.kh, self.kw),
+            rows: self.c_out,
+            out: (self.ho, self.wo),
+            x_at,
+            out_at,
+        })
+    }
+
     /// The blocked kernels' uniform with this convolution's geometry: x is
     /// gathered at (oy * stride - pad + ky, ox * stride - pad + kx).
     fn blocked(&self) -> BlockedParams {
@@ -359,6 +375,13 @@ fn plan_blocked_forward(
         weight,
         PackParams::matrix(p.c_out, rows, taps, taps, 1),
     )?;
+    let rows_conv = p.row_conv((p.x_at, p.y_at));
+    if let Some(rows_conv) = rows_conv.filter(|r| r.chosen(ctx, workgroup, false)) {
+        let storage = (ctx.binding(inputs[0]), ctx.binding(y));
+        let bias = Some(ctx.binding(inputs[2]));
+        let kernel = (workgroup, kernel.1);
+        return rows_conv.plan(ctx, kernel, packed_weight, bias, storage);
+    }
     let params = BlockedParams {
         m: p.c_out,
         n: columns,
@@ -453,6 +476,25 @@ fn plan_blocked_backward_data(
             );
             let weight = ctx.binding(inputs[1]);
             let packed_weight = blocked::packed_k_major(ctx, weight, pack)?;
+            let whole_dx = p.stride_h == 1 && p.stride_w == 1;
+            let pads = (u32::try_from(rows.pad()), u32::try_from(cols.pad()));
+            if let (true, (Ok(pad_h), Ok(pad_w))) = (whole_dx, pads) {
+                let rows_conv = RowConv {
+                    samples: p.batch,
+                    channels: p.c_out,
+                    input: (p.ho, p.wo),
+                    pad: (pad_h, pad_w),
+                    kernel: (p.kh, p.kw),
+                    rows: p.c_in,
+                    out: (p.h, p.w),
+                    x_at: p.dy_at,
+                    out_at: p.dx_at,
+                };
+                if rows_conv.chosen(ctx, workgroup, true) {
+                    let storage = (ctx.binding(inputs[0]), ctx.binding(dx));
+                    return rows_conv.plan(ctx, (workgroup, None), packed_weight, None, storage);
+                }
+            }
             let params = BlockedParams {
                 m: p.c_in,
                 n: columns,

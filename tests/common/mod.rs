@@ -218,6 +218,8 @@ pub fn random(shape: &[usize], rng: &mut Rng) -> CpuTensor {
 pub struct OpResult {
     pub output: Vec<f32>,
     pub input_grads: Vec<Vec<f32>>,
+    /// The shader entry points the plan dispatched, in order.
+    pub entry_points: Vec<&'static str>,
 }
 
 /// Runs `op` on the GPU through the real graph path: every input is a
@@ -246,6 +248,7 @@ pub fn run_op(gpu: &Gpu, op: impl Op + 'static, inputs: &[&CpuTensor], dy: &CpuT
         input_grads: (0..inputs.len())
             .map(|i| store.read_grad(gpu, i).unwrap())
             .collect(),
+        entry_points: plan.entry_points(),
     }
 }
 
