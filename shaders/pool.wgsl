@@ -270,3 +270,126 @@ fn max_backward_activated_quads(@builtin(global_invocation_id) gid: vec3<u32>, @
         dst_quads[input_at(p.dst_at, e) / 4u] = activation_backward4(y, max_gradients(e));
     }
 }
+
+// 2 x 2 windows with stride 2 and no padding (LeNet's and DenseNet's
+// average pools, VGG's max pools), where rows are even and every layout
+// starts on an even element: each invocation reads a window's two rows as
+// two vec2s, and the gradients write a window's four elements with two
+// vec2 stores (the windows tile the input: no two share an element). One
+// invocation per output element, and no window arithmetic.
+@group(0) @binding(8) var<storage, read> src_pairs: array<vec2<f32>>;
+@group(0) @binding(9) var<storage, read_write> dst_pairs: array<vec2<f32>>;
+@group(0) @binding(10) var<storage, read> act_out_pairs: array<vec2<f32>>;
+
+// Where the top-left element of output o's window lives in a tensor laid
+// out as `l`.
+fn window_at(l: vec2<u32>, o: Pixel) -> u32 {
+    return plane_start(l, o.plane, p.h * p.w) + 2u * o.y * p.w + 2u * o.x;
+}
+
+// The window's elements row by row: (top.x, top.y, bottom.x, bottom.y).
+fn window_2x2(o: Pixel) -> vec4<f32> {
+    let at = window_at(p.src_at, o) / 2u;
+    let top = src_pairs[at];
+    let bottom = src_pairs[at + p.w / 2u];
+    return vec4<f32>(top, bottom);
+}
+
+// Where output o lives in a tensor of the pool's output shape laid out as `l`.
+fn pooled_at(l: vec2<u32>, o: Pixel) -> u32 {
+    return plane_start(l, o.plane, p.ho * p.wo) + o.y * p.wo + o.x;
+}
+
+@compute @workgroup_size(WG)
+fn avg_forward_2x2(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = linear_index(gid, nwg);
+    if (i < p.planes * p.ho * p.wo) {
+        let o = pixel_of(i, p.ho, p.wo);
+        let v = window_2x2(o);
+        // avg_forward's order of additions.
+        dst[pooled_at(p.dst_at, o)] = (((0.0 + v.x) + v.y) + v.z + v.w) / 4.0;
+    }
+}
+
+@compute @workgroup_size(WG)
+fn max_forward_2x2(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = linear_index(gid, nwg);
+    if (i < p.planes * p.ho * p.wo) {
+        let o = pixel_of(i, p.ho, p.wo);
+        let v = window_2x2(o);
+        let top_left = 2u * o.y * p.w + 2u * o.x;
+        let offsets = vec4<u32>(0u, 1u, p.w, p.w + 1u);
+        var best = v.x;
+        var best_at = top_left;
+        for (var k = 1u; k < 4u; k++) {
+            // As max_forward: the first maximum, and NaN wins.
+            if (v[k] > best || v[k] != v[k]) {
+                best = v[k];
+                best_at = top_left + offsets[k];
+            }
+        }
+        dst[pooled_at(p.dst_at, o)] = best;
+        argmax[p.argmax_offset + i] = best_at;
+    }
+}
+
+// Writes a window's four input gradients g, row by row.
+fn store_window(o: Pixel, g: vec4<f32>) {
+    let at = window_at(p.dst_at, o) / 2u;
+    dst_pairs[at] = g.xy;
+    dst_pairs[at + p.w / 2u] = g.zw;
+}
+
+// g passed through the fused activation's backward.
+fn activated_window(o: Pixel, g: vec4<f32>) -> vec4<f32> {
+    let y = window_at(p.act_at, o) / 2u;
+    return activation_backward4(vec4<f32>(act_out_pairs[y], act_out_pairs[y + p.w / 2u]), g);
+}
+
+// avg_gradient's dy / 4 for each element of the window.
+fn avg_window_gradient(o: Pixel) -> vec4<f32> {
+    return vec4<f32>(src[pooled_at(p.src_at, o)] / 4.0);
+}
+
+// dy of output i at the window element argmax names, zeros elsewhere.
+fn max_window_gradient(i: u32, o: Pixel) -> vec4<f32> {
+    let at = argmax_in[p.argmax_offset + i] - (2u * o.y * p.w + 2u * o.x);
+    let k = select(at, 2u + at - p.w, at >= p.w);
+    return select(vec4<f32>(0.0), vec4<f32>(src[pooled_at(p.src_at, o)]), vec4<u32>(0u, 1u, 2u, 3u) == vec4<u32>(k));
+}
+
+@compute @workgroup_size(WG)
+fn avg_backward_2x2(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = linear_index(gid, nwg);
+    if (i < p.planes * p.ho * p.wo) {
+        let o = pixel_of(i, p.ho, p.wo);
+        store_window(o, avg_window_gradient(o));
+    }
+}
+
+@compute @workgroup_size(WG)
+fn avg_backward_activated_2x2(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = linear_index(gid, nwg);
+    if (i < p.planes * p.ho * p.wo) {
+        let o = pixel_of(i, p.ho, p.wo);
+        store_window(o, activated_window(o, avg_window_gradient(o)));
+    }
+}
+
+@compute @workgroup_size(WG)
+fn max_backward_2x2(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = linear_index(gid, nwg);
+    if (i < p.planes * p.ho * p.wo) {
+        let o = pixel_of(i, p.ho, p.wo);
+        store_window(o, max_window_gradient(i, o));
+    }
+}
+
+@compute @workgroup_size(WG)
+fn max_backward_activated_2x2(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = linear_index(gid, nwg);
+    if (i < p.planes * p.ho * p.wo) {
+        let o = pixel_of(i, p.ho, p.wo);
+        store_window(o, activated_window(o, max_window_gradient(i, o)));
+    }
+}

@@ -364,6 +364,54 @@ fn avg_pool_matches_cpu_on_awkward_shapes() {
 
 /// `F.max_pool2d(x, k, s, p)` and its gradient, including windows with
 /// equal maxima (PyTorch routes the gradient to the first, row by row).
+/// 2 x 2 windows with stride 2 that tile the input (LeNet's, DenseNet's and
+/// VGG's pools) take the `*_2x2` kernels, one invocation per window, when
+/// every layout starts on an even element; planes of odd height or width
+/// do not. Max pooling on values from a few levels, so windows often hold
+/// equal maxima (the first one wins).
+#[test]
+fn pool_2x2_windows_match_cpu() {
+    let gpu = gpu();
+    let mut rng = Rng::new(29);
+    let window = PoolWindow::new(2, 2);
+    for (xs, tiles) in [
+        ([2, 3, 6, 10], true),
+        ([1, 1, 2, 2], true),
+        ([3, 2, 4, 8], true),
+        ([2, 2, 7, 6], false),
+        ([2, 2, 6, 5], false),
+    ] {
+        let mut x = random(&xs, &mut rng);
+        x.data.iter_mut().for_each(|v| *v = (*v * 3.0).round());
+        let avg = AvgPool2d(window);
+        let y = avg.cpu_forward(&x);
+        let dy = random(&y.shape, &mut rng);
+        let r = run_op(&gpu, avg, &[&x], &dy);
+        assert_op_close(&format!("avg {xs:?} y"), &r.output, &y.data);
+        let dx = avg.cpu_backward(&xs, &dy);
+        assert_op_close(&format!("avg {xs:?} dx"), &r.input_grads[0], &dx.data);
+        let max = MaxPool2d(window);
+        let (y, argmax) = max.cpu_forward(&x);
+        let s = run_op(&gpu, max, &[&x], &dy);
+        assert_op_close(&format!("max {xs:?} y"), &s.output, &y.data);
+        let dx = max.cpu_backward(&xs, &dy, &argmax);
+        assert_op_close(&format!("max {xs:?} dx"), &s.input_grads[0], &dx.data);
+        let entries = [r.entry_points, s.entry_points].concat();
+        for kernel in [
+            "avg_forward_2x2",
+            "avg_backward_2x2",
+            "max_forward_2x2",
+            "max_backward_2x2",
+        ] {
+            assert_eq!(
+                entries.contains(&kernel),
+                tiles,
+                "{xs:?}: {kernel} in {entries:?}"
+            );
+        }
+    }
+}
+
 #[test]
 fn max_pool_matches_pytorch() {
     let gpu = gpu();
@@ -1185,24 +1233,29 @@ fn activations_fuse_into_batch_norm() {
 /// `pool(act(x))` with average and max pooling, ReLU and sigmoid: the
 /// activation's backward runs inside the pooling gradient's kernel (the
 /// gradient at the activation's output gets no memory); dx against the CPU.
-/// Rows of 9 take the per-element kernels, rows of 8 the four-at-a-time ones.
+/// With 3 x 2 windows rows of 9 take the per-element kernels, rows of 8 the
+/// four-at-a-time ones; 2 x 2 windows tile 6 x 8 planes (`*_2x2` kernels)
+/// but not 7 x 9 ones.
 #[test]
 fn activation_backward_fuses_into_pool_gradients() {
     let gpu = gpu();
     let mut rng = Rng::new(37);
-    let window = PoolWindow {
+    let overlapping = PoolWindow {
         kernel: (3, 2),
         stride: (2, 2),
         padding: (1, 1),
     };
     let activations = [Activation::Relu, Activation::Sigmoid];
-    for (activation, shape) in activations
-        .into_iter()
-        .flat_map(|a| [(a, [2, 3, 7, 9]), (a, [2, 3, 6, 8])])
-    {
+    let windows = [overlapping, PoolWindow::new(2, 2)];
+    let cases = activations.into_iter().flat_map(|a| {
+        windows
+            .into_iter()
+            .flat_map(move |w| [(a, w, [2, 3, 7, 9]), (a, w, [2, 3, 6, 8])])
+    });
+    for (activation, window, shape) in cases {
         for max in [false, true] {
             let pool_kind = if max { "max" } else { "avg" };
-            let case = format!("{activation:?} then {pool_kind} pool on {shape:?}");
+            let case = format!("{activation:?} then {pool_kind} pool {window:?} on {shape:?}");
             let x = random(&shape, &mut rng);
             let y = activation.cpu_forward(&x);
             let mut g = Graph::new(true);
@@ -1233,6 +1286,14 @@ fn activation_backward_fuses_into_pool_gradients() {
                 &format!("{case} dx"),
                 &dx,
                 &activation.cpu_backward(&y, &dy_y).data,
+            );
+            let tiles = window == PoolWindow::new(2, 2) && shape[2] % 2 == 0;
+            let window_kernel = format!("{pool_kind}_backward_activated_2x2");
+            assert_eq!(
+                plan.entry_points().contains(&window_kernel.as_str()),
+                tiles,
+                "{case}: kernels {:?}",
+                plan.entry_points()
             );
             // Graph::new keeps a buffer per tensor: only the elided gradient has none.
             let unallocated = plan.unshared_activation_bytes - plan.activation_bytes;

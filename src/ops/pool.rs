@@ -139,36 +139,65 @@ impl PoolWindow {
         }
     }
 
+    /// Whether the `*_2x2` kernels take this pooling of an input shaped as
+    /// in `p`: 2 x 2 windows with stride 2 that tile the input exactly,
+    /// and the tensors they bind as vec2s (at `paired`) on even elements.
+    fn tiles_2x2(&self, p: &PoolParams, paired: &[[u32; 2]]) -> bool {
+        self.kernel == (2, 2)
+            && self.stride == (2, 2)
+            && self.padding == (0, 0)
+            && p.h.is_multiple_of(2)
+            && p.w.is_multiple_of(2)
+            && paired.iter().flatten().all(|v| v.is_multiple_of(2))
+    }
+
     /// Records `entry` over every element of `dst` (slot 2), for a pool
-    /// whose input has `input`'s shape; `activation` is the one whose
-    /// backward a `*_backward_activated` entry applies.
+    /// whose input has `input`'s shape, or where `tiles_2x2` allows
+    /// `window_entry` over every window, with the bindings `pairs` names
+    /// moved to its vec2 slots; `activation` is the one whose backward a
+    /// `*_backward_activated` entry applies.
     fn record(
         &self,
         ctx: &mut PlanContext,
-        (entry, activation): (&'static str, Option<Activation>),
-        input: TensorId,
+        (entry, window_entry, activation): (&'static str, &'static str, Option<Activation>),
+        (input, pairs): (TensorId, &[(u32, u32)]),
         storage: &[(u32, TensorId)],
     ) -> Result<()> {
         let (p, len) = self.bound_params(ctx, input, storage);
-        let bound = ctx.bind(storage);
         let constants = [activation_constant(activation)];
+        let pair_slot = |slot: u32| pairs.iter().find(|&&(from, _)| from == slot);
+        let paired: Vec<[u32; 2]> = (storage.iter())
+            .filter(|&&(slot, _)| pair_slot(slot).is_some())
+            .map(|&(_, t)| ctx.layout(t))
+            .collect();
+        if self.tiles_2x2(&p, &paired) {
+            let as_pairs =
+                |&(slot, t): &(u32, TensorId)| (pair_slot(slot).map_or(slot, |&(_, to)| to), t);
+            let bound = ctx.bind(&storage.iter().map(as_pairs).collect::<Vec<_>>());
+            let windows = (p.planes * p.ho * p.wo) as usize;
+            let kernel = (Shader::Pool, window_entry, &constants[..]);
+            return ctx.dispatch_with(kernel, &p, &bound, windows);
+        }
+        let bound = ctx.bind(storage);
         ctx.dispatch_with((Shader::Pool, entry, &constants), &p, &bound, len)
     }
 
-    /// `record` for a backward kernel: its `quads` form (four elements per
-    /// invocation, dst and act_out at slots 6 and 7) where rows and layouts
-    /// are whole vec4s, else `entry`.
+    /// `record` for a gradient: its `window_entry` where `tiles_2x2`
+    /// allows, else its `quads` form (four elements per invocation, dst and
+    /// act_out at slots 6 and 7) where rows and layouts are whole vec4s,
+    /// else `entry`.
     fn record_backward(
         &self,
         ctx: &mut PlanContext,
-        (entry, quads, activation): (&'static str, &'static str, Option<Activation>),
+        (entry, quads, window_entry, activation): Entries,
         input: TensorId,
         storage: &[(u32, TensorId)],
     ) -> Result<()> {
         let (p, len) = self.bound_params(ctx, input, storage);
+        let kernel = (entry, window_entry, activation);
         let in_quads = [p.w, p.dst_at[0], p.dst_at[1], p.act_at[0], p.act_at[1]];
-        if in_quads.iter().any(|v| v % 4 != 0) {
-            return self.record(ctx, (entry, activation), input, storage);
+        if self.tiles_2x2(&p, &[p.dst_at, p.act_at]) || in_quads.iter().any(|v| v % 4 != 0) {
+            return self.record(ctx, kernel, (input, &GRADIENT_PAIRS), storage);
         }
         let as_quads = |&(slot, t): &(u32, TensorId)| match slot {
             2 => (6, t),
@@ -202,6 +231,15 @@ impl PoolWindow {
         (p, len)
     }
 }
+
+/// A pooling gradient's kernels: per element, four elements at a time,
+/// per 2 x 2 window; and the activation whose backward it applies.
+type Entries = (&'static str, &'static str, &'static str, Option<Activation>);
+
+/// Where the `*_2x2` kernels bind as vec2s what the others bind as floats:
+/// the forward pass's input, the gradients' output and activation output.
+const FORWARD_PAIRS: [(u32, u32); 1] = [(1, 8)];
+const GRADIENT_PAIRS: [(u32, u32); 2] = [(2, 9), (5, 10)];
 
 /// `nn.AvgPool2d`: padded zeros count, so every window divides by kh*kw.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -250,8 +288,9 @@ impl Op for AvgPool2d {
 
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
         let storage = [(1, inputs[0]), (2, outputs[0])];
+        let kernel = ("avg_forward", "avg_forward_2x2", None);
         self.0
-            .record(ctx, ("avg_forward", None), inputs[0], &storage)
+            .record(ctx, kernel, (inputs[0], &FORWARD_PAIRS), &storage)
     }
 
     fn backward(
@@ -293,7 +332,12 @@ impl Op for AvgPool2dBackward {
 
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
         let storage = [(1, inputs[0]), (2, outputs[0])];
-        let kernel = ("avg_backward", "avg_backward_quads", None);
+        let kernel = (
+            "avg_backward",
+            "avg_backward_quads",
+            "avg_backward_2x2",
+            None,
+        );
         self.pool
             .0
             .record_backward(ctx, kernel, outputs[0], &storage)
@@ -319,6 +363,7 @@ impl GradientEpilogue for AvgPool2dBackward {
         let kernel = (
             "avg_backward_activated",
             "avg_backward_activated_quads",
+            "avg_backward_activated_2x2",
             Some(activation),
         );
         self.pool
@@ -375,8 +420,9 @@ impl Op for MaxPool2d {
 
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
         let storage = [(1, inputs[0]), (2, outputs[0]), (3, outputs[1])];
+        let kernel = ("max_forward", "max_forward_2x2", None);
         self.0
-            .record(ctx, ("max_forward", None), inputs[0], &storage)
+            .record(ctx, kernel, (inputs[0], &FORWARD_PAIRS), &storage)
     }
 
     fn backward(
@@ -418,7 +464,12 @@ impl Op for MaxPool2dBackward {
 
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
         let storage = [(1, inputs[0]), (4, inputs[1]), (2, outputs[0])];
-        let kernel = ("max_backward", "max_backward_quads", None);
+        let kernel = (
+            "max_backward",
+            "max_backward_quads",
+            "max_backward_2x2",
+            None,
+        );
         self.pool
             .0
             .record_backward(ctx, kernel, outputs[0], &storage)
@@ -449,6 +500,7 @@ impl GradientEpilogue for MaxPool2dBackward {
         let kernel = (
             "max_backward_activated",
             "max_backward_activated_quads",
+            "max_backward_activated_2x2",
             Some(activation),
         );
         self.pool
