@@ -16,6 +16,43 @@ struct Reduce {
 @group(0) @binding(1) var<storage, read> src: array<f32>;
 @group(0) @binding(2) var<storage, read_write> partial: array<f32>;
 
+// src as vec4s, for channel_sums_quads.
+@group(0) @binding(4) var<storage, read> src_quads: array<vec4<f32>>;
+
+// Where term q = (sample, position) of channel c lives: the loops over a
+// split step through the terms without dividing (CPU adapters divide
+// integers one lane at a time).
+struct Walk {
+    at: u32,
+    position: u32,
+}
+
+fn walk(c: u32, q: u32) -> Walk {
+    let sample = quotient(q, p.spatial);
+    let position = q - sample * p.spatial;
+    return Walk(p.src_at.x + sample * p.src_at.y + c * p.spatial + position, position);
+}
+
+fn step(w: Walk) -> Walk {
+    if (w.position + 1u == p.spatial) {
+        return Walk(w.at + 1u + p.src_at.y - p.spatial, 0u);
+    }
+    return Walk(w.at + 1u, w.position + 1u);
+}
+
+// The (split, channel) invocation `id` sums: its channel and its terms.
+struct Split {
+    channel: u32,
+    first: u32,
+    last: u32,
+}
+
+fn split_of(id: u32) -> Split {
+    let split = quotient(id, p.channels);
+    let first = split * p.chunk;
+    return Split(id - split * p.channels, first, min(first + p.chunk, p.batch * p.spatial));
+}
+
 // partial[s * channels + c] = sum of src[n, c, i] over split s of the (n, i) pairs.
 @compute @workgroup_size(WG)
 fn channel_sums(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
@@ -23,15 +60,32 @@ fn channel_sums(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
     if (id >= p.splits * p.channels) {
         return;
     }
-    let split = id / p.channels;
-    let c = id % p.channels;
-    let terms = p.batch * p.spatial;
-    let first = split * p.chunk;
-    let last = min(first + p.chunk, terms);
+    let s = split_of(id);
+    var w = walk(s.channel, s.first);
     var sum = 0.0;
-    for (var q = first; q < last; q++) {
-        let n = q / p.spatial;
-        sum += src[p.src_at.x + n * p.src_at.y + c * p.spatial + q % p.spatial];
+    for (var q = s.first; q < s.last; q++) {
+        sum += src[w.at];
+        w = step(w);
+    }
+    partial[p.first_split * p.channels + id] = sum;
+}
+
+// channel_sums where positions, sample stride and offset are whole vec4s:
+// p counts them in vec4s, and each term is a vec4. CPU adapters access
+// memory one lane at a time, a vec4 at about the cost of a float.
+@compute @workgroup_size(WG)
+fn channel_sums_quads(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let id = linear_index(gid, nwg);
+    if (id >= p.splits * p.channels) {
+        return;
+    }
+    let s = split_of(id);
+    var w = walk(s.channel, s.first);
+    var sum = 0.0;
+    for (var q = s.first; q < s.last; q++) {
+        let v = src_quads[w.at];
+        sum += (v.x + v.y) + (v.z + v.w);
+        w = step(w);
     }
     partial[p.first_split * p.channels + id] = sum;
 }

@@ -836,7 +836,8 @@ fn pooling_beyond_f32_exact_indices() {
 }
 
 /// Channel sums (bias gradients) over many terms, odd channel counts and
-/// batch 1, against an f64 CPU sum.
+/// batch 1, against an f64 CPU sum; planes of whole vec4s take the kernel
+/// that reads four terms at a time.
 #[test]
 fn channel_sum_matches_cpu() {
     let gpu = gpu();
@@ -857,10 +858,15 @@ fn channel_sum_matches_cpu() {
         plan.write_f32(&gpu, &g, input, &x.data).unwrap();
         plan.run(&gpu);
         let got = plan.read_f32(&gpu, &g, out).unwrap();
+        let spatial: usize = shape[2..].iter().product();
+        assert_eq!(
+            plan.entry_points().contains(&"channel_sums_quads"),
+            spatial.is_multiple_of(4),
+            "{shape:?}: vec4 terms where planes are whole vec4s"
+        );
         let terms = x.data.len() / shape[1];
         let exact: Vec<f32> = (0..shape[1])
             .map(|c| {
-                let spatial: usize = shape[2..].iter().product();
                 (0..x.data.len())
                     .filter(|i| (i / spatial) % shape[1] == c)
                     .map(|i| x.data[i] as f64)

@@ -135,26 +135,32 @@ impl Op for ChannelSum {
         let (chunks, splits) = chunked_splits(ctx, &[x], spatial, channels, channels)?;
         let partial = ctx.scratch(4 * (chunks * splits * channels) as u64)?;
         ctx.for_each_chunk(&[x], |ctx, chunk| {
-            let terms = ctx.shape(x)[0] * spatial;
+            let at = ctx.layout(x);
+            // Counted in vec4s where positions and layout allow.
+            let lanes = if [spatial as u32, at[0], at[1]].iter().all(|v| v % 4 == 0) {
+                4
+            } else {
+                1
+            };
+            let terms = ctx.shape(x)[0] * spatial / lanes;
             let p = ReduceParams {
                 batch: ctx.shape(x)[0] as u32,
                 channels: channels as u32,
-                spatial: spatial as u32,
+                spatial: (spatial / lanes) as u32,
                 splits: splits as u32,
                 chunk: terms.div_ceil(splits) as u32,
                 len: channels as u32,
-                src_at: ctx.layout(x),
+                src_at: at.map(|v| v / lanes as u32),
                 first_split: (chunk * splits) as u32,
                 _pad: 0,
             };
-            let storage = [(1, ctx.binding(x)), (2, partial.clone())];
-            ctx.dispatch(
-                Shader::Reduce,
-                "channel_sums",
-                &p,
-                &storage,
-                splits * channels,
-            )
+            let (entry, slot) = if lanes == 4 {
+                ("channel_sums_quads", 4)
+            } else {
+                ("channel_sums", 1)
+            };
+            let storage = [(slot, ctx.binding(x)), (2, partial.clone())];
+            ctx.dispatch(Shader::Reduce, entry, &p, &storage, splits * channels)
         })?;
         let total = ReduceParams::sum_splits(channels, chunks * splits);
         sum_splits(ctx, &total, &partial, &ctx.binding(outputs[0]))
