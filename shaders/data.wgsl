@@ -58,3 +58,24 @@ fn gather_resize(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wor
     let bottom = (1.0 - lx) * pixel(image, y1, x0) + lx * pixel(image, y1, x1);
     images[i] = (1.0 - ly) * top + ly * bottom;
 }
+
+// gather_resize at the dataset's own size, where an image is whole words:
+// a word's four pixels per invocation and one vec4 store, the values
+// gather_resize computes (its weights are exactly 1 and 0 there).
+@group(0) @binding(6) var<storage, read_write> image_quads: array<vec4<f32>>;
+
+@compute @workgroup_size(WG)
+fn gather(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = linear_index(gid, nwg);
+    if (i < p.batch) {
+        labels[i] = dataset_labels[indices[i]];
+    }
+    let words = p.src_h * p.src_w / 4u;
+    if (i >= p.batch * words) {
+        return;
+    }
+    let n = quotient(i, words);
+    let word = pixels[indices[n] * words + (i - n * words)];
+    let bytes = (vec4<u32>(word) >> vec4<u32>(0u, 8u, 16u, 24u)) & vec4<u32>(0xffu);
+    image_quads[i] = vec4<f32>(bytes) / 255.0;
+}

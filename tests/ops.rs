@@ -982,6 +982,61 @@ fn gather_resize_matches_pytorch() {
     }
 }
 
+/// Batches at the dataset's own size (LeNet's 28 x 28): images of whole
+/// 4-byte words take the kernel that converts a word's four pixels at once,
+/// 5 x 5 ones the resizing kernel; both give ToTensor's byte / 255, and the
+/// labels, for indices out of order and repeated.
+#[test]
+fn gather_at_the_dataset_size_matches_cpu() {
+    let gpu = gpu();
+    let mut rng = Rng::new(41);
+    for (side, whole_words) in [(28, true), (6, true), (5, false)] {
+        let count = 5;
+        let images: Vec<u8> = (0..count * side * side)
+            .map(|_| (rng.next_f32() * 256.0) as u8)
+            .collect();
+        let dataset = Dataset {
+            images,
+            labels: (0..count as u8).map(|l| 9 - l).collect(),
+            height: side,
+            width: side,
+        };
+        let order = [3u32, 0, 4, 4, 1, 2];
+        let device_data = GpuDataset::upload(&gpu, &dataset).unwrap();
+        let mut g = Graph::new(false);
+        let px = g.external("pixels", vec![count, side, side], DType::U8);
+        let labels = g.external("labels", vec![count], DType::U32);
+        let indices = g.input(vec![order.len()], DType::U32);
+        let out = g
+            .apply(GatherResize { size: side }, &[px, labels, indices])
+            .unwrap();
+        let mut externals = Externals::new();
+        device_data.bind(&mut externals);
+        let store = ParamStore::new(&gpu, &g).unwrap();
+        let plan = Plan::new(&gpu, &g, &store, &externals).unwrap();
+        plan.write_u32(&gpu, indices, &order);
+        plan.run(&gpu);
+        let case = format!("{side}x{side}");
+        assert_eq!(
+            plan.entry_points().contains(&"gather"),
+            whole_words,
+            "{case}: {:?}",
+            plan.entry_points()
+        );
+        let want: Vec<f32> = (order.iter())
+            .flat_map(|&i| dataset.image(i as usize).iter().map(|&b| b as f32 / 255.0))
+            .collect();
+        let images = plan.read_f32(&gpu, &g, out[0]).unwrap();
+        assert_close(&format!("{case} images"), &images, &want, 0.0, 0.0);
+        let want_labels: Vec<u32> = order.iter().map(|&i| 9 - i).collect();
+        assert_eq!(
+            plan.read_u32(&gpu, &g, out[1]).unwrap(),
+            want_labels,
+            "{case} labels"
+        );
+    }
+}
+
 /// Three steps of a torch.optim optimizer with the golden file's gradients,
 /// on the GPU (state in GPU buffers) and with the CPU reference.
 fn check_optimizer(file: &str, optimizer: Optimizer) {

@@ -89,15 +89,17 @@ impl Op for GatherResize {
             _pad: 0,
         };
         // Inputs then outputs, in binding slots 1, 2, ...
-        let slots: Vec<(u32, TensorId)> =
+        let mut slots: Vec<(u32, TensorId)> =
             (1..).zip(inputs.iter().chain(outputs).copied()).collect();
+        let pixels = self.size * self.size;
+        let same_size = src[1..] == [self.size, self.size];
+        if same_size && pixels.is_multiple_of(4) {
+            slots[3].0 = 6;
+            let storage = ctx.bind(&slots);
+            let invocations = batch.max(batch * pixels / 4);
+            return ctx.dispatch(Shader::Data, "gather", &p, &storage, invocations);
+        }
         let storage = ctx.bind(&slots);
-        ctx.dispatch(
-            Shader::Data,
-            "gather_resize",
-            &p,
-            &storage,
-            batch * self.size * self.size,
-        )
+        ctx.dispatch(Shader::Data, "gather_resize", &p, &storage, batch * pixels)
     }
 }
