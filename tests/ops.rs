@@ -125,6 +125,61 @@ fn check_conv(
     r.entry_points
 }
 
+/// Two convolutions, `conv(conv(x, wa), wb)`, whose activations bind in
+/// uneven batch chunks under a 1.1 MB binding limit (the first conv's
+/// output in chunks of 1 and 2 samples). The blocked filter gradient sums
+/// each chunk in as many K splits as the longest chunk needs; a shorter
+/// chunk must still write all of its splits (zeros past its terms), or the
+/// final sum picks up what the shared scratch memory held: here the second
+/// conv's partial sums, planned just before.
+#[test]
+fn conv2d_filter_gradient_in_uneven_batch_chunks() {
+    let mut gpu = gpu();
+    gpu.tuning.binding_limit = 1_100_000;
+    let mut rng = Rng::new(13);
+    let conv = Conv2d {
+        stride: (1, 1),
+        padding: (1, 1),
+    };
+    let x = random(&[3, 15, 64, 64], &mut rng);
+    let (wa, ba) = (random(&[32, 15, 3, 3], &mut rng), random(&[32], &mut rng));
+    let (wb, bb) = (random(&[64, 32, 3, 3], &mut rng), random(&[64], &mut rng));
+    let a = conv.cpu_forward(&x, &wa, &ba.data);
+    let y = conv.cpu_forward(&a, &wb, &bb.data);
+    let dy = random(&y.shape, &mut rng);
+    let (da, dwb, dbb) = conv.cpu_backward(&a, &wb, &dy);
+    let (_, dwa, dba) = conv.cpu_backward(&x, &wa, &da);
+
+    let mut g = Graph::new(true);
+    let tensors = [&x, &wa, &ba, &wb, &bb];
+    let ids: Vec<_> = (tensors.iter().enumerate())
+        .map(|(i, t)| g.param(format!("p{i}"), t.shape.clone(), Init::Zeros))
+        .collect();
+    let a_id = g.apply1(conv, &[ids[0], ids[1], ids[2]]).unwrap();
+    let y_id = g.apply1(conv, &[a_id, ids[3], ids[4]]).unwrap();
+    let dy_id = g.input(dy.shape.clone(), DType::F32);
+    autodiff::backward(&mut g, &[(y_id, dy_id)]).unwrap();
+    let store = ParamStore::new(&gpu, &g).unwrap();
+    for (i, t) in tensors.iter().enumerate() {
+        store.write(&gpu, i, &t.data).unwrap();
+    }
+    let plan = Plan::new(&gpu, &g, &store, &Externals::new()).unwrap();
+    plan.write_f32(&gpu, &g, dy_id, &dy.data).unwrap();
+    plan.run(&gpu);
+    for (i, name, want) in [
+        (1, "dwa", &dwa.data),
+        (2, "dba", &dba),
+        (3, "dwb", &dwb.data),
+        (4, "dbb", &dbb),
+    ] {
+        // Sums of 12,288 products of values up to ~30: f32 rounding there
+        // grows with the gradient's largest value.
+        let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let got = store.read_grad(&gpu, i).unwrap();
+        assert_close(name, &got, want, 1e-5 * scale, 1e-3);
+    }
+}
+
 /// Stride-1 convolutions that `conv_rows` computes from zero-padded input
 /// rows, 16 output pixels of a row per invocation: forward passes with few
 /// output channels and data gradients with up to 32 input channels whose

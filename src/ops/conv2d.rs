@@ -636,9 +636,11 @@ impl Conv2dBackwardFilter {
             }
             .contiguous_output(taps as u32, [0, 0]);
             let storage = [(1, packed_dy), (4, partial.clone()), (7, ctx.binding(x))];
-            let splits_here = (params.k as usize).div_ceil(k_split) as u32;
+            // Every split, also those past a shorter chunk's terms: they
+            // write zeros, where the final sum would otherwise read what
+            // the shared scratch memory held.
             let lanes = (workgroup, k_lanes as u32);
-            blocked::dispatch_split(ctx, lanes, &params, &storage, splits_here)
+            blocked::dispatch_split(ctx, lanes, &params, &storage, splits as u32)
         })?;
         let total = ReduceParams::sum_splits(len, chunks.len() * splits);
         sum_splits(ctx, &total, &partial, &ctx.binding(dweight))?;
