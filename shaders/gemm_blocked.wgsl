@@ -56,6 +56,9 @@ struct Blocked {
     // graph::Layout (offset, sample stride) of the output and of x.
     out_at: vec2<u32>,
     x_at: vec2<u32>,
+    // conv_rows_filter_gradient: graph::Layout of dy.
+    dy_at: vec2<u32>,
+    _pad: vec2<u32>,
 }
 
 // Rows per tile in vec4s: 8 (32 rows), or 4 or 2 where the matrix has
@@ -345,21 +348,20 @@ struct RowSegment {
     q4: vec4<f32>,
 }
 
-// The 16 floats `shift` (0 to 4) into `s`. Selects, not branches: a branch
-// between two accumulations makes the compiler store and reload the whole
-// tile around it.
+// The four floats `shift` (0 to 4) into a followed by b. Selects, not
+// branches: a branch between two accumulations makes the compiler store
+// and reload the whole tile around it.
+fn shift4(a: vec4<f32>, b: vec4<f32>, shift: u32) -> vec4<f32> {
+    var v = select(a, vec4<f32>(a.yzw, b.x), shift == 1u);
+    v = select(v, vec4<f32>(a.zw, b.xy), shift == 2u);
+    v = select(v, vec4<f32>(a.w, b.xyz), shift == 3u);
+    return select(v, b, shift == 4u);
+}
+
+// The 16 floats `shift` into `s`.
 fn shifted(s: RowSegment, shift: u32) -> array<vec4<f32>, 4> {
-    let q = array<vec4<f32>, 5>(s.q0, s.q1, s.q2, s.q3, s.q4);
-    var out: array<vec4<f32>, 4>;
-    for (var j = 0u; j < 4u; j++) {
-        let a = q[j];
-        let b = q[j + 1u];
-        var v = select(a, vec4<f32>(a.yzw, b.x), shift == 1u);
-        v = select(v, vec4<f32>(a.zw, b.xy), shift == 2u);
-        v = select(v, vec4<f32>(a.w, b.xyz), shift == 3u);
-        out[j] = select(v, b, shift == 4u);
-    }
-    return out;
+    return array<vec4<f32>, 4>(shift4(s.q0, s.q1, shift), shift4(s.q1, s.q2, shift),
+        shift4(s.q2, s.q3, shift), shift4(s.q3, s.q4, shift));
 }
 
 // C = A im2col(x) for 16 pixels of output row oy, from x's rows padded to
@@ -431,6 +433,132 @@ fn conv_rows_bias(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
     var t = convolve_rows(wid.y * ROW_QUADS, l.sample, l.segment, wid.z);
     add_row_bias(&t, wid.y * ROW_QUADS);
     store_rows(t, wid, l);
+}
+
+// conv_rows_filter_gradient: dweight of a stride-1 convolution with a
+// kernel at most 5 x 5, from x's padded rows (pad_rows) and dy's rows,
+// whole vec4s. Each lane owns one output channel and the KH x KW weights
+// of one input channel; the lanes of a workgroup walk the same (sample,
+// output row, segment) terms, so their loads of x's rows are broadcasts,
+// and each lane loads its own channel's 16 dy values once per term for all
+// KH x KW taps. Grid: x = splits of the terms (k_split each, partial sums
+// to slice first_split + split of c), y = (input channel, group of WG
+// output channels). KH and KW are constants so that every sum is a named
+// register (see `Tile`).
+override KH: u32 = 5u;
+override KW: u32 = 5u;
+
+@group(0) @binding(12) var<storage, read> dy_rows: array<vec4<f32>>;
+
+// The sums of one kernel row: kx = 0..3 and kx = 4.
+struct TapRow {
+    lo: vec4<f32>,
+    hi: f32,
+}
+
+// 16 floats as four vec4s (no arrays: CPU adapters may keep those in memory).
+struct Floats16 {
+    q0: vec4<f32>,
+    q1: vec4<f32>,
+    q2: vec4<f32>,
+    q3: vec4<f32>,
+}
+
+// d dotted with the 16 floats `shift` into s.
+fn dot_shifted(d: Floats16, s: RowSegment, shift: u32) -> f32 {
+    return dot(d.q0, shift4(s.q0, s.q1, shift)) + dot(d.q1, shift4(s.q1, s.q2, shift))
+        + dot(d.q2, shift4(s.q2, s.q3, shift)) + dot(d.q3, shift4(s.q3, s.q4, shift));
+}
+
+// dy's 16 values dotted with the x row under each of the KW taps.
+fn tap_row(d: Floats16, s: RowSegment) -> TapRow {
+    var r: TapRow;
+    r.lo.x = dot_shifted(d, s, 0u);
+    if (KW > 1u) { r.lo.y = dot_shifted(d, s, 1u); }
+    if (KW > 2u) { r.lo.z = dot_shifted(d, s, 2u); }
+    if (KW > 3u) { r.lo.w = dot_shifted(d, s, 3u); }
+    if (KW > 4u) { r.hi = dot_shifted(d, s, 4u); }
+    return r;
+}
+
+fn add_rows(a: TapRow, b: TapRow) -> TapRow {
+    return TapRow(a.lo + b.lo, a.hi + b.hi);
+}
+
+// x's padded row iy of plane `plane_at` (vec4 index) from vec4 `column`
+// on; zeros where iy is outside the input.
+fn x_segment(plane_at: u32, iy: i32, column: u32) -> RowSegment {
+    let inside = u32(iy) < p.x_h;
+    let at = plane_at + u32(select(0, iy, inside)) * (p.x_w / 4u) + column;
+    let zero = vec4<f32>(0.0);
+    return RowSegment(select(zero, x_rows[at], inside), select(zero, x_rows[at + 1u], inside),
+        select(zero, x_rows[at + 2u], inside), select(zero, x_rows[at + 3u], inside), select(zero, x_rows[at + 4u], inside));
+}
+
+// A lane's sums, kernel row by kernel row.
+struct FilterSums {
+    r0: TapRow,
+    r1: TapRow,
+    r2: TapRow,
+    r3: TapRow,
+    r4: TapRow,
+}
+
+fn store_tap_row(at: u32, r: TapRow) {
+    c[at] = r.lo.x;
+    if (KW > 1u) { c[at + 1u] = r.lo.y; }
+    if (KW > 2u) { c[at + 2u] = r.lo.z; }
+    if (KW > 3u) { c[at + 3u] = r.lo.w; }
+    if (KW > 4u) { c[at + 4u] = r.hi; }
+}
+
+@compute @workgroup_size(WG)
+fn conv_rows_filter_gradient(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lane: u32) {
+    let groups = (p.m + WG - 1u) / WG;
+    let ci = wid.y / groups;
+    let co = min((wid.y - ci * groups) * WG + lane, p.m - 1u);
+    let out_h = p.pixels / p.out_w;
+    let per_sample = out_h * p.row_segments;
+    let first = wid.x * p.k_split;
+    let last = min(first + p.k_split, p.k);
+    var sample = first / per_sample;
+    var oy = (first - sample * per_sample) / p.row_segments;
+    var segment = first - sample * per_sample - oy * p.row_segments;
+    var sums: FilterSums;
+    for (var t = first; t < last; t++) {
+        // The row's quads from this segment on: the rest of the segment is zero.
+        let live = (p.out_w - segment * 16u) / 4u;
+        let d_at = (p.dy_at.x + sample * p.dy_at.y + co * p.pixels + oy * p.out_w) / 4u + segment * 4u;
+        let zero = vec4<f32>(0.0);
+        let d = Floats16(dy_rows[d_at], select(zero, dy_rows[d_at + 1u], live > 1u),
+            select(zero, dy_rows[d_at + 2u], live > 2u), select(zero, dy_rows[d_at + 3u], live > 3u));
+        let plane_at = (p.x_at.x + sample * p.x_at.y) / 4u + ci * p.x_h * (p.x_w / 4u);
+        let top = i32(oy) - p.pad_h;
+        let column = segment * 4u;
+        sums.r0 = add_rows(sums.r0, tap_row(d, x_segment(plane_at, top, column)));
+        if (KH > 1u) { sums.r1 = add_rows(sums.r1, tap_row(d, x_segment(plane_at, top + 1, column))); }
+        if (KH > 2u) { sums.r2 = add_rows(sums.r2, tap_row(d, x_segment(plane_at, top + 2, column))); }
+        if (KH > 3u) { sums.r3 = add_rows(sums.r3, tap_row(d, x_segment(plane_at, top + 3, column))); }
+        if (KH > 4u) { sums.r4 = add_rows(sums.r4, tap_row(d, x_segment(plane_at, top + 4, column))); }
+        segment++;
+        if (segment == p.row_segments) {
+            segment = 0u;
+            oy++;
+            if (oy == out_h) {
+                oy = 0u;
+                sample++;
+            }
+        }
+    }
+    if ((wid.y - ci * groups) * WG + lane < p.m) {
+        let channels = p.n;
+        let at = (p.first_split + wid.x) * p.m * channels * KH * KW + (co * channels + ci) * KH * KW;
+        store_tap_row(at, sums.r0);
+        if (KH > 1u) { store_tap_row(at + KW, sums.r1); }
+        if (KH > 2u) { store_tap_row(at + 2u * KW, sums.r2); }
+        if (KH > 3u) { store_tap_row(at + 3u * KW, sums.r3); }
+        if (KH > 4u) { store_tap_row(at + 4u * KW, sums.r4); }
+    }
 }
 
 // The input of conv_rows: every row of an NCHW tensor (samples at `at`)

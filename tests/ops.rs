@@ -180,43 +180,46 @@ fn conv2d_filter_gradient_in_uneven_batch_chunks() {
     }
 }
 
-/// Stride-1 convolutions that `conv_rows` computes from zero-padded input
-/// rows, 16 output pixels of a row per invocation: forward passes with few
-/// output channels and data gradients with up to 32 input channels whose
-/// rows fill their 16-pixel segments well; kernels 2 to 5 wide, uneven
-/// padding, batch 1 (LeNet's two layers). Each case checks that it took
-/// that kernel where expected.
+/// Stride-1 convolutions that the row kernels compute from zero-padded
+/// input rows, 16 output pixels of a row per invocation: `conv_rows` for
+/// forward passes with few output channels and data gradients with up to
+/// 32 input channels, where rows fill their 16-pixel segments well;
+/// `conv_rows_filter_gradient` for filter gradients with at most 8 output
+/// channels and rows of whole vec4s. Kernels 2 to 5 wide, uneven padding,
+/// rows ending mid-segment, batch 1 (LeNet's two layers). Each case checks
+/// which kernels it took.
 #[test]
 fn conv_rows_match_cpu() {
     let gpu = gpu();
     let mut rng = Rng::new(8);
-    // x, weight, padding, whether the forward pass takes conv_rows (the
-    // data gradient always does in these cases).
-    type Case = ([usize; 4], [usize; 4], (usize, usize), bool);
-    let cases: [Case; 6] = [
-        ([1, 1, 28, 28], [6, 1, 5, 5], (2, 2), true),
-        ([1, 6, 14, 14], [16, 6, 5, 5], (0, 0), false),
-        ([3, 2, 13, 29], [5, 2, 3, 5], (1, 2), true),
-        ([2, 3, 12, 13], [16, 3, 2, 2], (0, 0), true),
-        ([2, 20, 6, 14], [7, 20, 3, 3], (1, 1), true),
-        ([2, 4, 5, 24], [3, 4, 4, 4], (0, 3), true),
+    // x, weight, padding, and whether the forward pass, the data gradient
+    // and the filter gradient take the row kernels.
+    type Case = ([usize; 4], [usize; 4], (usize, usize), [bool; 3]);
+    let cases: [Case; 8] = [
+        ([1, 1, 28, 28], [6, 1, 5, 5], (2, 2), [true, true, true]),
+        ([1, 6, 14, 14], [16, 6, 5, 5], (0, 0), [false, true, false]),
+        ([3, 2, 13, 29], [5, 2, 3, 5], (1, 2), [true, true, false]),
+        ([2, 3, 12, 13], [16, 3, 2, 2], (0, 0), [true, true, false]),
+        ([2, 20, 6, 14], [7, 20, 3, 3], (1, 1), [true, true, false]),
+        ([2, 4, 5, 24], [3, 4, 4, 4], (0, 3), [true, true, false]),
+        ([3, 2, 9, 12], [5, 2, 3, 3], (1, 1), [true, true, true]),
+        ([2, 3, 7, 24], [8, 3, 2, 5], (0, 2), [true, true, true]),
     ];
-    for (xs, ws, padding, forward_rows) in cases {
+    let kernels = ["conv_rows_bias", "conv_rows", "conv_rows_filter_gradient"];
+    for (xs, ws, padding, expected) in cases {
         let conv = Conv2d {
             stride: (1, 1),
             padding,
         };
         let case = format!("conv x{xs:?} w{ws:?} padding {padding:?}");
         let entries = check_conv(&gpu, conv, (xs, ws), &mut rng, &case);
-        assert_eq!(
-            entries.contains(&"conv_rows_bias"),
-            forward_rows,
-            "{case}: forward kernel, dispatched {entries:?}"
-        );
-        assert!(
-            entries.contains(&"conv_rows"),
-            "{case}: data gradient kernel, dispatched {entries:?}"
-        );
+        for (kernel, expected) in kernels.iter().zip(expected) {
+            assert_eq!(
+                entries.contains(kernel),
+                expected,
+                "{case}: {kernel} in {entries:?}"
+            );
+        }
     }
 }
 

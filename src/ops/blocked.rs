@@ -60,9 +60,11 @@ pub struct BlockedParams {
     pub row_segments: u32,
     pub out_at: [u32; 2],
     pub x_at: [u32; 2],
+    pub dy_at: [u32; 2],
+    pub _pad: [u32; 2],
 }
 
-const _: () = assert!(std::mem::size_of::<BlockedParams>() == 112);
+const _: () = assert!(std::mem::size_of::<BlockedParams>() == 128);
 
 impl BlockedParams {
     /// C as a row-major matrix (`out_plane` = N) or a whole NCHW tensor
@@ -224,6 +226,10 @@ const ROW_SEGMENT: u32 = TILE_COLUMNS;
 /// Kernels `conv_rows` takes: it shifts the taps of a row out of 20 floats.
 pub const MAX_ROW_TAPS: u32 = 5;
 
+/// Lanes of a `conv_rows_filter_gradient` workgroup: the SIMD width of
+/// CPU adapters, one output channel each.
+const FILTER_LANES: u32 = 8;
+
 /// A stride-1 convolution as `conv_rows` computes it: input `[samples,
 /// channels, h, w]` at layout `x_at`, zero-padded by `pad`, a `kernel` at
 /// most `MAX_ROW_TAPS` wide, `rows` output channels of `out` pixels at
@@ -292,6 +298,103 @@ impl RowConv {
             && self.out.0 <= MAX_GROUPS
     }
 
+    fn segments(&self) -> u32 {
+        self.out.1.div_ceil(ROW_SEGMENT)
+    }
+
+    /// The kernels' uniform with this convolution's geometry.
+    fn params(&self) -> BlockedParams {
+        BlockedParams {
+            k: self.channels * self.kernel.0 * self.kernel.1,
+            x_h: self.input.0,
+            x_w: self.padded_w(),
+            kh: self.kernel.0,
+            kw: self.kernel.1,
+            out_w: self.out.1,
+            pad_h: self.pad.0 as i32,
+            row_segments: self.segments(),
+            x_at: [0, self.padded_sample()],
+            ..BlockedParams::default()
+        }
+    }
+
+    /// Records `pad_rows`: x's rows zero-padded into scratch memory.
+    fn padded_rows(&self, ctx: &mut PlanContext, x: Binding) -> Result<Binding> {
+        let padded = ctx.scratch(self.padded_bytes())?;
+        let padding = RowPadding {
+            rows_per_sample: self.channels * self.input.0,
+            w: self.input.1,
+            padded_w: self.padded_w(),
+            pad_w: self.pad.1,
+            quads: (self.padded_bytes() / 16) as u32,
+            sample_quads: self.padded_sample() / 4,
+            at: self.x_at,
+        };
+        let storage = [(7, x), (11, padded.clone())];
+        let quads = padding.quads as usize;
+        ctx.dispatch(Shader::GemmBlocked, "pad_rows", &padding, &storage, quads)?;
+        Ok(padded)
+    }
+
+    /// Whether `conv_rows_filter_gradient` takes this convolution's filter
+    /// gradient with dy laid out at `out_at`: kernels at most 5 x 5 and 2
+    /// wide, dy's rows and layout whole vec4s, and at most one workgroup of
+    /// output channels, where the blocked kernel's tile rows would be
+    /// mostly padding (LeNet's first layer: 8.3 -> 5.7-6.1 ms for the
+    /// whole gradient on lavapipe; wider layers keep the blocked kernel).
+    pub fn filter_gradient_fits(&self, ctx: &PlanContext) -> bool {
+        let [offset, stride] = self.out_at;
+        self.rows <= FILTER_LANES
+            && self.kernel.0 <= MAX_ROW_TAPS
+            && (2..=MAX_ROW_TAPS).contains(&self.kernel.1)
+            && [self.out.1, offset, stride]
+                .iter()
+                .all(|v| v.is_multiple_of(4))
+            && self.padded_bytes() <= ctx.gpu.max_binding()
+    }
+
+    /// Terms of the filter gradient's sum: 16-pixel segments of dy's rows.
+    pub fn filter_gradient_terms(&self) -> u32 {
+        self.samples * self.out.0 * self.segments()
+    }
+
+    /// Records the padding pass and `conv_rows_filter_gradient` in `splits`
+    /// pieces of `k_split` terms (those past the last term sum nothing),
+    /// writing partial sums to slices `first_split..` of `partial`; dy is
+    /// laid out at `out_at`.
+    pub fn plan_filter_gradient(
+        &self,
+        ctx: &mut PlanContext,
+        (x, dy, partial): (Binding, Binding, Binding),
+        (first_split, splits, k_split): (u32, u32, u32),
+    ) -> Result<()> {
+        let padded = self.padded_rows(ctx, x)?;
+        let params = BlockedParams {
+            m: self.rows,
+            n: self.channels,
+            k: self.filter_gradient_terms(),
+            pixels: self.out.0 * self.out.1,
+            k_split,
+            first_split,
+            dy_at: self.out_at,
+            ..self.params()
+        };
+        let workgroup = FILTER_LANES;
+        let constants = [
+            ("WG", workgroup),
+            ("KH", self.kernel.0),
+            ("KW", self.kernel.1),
+        ];
+        let storage = [(4, partial), (10, padded), (12, dy)];
+        let shader = (
+            Shader::GemmBlocked,
+            "conv_rows_filter_gradient",
+            &constants[..],
+        );
+        let grid = [splits, self.channels * self.rows.div_ceil(workgroup), 1];
+        ctx.dispatch_grid(shader, &params, &storage, grid.map(|g| g as usize))
+    }
+
     /// Records the padding pass and `conv_rows` (`conv_rows_bias` with a
     /// bias) writing `y`; `packed_weight` is the kernel's A, k-major.
     pub fn plan(
@@ -302,35 +405,12 @@ impl RowConv {
         bias: Option<Binding>,
         (x, y): (Binding, Binding),
     ) -> Result<()> {
-        let padded_w = self.padded_w();
-        let padded = ctx.scratch(self.padded_bytes())?;
-        let padding = RowPadding {
-            rows_per_sample: self.channels * self.input.0,
-            w: self.input.1,
-            padded_w,
-            pad_w: self.pad.1,
-            quads: (self.padded_bytes() / 16) as u32,
-            sample_quads: self.padded_sample() / 4,
-            at: self.x_at,
-        };
-        let storage = [(7, x), (11, padded.clone())];
-        let quads = padding.quads as usize;
-        ctx.dispatch(Shader::GemmBlocked, "pad_rows", &padding, &storage, quads)?;
-        let segments = self.out.1.div_ceil(ROW_SEGMENT);
+        let padded = self.padded_rows(ctx, x)?;
         let params = BlockedParams {
             m: self.rows,
-            n: self.samples * segments,
-            k: self.channels * self.kernel.0 * self.kernel.1,
+            n: self.samples * self.segments(),
             a_quads: padded_rows(self.rows) / 4,
-            x_h: self.input.0,
-            x_w: padded_w,
-            kh: self.kernel.0,
-            kw: self.kernel.1,
-            out_w: self.out.1,
-            pad_h: self.pad.0 as i32,
-            row_segments: segments,
-            x_at: [0, self.padded_sample()],
-            ..BlockedParams::default()
+            ..self.params()
         }
         .contiguous_output(self.out.0 * self.out.1, self.out_at);
         let mut storage = vec![(1, packed_weight), (4, y), (10, padded)];

@@ -581,7 +581,52 @@ pub struct Conv2dBackwardFilter {
 /// the 512 partial sums an invocation writes per split cost little.
 const BLOCKED_SPLIT_TERMS: usize = 2048;
 
+/// Terms (16-pixel row segments of dy) each split of
+/// `conv_rows_filter_gradient` sums: LeNet's first layer has 14,336 at
+/// batch 256, 56 splits.
+const ROW_SPLIT_TERMS: u32 = 256;
+
 impl Conv2dBackwardFilter {
+    /// The filter gradient of a stride-1 convolution with few output
+    /// channels on `conv_rows_filter_gradient` (see `RowConv`), then the
+    /// splits summed. Plans nothing and returns false where that kernel
+    /// does not take it.
+    fn plan_rows(
+        &self,
+        ctx: &mut PlanContext,
+        whole: &ConvParams,
+        inputs: &[TensorId],
+        dweight: TensorId,
+    ) -> Result<bool> {
+        let (x, dy) = (inputs[0], inputs[1]);
+        let layouts = (ctx.layout(x), ctx.layout(dy));
+        let Some(rows) = (whole.row_conv(layouts)).filter(|r| r.filter_gradient_fits(ctx)) else {
+            return Ok(false);
+        };
+        let chunks = ctx.batch_chunks(&[x, dy])?;
+        let longest = chunks.iter().map(|&(_, count)| count).max().unwrap_or(1) as u32;
+        let terms = RowConv {
+            samples: longest,
+            ..rows
+        }
+        .filter_gradient_terms();
+        let splits = terms.div_ceil(ROW_SPLIT_TERMS);
+        let pieces = (splits, ROW_SPLIT_TERMS);
+        let len = ctx.len(dweight);
+        let partial = ctx.scratch(4 * (chunks.len() * splits as usize * len) as u64)?;
+        ctx.for_each_chunk(&[x, dy], |ctx, chunk| {
+            let mut p = self.conv.params(&ctx.shape(x), &ctx.shape(dweight));
+            (p.x_at, p.dy_at) = (ctx.layout(x), ctx.layout(dy));
+            let rows = p.row_conv((p.x_at, p.dy_at)).expect("stride 1");
+            let bindings = (ctx.binding(x), ctx.binding(dy), partial.clone());
+            let (splits, k_split) = pieces;
+            rows.plan_filter_gradient(ctx, bindings, (chunk as u32 * splits, splits, k_split))
+        })?;
+        let total = ReduceParams::sum_splits(len, chunks.len() * splits as usize);
+        sum_splits(ctx, &total, &partial, &ctx.binding(dweight))?;
+        Ok(true)
+    }
+
     /// The filter gradient on CPU adapters: `dy im2col(x)^T` on the
     /// register-tiled kernel, rows = output channels, columns = taps, the
     /// sum over each batch chunk's output pixels split along K. Plans
@@ -674,7 +719,9 @@ impl Op for Conv2dBackwardFilter {
         let ws = ctx.shape(outputs[0]);
         let whole = self.conv.params(&ctx.shape(x), &ws);
         if let GemmKernel::Blocked { workgroup } = ctx.gpu.tuning.gemm {
-            if self.plan_blocked(ctx, &whole, workgroup, inputs, outputs[0])? {
+            if self.plan_rows(ctx, &whole, inputs, outputs[0])?
+                || self.plan_blocked(ctx, &whole, workgroup, inputs, outputs[0])?
+            {
                 return Ok(());
             }
         }
