@@ -561,20 +561,18 @@ fn conv_rows_filter_gradient(@builtin(workgroup_id) wid: vec3<u32>, @builtin(loc
     }
 }
 
-// The input of conv_rows: every row of an NCHW tensor (samples at `at`)
-// copied into a row of `padded_w` floats (a multiple of 4) starting
-// `pad_w` zeros in, zeros after it. Padded samples lie `sample_quads`
-// vec4s apart, a little more than their rows take: lanes of a conv_rows
-// workgroup read different samples at the same position, and a sample
-// stride of a multiple of 4 KiB would make them evict each other's cache
-// lines.
+// The input of the row kernels: every row of an NCHW tensor (samples at
+// `at`) copied into a row of `padded_w` floats (a multiple of 4) starting
+// `pad_w` zeros in, zeros after it. One row per invocation: the index
+// arithmetic (integer divisions run one lane at a time on CPU adapters) is
+// done once for the row's vec4s.
 struct RowPadding {
     rows_per_sample: u32,
     w: u32,
     padded_w: u32,
     pad_w: u32,
-    quads: u32,
-    sample_quads: u32,
+    rows: u32,
+    _pad: u32,
     at: vec2<u32>,
 }
 
@@ -583,20 +581,21 @@ struct RowPadding {
 
 @compute @workgroup_size(WG)
 fn pad_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = linear_index(gid, nwg);
+    let row = linear_index(gid, nwg);
     let r = row_padding;
-    if (i >= r.quads) {
+    if (row >= r.rows) {
         return;
     }
-    let sample = quotient(i, r.sample_quads);
-    let in_sample = i - sample * r.sample_quads;
+    let sample = quotient(row, r.rows_per_sample);
+    let first = vec4<u32>(r.at.x + sample * r.at.y + (row - sample * r.rows_per_sample) * r.w);
     let row_quads = r.padded_w / 4u;
-    let row = quotient(in_sample, row_quads);
-    let first = r.at.x + sample * r.at.y + row * r.w;
-    let ix = vec4<i32>(vec4<u32>((in_sample - row * row_quads) * 4u) + vec4<u32>(0u, 1u, 2u, 3u)) - i32(r.pad_w);
-    let inside = (vec4<u32>(ix) < vec4<u32>(r.w)) & vec4<bool>(row < r.rows_per_sample);
-    let at = select(vec4<u32>(0u), vec4<u32>(first) + vec4<u32>(ix), inside);
-    padded_rows[i] = select(vec4<f32>(0.0), vec4<f32>(x[at.x], x[at.y], x[at.z], x[at.w]), inside);
+    var ix = vec4<i32>(0, 1, 2, 3) - i32(r.pad_w);
+    for (var q = 0u; q < row_quads; q++) {
+        let inside = vec4<u32>(ix) < vec4<u32>(r.w);
+        let at = select(vec4<u32>(0u), first + vec4<u32>(ix), inside);
+        padded_rows[row * row_quads + q] = select(vec4<f32>(0.0), vec4<f32>(x[at.x], x[at.y], x[at.z], x[at.w]), inside);
+        ix += vec4<i32>(4);
+    }
 }
 
 // Four filter taps (columns of dweight): their input channel's plane

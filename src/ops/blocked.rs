@@ -254,8 +254,8 @@ struct RowPadding {
     w: u32,
     padded_w: u32,
     pad_w: u32,
-    quads: u32,
-    sample_quads: u32,
+    rows: u32,
+    _pad: u32,
     at: [u32; 2],
 }
 
@@ -266,10 +266,9 @@ impl RowConv {
         self.out.1.div_ceil(ROW_SEGMENT) * ROW_SEGMENT + 4
     }
 
-    /// Floats from one padded sample to the next: its rows and 64 bytes
-    /// more (see `RowPadding` in the shader).
+    /// Floats per padded sample.
     fn padded_sample(&self) -> u32 {
-        self.channels * self.input.0 * self.padded_w() + 16
+        self.channels * self.input.0 * self.padded_w()
     }
 
     fn padded_bytes(&self) -> u64 {
@@ -326,13 +325,13 @@ impl RowConv {
             w: self.input.1,
             padded_w: self.padded_w(),
             pad_w: self.pad.1,
-            quads: (self.padded_bytes() / 16) as u32,
-            sample_quads: self.padded_sample() / 4,
+            rows: self.samples * self.channels * self.input.0,
+            _pad: 0,
             at: self.x_at,
         };
         let storage = [(7, x), (11, padded.clone())];
-        let quads = padding.quads as usize;
-        ctx.dispatch(Shader::GemmBlocked, "pad_rows", &padding, &storage, quads)?;
+        let rows = padding.rows as usize;
+        ctx.dispatch(Shader::GemmBlocked, "pad_rows", &padding, &storage, rows)?;
         Ok(padded)
     }
 
