@@ -841,13 +841,6 @@ impl Plan {
             let ticks: &[u64] = bytemuck::cast_slice(&bytes);
             for (d, t) in chunk.iter().zip(ticks.chunks_exact(2)) {
                 seconds[d.node] += t[1].saturating_sub(t[0]) as f64 * seconds_per_tick;
-                if std::env::var("DISPATCHES").is_ok() {
-                    eprintln!(
-                        "DISPATCH {:.3} {}",
-                        t[1].saturating_sub(t[0]) as f64 * seconds_per_tick * 1e3,
-                        d.label
-                    );
-                }
             }
         }
         let dispatching: std::collections::HashSet<usize> =
