@@ -10,7 +10,11 @@
 // either packed the same way (`matmul`, columns padded to 16) or gathered on
 // the fly from an NCHW tensor: the implicit-GEMM convolutions
 // `conv_forward`, `conv_transposed` (data gradient) and
-// `conv_filter_gradient`; no im2col matrix is ever materialised.
+// `conv_filter_gradient`; no im2col matrix is ever materialised. Stride-1
+// convolutions with few channels have row kernels instead (`conv_rows`,
+// `conv_rows_filter_gradient`, on rows copied by `pad_rows`): 16
+// neighbouring pixels of one output row per invocation, every tap of a
+// kernel row shifted out of the same 20 floats.
 //
 // Every accumulator is a named struct member: lavapipe keeps arrays indexed
 // in a loop in memory (measured 2.5 GFLOP/s against 19-33 unrolled at 1024^3).

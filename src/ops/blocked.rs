@@ -224,7 +224,7 @@ pub fn packed_channels_by_pixels(
 const ROW_SEGMENT: u32 = TILE_COLUMNS;
 
 /// Kernels `conv_rows` takes: it shifts the taps of a row out of 20 floats.
-pub const MAX_ROW_TAPS: u32 = 5;
+const MAX_ROW_TAPS: u32 = 5;
 
 /// Lanes of a `conv_rows_filter_gradient` workgroup: the SIMD width of
 /// CPU adapters, one output channel each.
