@@ -82,6 +82,16 @@ fn covers(c: Covering, step: u32) -> bool {
     return c.last >= step && o < c.outputs && o * c.stride + c.k > c.padded_y;
 }
 
+// Where element e of the pool's input lives in a tensor laid out as `l`.
+fn input_at(l: vec2<u32>, e: Pixel) -> u32 {
+    return plane_start(l, e.plane, p.h * p.w) + e.y * p.w + e.x;
+}
+
+// Where output o lives in a tensor of the pool's output shape laid out as `l`.
+fn pooled_at(l: vec2<u32>, o: Pixel) -> u32 {
+    return plane_start(l, o.plane, p.ho * p.wo) + o.y * p.wo + o.x;
+}
+
 @compute @workgroup_size(WG)
 fn avg_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = linear_index(gid, nwg);
@@ -102,7 +112,7 @@ fn avg_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
             sum += select(0.0, v, inside);
         }
     }
-    dst[plane_start(p.dst_at, o.plane, p.ho * p.wo) + o.y * p.wo + o.x] = sum / f32(p.kh * p.kw);
+    dst[pooled_at(p.dst_at, o)] = sum / f32(p.kh * p.kw);
 }
 
 // Each input element gathers dy / (kh*kw) from every window that covers it,
@@ -123,10 +133,6 @@ fn avg_gradient(e: Pixel) -> f32 {
     return sum / f32(p.kh * p.kw);
 }
 
-// Where element e of the pool's input lives in a tensor laid out as `l`.
-fn input_at(l: vec2<u32>, e: Pixel) -> u32 {
-    return plane_start(l, e.plane, p.h * p.w) + e.y * p.w + e.x;
-}
 
 @compute @workgroup_size(WG)
 fn avg_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
@@ -172,7 +178,7 @@ fn max_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
             }
         }
     }
-    dst[plane_start(p.dst_at, o.plane, p.ho * p.wo) + o.y * p.wo + o.x] = best;
+    dst[pooled_at(p.dst_at, o)] = best;
     argmax[p.argmax_offset + i] = best_at;
 }
 
@@ -284,7 +290,7 @@ fn max_backward_activated_quads(@builtin(global_invocation_id) gid: vec3<u32>, @
 // Where the top-left element of output o's window lives in a tensor laid
 // out as `l`.
 fn window_at(l: vec2<u32>, o: Pixel) -> u32 {
-    return plane_start(l, o.plane, p.h * p.w) + 2u * o.y * p.w + 2u * o.x;
+    return input_at(l, Pixel(o.plane, 2u * o.y, 2u * o.x));
 }
 
 // The window's elements row by row: (top.x, top.y, bottom.x, bottom.y).
@@ -293,11 +299,6 @@ fn window_2x2(o: Pixel) -> vec4<f32> {
     let top = src_pairs[at];
     let bottom = src_pairs[at + p.w / 2u];
     return vec4<f32>(top, bottom);
-}
-
-// Where output o lives in a tensor of the pool's output shape laid out as `l`.
-fn pooled_at(l: vec2<u32>, o: Pixel) -> u32 {
-    return plane_start(l, o.plane, p.ho * p.wo) + o.y * p.wo + o.x;
 }
 
 @compute @workgroup_size(WG)
