@@ -5,9 +5,9 @@
 // takes its own 16 columns of B as four vec4s. Per k that is 12 loads for
 // 512 multiply-adds.
 //
-// A always comes packed by `pack_k_major` (below): k-major, rows padded to
-// the tile with zeros, so the inner loop needs no bounds checks. B is
-// either packed the same way (`matmul`, columns padded to 16) or gathered on
+// A always comes k-major: packed by `pack_k_major` (below), rows padded to
+// the tile with zeros, or for `matmul` a matrix already stored k-major with
+// whole vec4s per row. B is either k-major the same way (`matmul`) or gathered on
 // the fly from an NCHW tensor: the implicit-GEMM convolutions
 // `conv_forward`, `conv_transposed` (data gradient) and
 // `conv_filter_gradient`; no im2col matrix is ever materialised. Stride-1
@@ -116,22 +116,25 @@ fn accumulate(t: ptr<function, Tile>, a: array<vec4<f32>, 8>, b: array<vec4<f32>
     }
 }
 
-// The ROW_QUADS vec4s of packed A at k = kk for the tile starting at row
-// 4 * quad0 (the rest of the array stays zero).
+// The ROW_QUADS vec4s of A at k = kk for the tile starting at row
+// 4 * quad0 (the rest of the array stays zero). A row of A shorter than the
+// tile (a matrix bound as it is stored, not padded) repeats its last vec4:
+// the rows past M are computed but never stored.
 fn rows_of_a(kk: u32, quad0: u32) -> array<vec4<f32>, 8> {
-    let at = kk * p.a_quads + quad0;
+    let first = kk * p.a_quads;
+    let last = p.a_quads - 1u;
     var rows = array<vec4<f32>, 8>();
-    rows[0] = a[at];
-    rows[1] = a[at + 1u];
+    rows[0] = a[first + min(quad0, last)];
+    rows[1] = a[first + min(quad0 + 1u, last)];
     if (ROW_QUADS > 2u) {
-        rows[2] = a[at + 2u];
-        rows[3] = a[at + 3u];
+        rows[2] = a[first + min(quad0 + 2u, last)];
+        rows[3] = a[first + min(quad0 + 3u, last)];
     }
     if (ROW_QUADS > 4u) {
-        rows[4] = a[at + 4u];
-        rows[5] = a[at + 5u];
-        rows[6] = a[at + 6u];
-        rows[7] = a[at + 7u];
+        rows[4] = a[first + min(quad0 + 4u, last)];
+        rows[5] = a[first + min(quad0 + 5u, last)];
+        rows[6] = a[first + min(quad0 + 6u, last)];
+        rows[7] = a[first + min(quad0 + 7u, last)];
     }
     return rows;
 }
@@ -219,9 +222,12 @@ fn add_row_bias(t: ptr<function, Tile>, row_quad0: u32) {
 
 fn multiply(row_quad0: u32, quad0: u32) -> Tile {
     var t: Tile;
+    // As in rows_of_a: a row of B shorter than the tile repeats its last vec4.
+    let last = p.b_quads - 1u;
+    let q = vec4<u32>(min(quad0, last), min(quad0 + 1u, last), min(quad0 + 2u, last), min(quad0 + 3u, last));
     for (var kk = 0u; kk < p.k; kk++) {
-        let at = kk * p.b_quads + quad0;
-        accumulate(&t, rows_of_a(kk, row_quad0), array<vec4<f32>, 4>(b[at], b[at + 1u], b[at + 2u], b[at + 3u]));
+        let at = vec4<u32>(kk * p.b_quads) + q;
+        accumulate(&t, rows_of_a(kk, row_quad0), array<vec4<f32>, 4>(b[at.x], b[at.y], b[at.z], b[at.w]));
     }
     return t;
 }
@@ -735,11 +741,10 @@ fn pixel_quad(at: u32, row: u32) -> vec4<f32> {
     return select(vec4<f32>(0.0), v, inside);
 }
 
-// pack_k_major for an NCHW tensor as X[channel][(sample, pixel)] (taps =
-// pixels, no kernel offsets) whose planes, samples and offset are whole
-// vec4s: each invocation moves a 4 x 4 block, four vec4 loads along the
-// pixels of four channels and four vec4 stores along the channels of four
-// pixels. CPU adapters access memory one lane at a time, a vec4 at about
+// pack_k_major where each group of taps is a run of whole vec4s (an NCHW
+// tensor as X[channel][(sample, pixel)], a row-major matrix as X[row][k]:
+// one group): each invocation moves a 4 x 4 block, four vec4 loads along
+// the runs of four rows and four vec4 stores along the rows of four k. CPU adapters access memory one lane at a time, a vec4 at about
 // the cost of a float; one float per invocation made this pass two thirds
 // of a 7x7 stem's filter gradient.
 @compute @workgroup_size(WG)

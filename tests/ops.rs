@@ -287,9 +287,12 @@ fn linear_matches_pytorch() {
 
 /// Both matrix-product kernels, every transpose combination, against the CPU
 /// on shapes that leave partial register tiles (the blocked kernel's 32 rows
-/// and 16 columns), that span several workgroups both ways, and that are
+/// and 16 columns), that span several workgroups both ways, that are
 /// already in the blocked kernel's packed layout (A^T with 64 rows, B with
-/// 48 columns: bound without a packing pass).
+/// 48 columns: bound without a packing pass), that are k-major with whole
+/// vec4s but short of a tile (A^T with 36 or 4 rows, B with 20 or 4
+/// columns: bound as they are, the kernel clamping its loads), and
+/// row-major with whole vec4s per row (k = 12, 8: packed four by four).
 #[test]
 fn matmul_kernels_match_cpu_on_awkward_shapes() {
     let mut gpu = gpu();
@@ -302,6 +305,8 @@ fn matmul_kernels_match_cpu_on_awkward_shapes() {
             (64, 7, 48),
             (5, 300, 130),
             (97, 2, 300),
+            (36, 12, 20),
+            (4, 8, 4),
         ] {
             for (transpose_a, transpose_b) in
                 [(false, false), (true, false), (false, true), (true, true)]

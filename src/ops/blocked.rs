@@ -113,7 +113,7 @@ impl PackParams {
         row_stride: u32,
         col_stride: u32,
     ) -> PackParams {
-        PackParams {
+        let matrix = PackParams {
             rows,
             k,
             rows_padded,
@@ -122,6 +122,16 @@ impl PackParams {
             taps: 1,
             tap_w: 1,
             ..PackParams::default()
+        };
+        if col_stride != 1 {
+            return matrix;
+        }
+        // Rows stored row-major: all of k is one run of taps.
+        PackParams {
+            taps: k,
+            tap_w: k,
+            tap_dx: 1,
+            ..matrix
         }
     }
 
@@ -171,10 +181,24 @@ impl PackParams {
             ..PackParams::default()
         }
     }
+
+    /// Whether `pack_planes_k_major` can move this one four by four: each
+    /// group of `taps` consecutive k is a run of consecutive elements, and
+    /// the runs, rows and offset start on whole vec4s.
+    fn in_vec4_runs(&self) -> bool {
+        let runs = self.tap_dx == 1 && self.tap_x0 == 0 && self.tap_w == self.taps;
+        let one_group = self.k == self.taps;
+        runs && (one_group || self.col_stride.is_multiple_of(4))
+            && [self.taps, self.row_stride, self.offset]
+                .iter()
+                .all(|v| v.is_multiple_of(4))
+    }
 }
 
 /// `X` as the kernels read A (and `matmul` B): k-major, rows padded to the
-/// tile with zeros. A matrix already stored that way is bound as it is.
+/// tile with zeros. A matrix already stored that way is bound as it is;
+/// runs of whole vec4s (a row-major matrix's rows, an NCHW tensor's planes)
+/// are moved four by four.
 pub fn packed_k_major(ctx: &mut PlanContext, x: Binding, p: PackParams) -> Result<Binding> {
     let in_place = p.taps == 1 && p.row_stride == 1 && p.col_stride == p.rows;
     if in_place && p.rows == p.rows_padded && p.offset == 0 {
@@ -185,15 +209,37 @@ pub fn packed_k_major(ctx: &mut PlanContext, x: Binding, p: PackParams) -> Resul
     if len == 0 {
         return Ok(packed);
     }
+    if p.in_vec4_runs() {
+        let storage = [(8, x), (9, packed.clone())];
+        ctx.dispatch(
+            Shader::GemmBlocked,
+            "pack_planes_k_major",
+            &p,
+            &storage,
+            len / 16,
+        )?;
+        return Ok(packed);
+    }
     let storage = [(5, x), (6, packed.clone())];
     ctx.dispatch(Shader::GemmBlocked, "pack_k_major", &p, &storage, len)?;
     Ok(packed)
 }
 
+/// An operand of `matmul` (`X[rows][k]` as `p` describes it) and its vec4s
+/// per k: a matrix already stored k-major with whole vec4s per k is bound
+/// as it is, its short last tile read clamped by the kernel; any other is
+/// packed by `packed_k_major`.
+pub fn k_major_operand(ctx: &mut PlanContext, x: Binding, p: PackParams) -> Result<(Binding, u32)> {
+    let in_place = p.taps == 1 && p.row_stride == 1 && p.col_stride == p.rows;
+    if in_place && p.rows.is_multiple_of(4) && p.offset == 0 {
+        return Ok((x, p.rows / 4));
+    }
+    Ok((packed_k_major(ctx, x, p)?, p.rows_padded / 4))
+}
+
 /// An NCHW tensor `x` with `channels` planes of `pixels` per sample, its
 /// samples at `at` (offset, sample stride), packed as `X[channel][(sample,
-/// pixel)]` (the A of a filter gradient): four by four with vec4 loads and
-/// stores when the planes, samples and offset allow, else as `packed_k_major`.
+/// pixel)]`: the A of a filter gradient.
 pub fn packed_channels_by_pixels(
     ctx: &mut PlanContext,
     x: Binding,
@@ -201,23 +247,7 @@ pub fn packed_channels_by_pixels(
     at: [u32; 2],
 ) -> Result<Binding> {
     let p = PackParams::channels_by_pixels(channels, pixels, samples, at);
-    if [pixels, at[0], at[1]].iter().any(|v| v % 4 != 0) {
-        return packed_k_major(ctx, x, p);
-    }
-    let len = p.rows_padded as usize * p.k as usize;
-    let packed = ctx.scratch(4 * len.max(4) as u64)?;
-    if len == 0 {
-        return Ok(packed);
-    }
-    let storage = [(8, x), (9, packed.clone())];
-    ctx.dispatch(
-        Shader::GemmBlocked,
-        "pack_planes_k_major",
-        &p,
-        &storage,
-        len / 16,
-    )?;
-    Ok(packed)
+    packed_k_major(ctx, x, p)
 }
 
 /// Output pixels per row segment of `conv_rows`: an invocation's columns.

@@ -109,13 +109,13 @@ impl MatMul {
     ) -> Result<()> {
         let (m_padded, n_padded) = (blocked::padded_rows(p.m), blocked::padded_columns(p.n));
         let a_stored = ctx.binding(a);
-        let packed_a = blocked::packed_k_major(
+        let (packed_a, a_quads) = blocked::k_major_operand(
             ctx,
             a_stored,
             PackParams::matrix(p.m, m_padded, p.k, p.a_row_stride, p.a_col_stride),
         )?;
         let b_stored = ctx.binding(b);
-        let packed_b = blocked::packed_k_major(
+        let (packed_b, b_quads) = blocked::k_major_operand(
             ctx,
             b_stored,
             PackParams::matrix(p.n, n_padded, p.k, p.b_col_stride, p.b_row_stride),
@@ -124,8 +124,8 @@ impl MatMul {
             m: p.m,
             n: p.n,
             k: p.k,
-            a_quads: m_padded / 4,
-            b_quads: n_padded / 4,
+            a_quads,
+            b_quads,
             ..BlockedParams::default()
         }
         .contiguous_output(p.n, [0, 0]);
