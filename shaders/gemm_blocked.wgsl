@@ -346,8 +346,16 @@ fn conv_transposed(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroup
 // row by shifting lanes: 5 loads for kw taps, where `convolve` gathers 16
 // floats one at a time per tap. The grid's z is the output row: a
 // workgroup skips the kernel rows that fall outside the input, which a
-// data gradient's full padding makes a third of them.
+// data gradient's full padding makes a third of them. A kernel row's taps
+// are consecutive k, so A's rows for them come as one panel: a_panel and
+// panel_rows, from gemm_blocked_a.wgsl or, on adapters with subgroups,
+// gemm_blocked_a_subgroup.wgsl, which loads a panel once for all lanes.
 @group(0) @binding(10) var<storage, read> x_rows: array<vec4<f32>>;
+
+// Taps per kernel row (at most 5; conv_rows_filter_gradient too): a
+// constant, so that each tap's shift is a fixed swizzle and its A rows a
+// fixed lane of the panel.
+override KW: u32 = 5u;
 
 // 20 floats of a padded input row.
 struct RowSegment {
@@ -376,7 +384,7 @@ fn shifted(s: RowSegment, shift: u32) -> array<vec4<f32>, 4> {
 
 // C = A im2col(x) for 16 pixels of output row oy, from x's rows padded to
 // x_w floats; kernels up to 5 taps wide.
-fn convolve_rows(row_quad0: u32, sample: u32, segment: u32, oy: u32) -> Tile {
+fn convolve_rows(row_quad0: u32, sample: u32, segment: u32, oy: u32, lane: u32) -> Tile {
     let taps = p.kh * p.kw;
     let channels = p.k / taps;
     let top = i32(oy) - p.pad_h;
@@ -389,10 +397,12 @@ fn convolve_rows(row_quad0: u32, sample: u32, segment: u32, oy: u32) -> Tile {
         for (var ky = first_ky; ky < last_ky; ky++) {
             let at = row0 + (ci * p.x_h + u32(top + i32(ky))) * row_quads;
             let s = RowSegment(x_rows[at], x_rows[at + 1u], x_rows[at + 2u], x_rows[at + 3u], x_rows[at + 4u]);
-            let kk = ci * taps + ky * p.kw;
-            for (var kx = 0u; kx < p.kw; kx++) {
-                accumulate(&t, rows_of_a(kk + kx, row_quad0), shifted(s, kx));
-            }
+            let a_k = a_panel(ci * taps + ky * KW, row_quad0, lane);
+            accumulate(&t, panel_rows(a_k, 0u), shifted(s, 0u));
+            if (KW > 1u) { accumulate(&t, panel_rows(a_k, 1u), shifted(s, 1u)); }
+            if (KW > 2u) { accumulate(&t, panel_rows(a_k, 2u), shifted(s, 2u)); }
+            if (KW > 3u) { accumulate(&t, panel_rows(a_k, 3u), shifted(s, 3u)); }
+            if (KW > 4u) { accumulate(&t, panel_rows(a_k, 4u), shifted(s, 4u)); }
         }
     }
     return t;
@@ -434,13 +444,13 @@ fn store_rows(t: Tile, wid: vec3<u32>, l: RowLane) {
 @compute @workgroup_size(WG)
 fn conv_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lane: u32) {
     let l = row_lane(wid, lane);
-    store_rows(convolve_rows(wid.y * ROW_QUADS, l.sample, l.segment, wid.z), wid, l);
+    store_rows(convolve_rows(wid.y * ROW_QUADS, l.sample, l.segment, wid.z, panel_lane(lane)), wid, l);
 }
 
 @compute @workgroup_size(WG)
 fn conv_rows_bias(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lane: u32) {
     let l = row_lane(wid, lane);
-    var t = convolve_rows(wid.y * ROW_QUADS, l.sample, l.segment, wid.z);
+    var t = convolve_rows(wid.y * ROW_QUADS, l.sample, l.segment, wid.z, panel_lane(lane));
     add_row_bias(&t, wid.y * ROW_QUADS);
     store_rows(t, wid, l);
 }
@@ -456,7 +466,6 @@ fn conv_rows_bias(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
 // output channels). KH and KW are constants so that every sum is a named
 // register (see `Tile`).
 override KH: u32 = 5u;
-override KW: u32 = 5u;
 
 @group(0) @binding(12) var<storage, read> dy_rows: array<vec4<f32>>;
 

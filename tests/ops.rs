@@ -90,15 +90,31 @@ fn conv2d_matches_cpu_on_awkward_shapes() {
         ([3, 5, 7, 6], [40, 5, 3, 3], (1, 1), (1, 1)),
         ([5, 3, 30, 30], [34, 3, 3, 3], (1, 1), (1, 1)),
     ];
-    let kernels = [GemmKernel::Strided, GemmKernel::Blocked { workgroup: 8 }];
-    for ((xs, ws, stride, padding), kernel) in
-        cases.into_iter().flat_map(|c| kernels.map(|k| (c, k)))
+    let kernels = gemm_kernels(&gpu);
+    for ((xs, ws, stride, padding), kernel) in cases
+        .into_iter()
+        .flat_map(|c| kernels.iter().map(move |&k| (c, k)))
     {
         gpu.tuning.gemm = kernel;
         let conv = Conv2d { stride, padding };
         let case = format!("{kernel:?} conv x{xs:?} w{ws:?} stride {stride:?} padding {padding:?}");
         check_conv(&gpu, conv, (xs, ws), &mut rng, &case);
     }
+}
+
+/// The matrix-product kernel families to test: the strided and the blocked
+/// kernels, and the adapter's own choice where that differs (lavapipe's:
+/// blocked, sharing A's loads across subgroups).
+fn gemm_kernels(gpu: &Gpu) -> Vec<GemmKernel> {
+    let plain = GemmKernel::Blocked {
+        workgroup: 8,
+        subgroups: false,
+    };
+    let mut kernels = vec![GemmKernel::Strided, plain];
+    if !kernels.contains(&gpu.tuning.gemm) {
+        kernels.push(gpu.tuning.gemm);
+    }
+    kernels
 }
 
 /// Runs `conv` forward and backward on random x `[n, c, h, w]`, weight,
@@ -187,10 +203,10 @@ fn conv2d_filter_gradient_in_uneven_batch_chunks() {
 /// `conv_rows_filter_gradient` for filter gradients with at most 8 output
 /// channels and rows of whole vec4s. Kernels 2 to 5 wide, uneven padding,
 /// rows ending mid-segment, batch 1 (LeNet's two layers). Each case checks
-/// which kernels it took.
+/// which kernels it took; every blocked kernel family runs them.
 #[test]
 fn conv_rows_match_cpu() {
-    let gpu = gpu();
+    let mut gpu = gpu();
     let mut rng = Rng::new(8);
     // x, weight, padding, and whether the forward pass, the data gradient
     // and the filter gradient take the row kernels.
@@ -206,12 +222,20 @@ fn conv_rows_match_cpu() {
         ([2, 3, 7, 24], [8, 3, 2, 5], (0, 2), [true, true, true]),
     ];
     let kernels = ["conv_rows_bias", "conv_rows", "conv_rows_filter_gradient"];
-    for (xs, ws, padding, expected) in cases {
+    let families = gemm_kernels(&gpu)
+        .into_iter()
+        .filter(|k| *k != GemmKernel::Strided);
+    for (family, (xs, ws, padding, expected)) in families
+        .collect::<Vec<_>>()
+        .into_iter()
+        .flat_map(|f| cases.map(|c| (f, c)))
+    {
+        gpu.tuning.gemm = family;
         let conv = Conv2d {
             stride: (1, 1),
             padding,
         };
-        let case = format!("conv x{xs:?} w{ws:?} padding {padding:?}");
+        let case = format!("{family:?} conv x{xs:?} w{ws:?} padding {padding:?}");
         let entries = check_conv(&gpu, conv, (xs, ws), &mut rng, &case);
         for (kernel, expected) in kernels.iter().zip(expected) {
             assert_eq!(
@@ -297,7 +321,7 @@ fn linear_matches_pytorch() {
 fn matmul_kernels_match_cpu_on_awkward_shapes() {
     let mut gpu = gpu();
     let mut rng = Rng::new(5);
-    for kernel in [GemmKernel::Strided, GemmKernel::Blocked { workgroup: 8 }] {
+    for kernel in gemm_kernels(&gpu) {
         gpu.tuning.gemm = kernel;
         for (m, k, n) in [
             (1, 1, 1),
@@ -1186,8 +1210,7 @@ fn activations_fuse_into_conv_and_linear() {
         stride: (2, 1),
         padding: (1, 1),
     };
-    let kernels = [GemmKernel::Strided, GemmKernel::Blocked { workgroup: 8 }];
-    for kernel in kernels {
+    for kernel in gemm_kernels(&gpu) {
         gpu.tuning.gemm = kernel;
         for activation in [Activation::Relu, Activation::Sigmoid] {
             for also_read in [false, true] {

@@ -1,5 +1,6 @@
 //! Every shader in shaders/ parses and validates with naga, with the
-//! workgroup sizes the adapters use substituted. Needs no GPU.
+//! workgroup sizes the adapters use substituted, and without subgroup
+//! operations unless it is the variant that needs them. Needs no GPU.
 
 use d2l_wgpu::gpu::Shader;
 use naga::valid::{Capabilities, ValidationFlags, Validator};
@@ -15,7 +16,9 @@ fn every_shader_file_is_registered() {
         .collect();
     let registered: BTreeSet<String> = Shader::ALL
         .iter()
-        .map(|s| s.file_name().to_string())
+        .flat_map(|s| [Some(s.file_name()), s.part().map(|(name, _)| name)])
+        .flatten()
+        .map(str::to_string)
         .collect();
     assert_eq!(
         on_disk, registered,
@@ -29,7 +32,15 @@ fn every_shader_validates() {
         let name = shader.file_name();
         let module = naga::front::wgsl::parse_str(&shader.source())
             .unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(&shader.source())));
-        let info = Validator::new(ValidationFlags::all(), Capabilities::empty())
+        // Only the shaders that say so may need subgroups.
+        let (capabilities, subgroup_stages) = if shader.needs_subgroups() {
+            (Capabilities::SUBGROUP, naga::valid::ShaderStages::COMPUTE)
+        } else {
+            (Capabilities::empty(), naga::valid::ShaderStages::empty())
+        };
+        let info = Validator::new(ValidationFlags::all(), capabilities)
+            .subgroup_stages(subgroup_stages)
+            .subgroup_operations(naga::valid::SubgroupOperationSet::all())
             .validate(&module)
             .unwrap_or_else(|e| panic!("{name}: {e:?}"));
         assert!(!module.entry_points.is_empty(), "{name} has no entry point");

@@ -83,15 +83,22 @@ pub enum GemmKernel {
     /// `shaders/gemm_blocked.wgsl`: a 32x16 tile per invocation on packed
     /// operands, workgroups of `workgroup` (the SIMD width): what CPU
     /// adapters want (lavapipe: 19-33 GFLOP/s at 1024^3 where `Strided`
-    /// gives 4).
-    Blocked { workgroup: u32 },
+    /// gives 4). With `subgroups` the lanes of a subgroup share the row
+    /// kernels' loads of A (`shaders/gemm_blocked_a_subgroup.wgsl`; needs
+    /// `Features::SUBGROUP` and subgroups of at least 8 lanes).
+    Blocked { workgroup: u32, subgroups: bool },
 }
 
 impl Tuning {
-    /// The defaults, with the matrix-product kernel for this kind of adapter.
-    pub fn for_adapter(info: &wgpu::AdapterInfo) -> Tuning {
+    /// The defaults, with the matrix-product kernel for this kind of
+    /// adapter and the features its device was opened with.
+    pub fn for_adapter(info: &wgpu::AdapterInfo, features: wgpu::Features) -> Tuning {
         let gemm = if info.device_type == wgpu::DeviceType::Cpu {
-            GemmKernel::Blocked { workgroup: 8 }
+            GemmKernel::Blocked {
+                workgroup: 8,
+                subgroups: features.contains(wgpu::Features::SUBGROUP)
+                    && info.subgroup_min_size >= 8,
+            }
         } else {
             GemmKernel::Strided
         };
@@ -183,8 +190,11 @@ impl Gpu {
         let limits = adapter.limits();
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("d2l-wgpu"),
-            // Timestamps only serve `bench --profile`; everything else is baseline WebGPU.
-            required_features: adapter.features() & wgpu::Features::TIMESTAMP_QUERY,
+            // Timestamps serve `bench --profile`, subgroups the blocked
+            // kernels where the adapter has them; everything else is
+            // baseline WebGPU.
+            required_features: adapter.features()
+                & (wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::SUBGROUP),
             required_limits: limits.clone(),
             experimental_features: wgpu::ExperimentalFeatures::disabled(),
             memory_hints: wgpu::MemoryHints::Performance,
@@ -210,10 +220,11 @@ impl Gpu {
             limits.max_storage_buffer_binding_size,
             limits.max_buffer_size
         );
+        let tuning = Tuning::for_adapter(&info, device.features());
         Ok(Gpu {
             device,
             queue,
-            tuning: Tuning::for_adapter(&info),
+            tuning,
             info,
             limits,
             pipelines: PipelineCache::default(),

@@ -16,6 +16,8 @@ pub enum Shader {
     Eltwise,
     Gemm,
     GemmBlocked,
+    /// `GemmBlocked` with A's loads shared across subgroups.
+    GemmBlockedSubgroup,
     Optim,
     Pool,
     Reduce,
@@ -23,19 +25,21 @@ pub enum Shader {
 }
 
 impl Shader {
-    pub const ALL: [Shader; 10] = [
+    pub const ALL: [Shader; 11] = [
         Shader::BatchNorm,
         Shader::Conv2d,
         Shader::Data,
         Shader::Eltwise,
         Shader::Gemm,
         Shader::GemmBlocked,
+        Shader::GemmBlockedSubgroup,
         Shader::Optim,
         Shader::Pool,
         Shader::Reduce,
         Shader::SoftmaxXent,
     ];
 
+    /// The file with its entry points.
     pub fn file_name(self) -> &'static str {
         match self {
             Shader::BatchNorm => "batchnorm.wgsl",
@@ -43,7 +47,7 @@ impl Shader {
             Shader::Data => "data.wgsl",
             Shader::Eltwise => "eltwise.wgsl",
             Shader::Gemm => "gemm.wgsl",
-            Shader::GemmBlocked => "gemm_blocked.wgsl",
+            Shader::GemmBlocked | Shader::GemmBlockedSubgroup => "gemm_blocked.wgsl",
             Shader::Optim => "optim.wgsl",
             Shader::Pool => "pool.wgsl",
             Shader::Reduce => "reduce.wgsl",
@@ -58,7 +62,9 @@ impl Shader {
             Shader::Data => include_str!("../../shaders/data.wgsl"),
             Shader::Eltwise => include_str!("../../shaders/eltwise.wgsl"),
             Shader::Gemm => include_str!("../../shaders/gemm.wgsl"),
-            Shader::GemmBlocked => include_str!("../../shaders/gemm_blocked.wgsl"),
+            Shader::GemmBlocked | Shader::GemmBlockedSubgroup => {
+                include_str!("../../shaders/gemm_blocked.wgsl")
+            }
             Shader::Optim => include_str!("../../shaders/optim.wgsl"),
             Shader::Pool => include_str!("../../shaders/pool.wgsl"),
             Shader::Reduce => include_str!("../../shaders/reduce.wgsl"),
@@ -66,9 +72,31 @@ impl Shader {
         }
     }
 
-    /// The full WGSL source: the shared prelude followed by the file.
+    /// The file (name, text) the entry points' file needs besides the
+    /// prelude: the blocked kernels' way of loading A.
+    pub fn part(self) -> Option<(&'static str, &'static str)> {
+        match self {
+            Shader::GemmBlocked => Some((
+                "gemm_blocked_a.wgsl",
+                include_str!("../../shaders/gemm_blocked_a.wgsl"),
+            )),
+            Shader::GemmBlockedSubgroup => Some((
+                "gemm_blocked_a_subgroup.wgsl",
+                include_str!("../../shaders/gemm_blocked_a_subgroup.wgsl"),
+            )),
+            _ => None,
+        }
+    }
+
+    /// Whether the shader uses subgroup operations (`Features::SUBGROUP`).
+    pub fn needs_subgroups(self) -> bool {
+        self == Shader::GemmBlockedSubgroup
+    }
+
+    /// The full WGSL source: the shared prelude, the parts, the file.
     pub fn source(self) -> String {
-        format!("{PRELUDE}\n{}", self.body())
+        let part = self.part().map_or("", |(_, text)| text);
+        format!("{PRELUDE}\n{part}\n{}", self.body())
     }
 }
 

@@ -4,7 +4,7 @@
 
 use super::fused::activation_constant;
 use super::Activation;
-use crate::gpu::{tiled_grid, Shader, MAX_GROUPS};
+use crate::gpu::{tiled_grid, GemmKernel, Shader, MAX_GROUPS};
 use crate::graph::{Binding, PlanContext};
 use anyhow::Result;
 
@@ -456,7 +456,15 @@ impl RowConv {
             self.out.0,
         ];
         let lanes = (workgroup, 1);
-        record(ctx, (entry, activation), lanes, &params, &storage, grid)
+        let kernel_w = [("KW", self.kernel.1)];
+        record(
+            ctx,
+            (entry, activation),
+            lanes,
+            (&params, &kernel_w),
+            &storage,
+            grid,
+        )
     }
 }
 
@@ -473,7 +481,14 @@ pub fn dispatch(
     let (lane_groups, row_tiles) = tiles(params, workgroup);
     let [x, y, z] = tiled_grid(lane_groups, row_tiles);
     let lanes = (workgroup, 1);
-    record(ctx, (entry, activation), lanes, params, storage, [x, y, z])
+    record(
+        ctx,
+        (entry, activation),
+        lanes,
+        (params, &[]),
+        storage,
+        [x, y, z],
+    )
 }
 
 /// Lanes of a workgroup that share one column tile of an `n`-column filter
@@ -499,7 +514,7 @@ pub fn dispatch_split(
     let grid = [lane_groups, row_tiles, splits.div_ceil(k_lanes)];
     let lanes = (workgroup, k_lanes);
     let entry = ("conv_filter_gradient", None);
-    record(ctx, entry, lanes, params, storage, grid)
+    record(ctx, entry, lanes, (params, &[]), storage, grid)
 }
 
 /// Workgroups of `column_lanes` column tiles across the columns, and row
@@ -512,20 +527,33 @@ fn tiles(params: &BlockedParams, column_lanes: u32) -> (u32, u32) {
     )
 }
 
+/// Records one of the kernels that read A (with `more` pipeline
+/// constants), from the shader the adapter's tuning picks.
 fn record(
     ctx: &mut PlanContext,
     (entry, activation): (&'static str, Option<Activation>),
     (workgroup, k_lanes): (u32, u32),
-    params: &BlockedParams,
+    (params, more): (&BlockedParams, &[(&'static str, u32)]),
     storage: &[(u32, Binding)],
     grid: [u32; 3],
 ) -> Result<()> {
-    let constants = [
+    let mut constants = vec![
         ("WG", workgroup),
         ("ROW_QUADS", tile_rows(params.m) / 4),
         ("K_LANES", k_lanes),
         activation_constant(activation),
     ];
-    let shader = (Shader::GemmBlocked, entry, &constants[..]);
-    ctx.dispatch_grid(shader, params, storage, grid.map(|g| g as usize))
+    constants.extend_from_slice(more);
+    let shader = match ctx.gpu.tuning.gemm {
+        GemmKernel::Blocked {
+            subgroups: true, ..
+        } => Shader::GemmBlockedSubgroup,
+        _ => Shader::GemmBlocked,
+    };
+    ctx.dispatch_grid(
+        (shader, entry, &constants[..]),
+        params,
+        storage,
+        grid.map(|g| g as usize),
+    )
 }

@@ -291,7 +291,7 @@ impl Epilogue for Conv2d {
     ) -> Result<()> {
         let mut p = self.params(&ctx.shape(inputs[0]), &ctx.shape(inputs[1]));
         (p.x_at, p.y_at) = (ctx.layout(inputs[0]), ctx.layout(outputs[0]));
-        if let GemmKernel::Blocked { workgroup } = ctx.gpu.tuning.gemm {
+        if let GemmKernel::Blocked { workgroup, .. } = ctx.gpu.tuning.gemm {
             let kernel = ("conv_forward", activation);
             return plan_blocked_forward(ctx, &p, (kernel, workgroup), inputs, outputs[0]);
         }
@@ -430,7 +430,7 @@ impl Op for Conv2dBackwardData {
             .conv
             .params(&ctx.shape(outputs[0]), &ctx.shape(inputs[1]));
         (p.dy_at, p.dx_at) = (ctx.layout(inputs[0]), ctx.layout(outputs[0]));
-        if let GemmKernel::Blocked { workgroup } = ctx.gpu.tuning.gemm {
+        if let GemmKernel::Blocked { workgroup, .. } = ctx.gpu.tuning.gemm {
             return plan_blocked_backward_data(ctx, &p, workgroup, inputs, outputs[0]);
         }
         let pixels = (p.batch * p.h * p.w) as usize;
@@ -718,7 +718,7 @@ impl Op for Conv2dBackwardFilter {
         let (x, dy) = (inputs[0], inputs[1]);
         let ws = ctx.shape(outputs[0]);
         let whole = self.conv.params(&ctx.shape(x), &ws);
-        if let GemmKernel::Blocked { workgroup } = ctx.gpu.tuning.gemm {
+        if let GemmKernel::Blocked { workgroup, .. } = ctx.gpu.tuning.gemm {
             if self.plan_rows(ctx, &whole, inputs, outputs[0])?
                 || self.plan_blocked(ctx, &whole, workgroup, inputs, outputs[0])?
             {

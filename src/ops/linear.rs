@@ -81,7 +81,7 @@ impl MatMul {
                 p.k
             );
         }
-        if let GemmKernel::Blocked { workgroup } = ctx.gpu.tuning.gemm {
+        if let GemmKernel::Blocked { workgroup, .. } = ctx.gpu.tuning.gemm {
             return Self::record_blocked(ctx, &p, workgroup, a, b, (bias, activation), c);
         }
         let invocations = (p.m as usize).div_ceil(TILE) * (p.n as usize).div_ceil(TILE);

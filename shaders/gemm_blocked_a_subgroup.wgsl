@@ -1,0 +1,67 @@
+// How the row kernels (conv_rows in gemm_blocked.wgsl) take A's rows for
+// up to eight consecutive k, a panel, on adapters with subgroups of at
+// least eight lanes: lane l loads the tile's rows at k = k0 + l, and every
+// lane takes the rows at k0 + j from lane j by a shuffle. All lanes of a
+// workgroup need the same rows at the same k, so this is one load per lane
+// per panel where rows_of_a is one per k. On CPU adapters a storage load
+// runs one lane and one float at a time (lavapipe: a loop over the lanes
+// with a bounds check per float; A's loads were about 40% of LeNet's
+// second convolution's data gradient), and a shuffle from a lane the
+// compiler knows is a register broadcast.
+
+// The tile's rows (ROW_QUADS vec4s) at this lane's k.
+struct APanel {
+    q0: vec4<f32>,
+    q1: vec4<f32>,
+    q2: vec4<f32>,
+    q3: vec4<f32>,
+    q4: vec4<f32>,
+    q5: vec4<f32>,
+    q6: vec4<f32>,
+    q7: vec4<f32>,
+}
+
+// This invocation's lane in its subgroup, counted over the active lanes:
+// whole workgroups reach the kernels' loops, so these are all of them.
+fn panel_lane(local_index: u32) -> u32 {
+    return subgroupExclusiveAdd(1u);
+}
+
+// The panel of the tile starting at row 4 * quad0 from k = k0 on; lanes
+// past the last k load the last k's rows, which no kernel uses.
+fn a_panel(k0: u32, quad0: u32, lane: u32) -> APanel {
+    let first = min(k0 + lane, max(p.k, 1u) - 1u) * p.a_quads;
+    let last = p.a_quads - 1u;
+    var panel: APanel;
+    panel.q0 = a[first + min(quad0, last)];
+    panel.q1 = a[first + min(quad0 + 1u, last)];
+    if (ROW_QUADS > 2u) {
+        panel.q2 = a[first + min(quad0 + 2u, last)];
+        panel.q3 = a[first + min(quad0 + 3u, last)];
+    }
+    if (ROW_QUADS > 4u) {
+        panel.q4 = a[first + min(quad0 + 4u, last)];
+        panel.q5 = a[first + min(quad0 + 5u, last)];
+        panel.q6 = a[first + min(quad0 + 6u, last)];
+        panel.q7 = a[first + min(quad0 + 7u, last)];
+    }
+    return panel;
+}
+
+// The tile's rows of A at k = k0 + j.
+fn panel_rows(panel: APanel, j: u32) -> array<vec4<f32>, 8> {
+    var rows = array<vec4<f32>, 8>();
+    rows[0] = subgroupShuffle(panel.q0, j);
+    rows[1] = subgroupShuffle(panel.q1, j);
+    if (ROW_QUADS > 2u) {
+        rows[2] = subgroupShuffle(panel.q2, j);
+        rows[3] = subgroupShuffle(panel.q3, j);
+    }
+    if (ROW_QUADS > 4u) {
+        rows[4] = subgroupShuffle(panel.q4, j);
+        rows[5] = subgroupShuffle(panel.q5, j);
+        rows[6] = subgroupShuffle(panel.q6, j);
+        rows[7] = subgroupShuffle(panel.q7, j);
+    }
+    return rows;
+}
