@@ -16,6 +16,12 @@
 // neighbouring pixels of one output row per invocation, every tap of a
 // kernel row shifted out of the same 20 floats.
 //
+// Where every lane of a workgroup walks the same k (matmul, convolve,
+// conv_rows), A's rows come in panels of up to eight k through a_panel and
+// panel_rows: gemm_blocked_a.wgsl loads them lane by lane as rows_of_a
+// does, gemm_blocked_a_subgroup.wgsl (adapters with subgroups) has each
+// lane load one k's rows for the whole subgroup.
+//
 // Every accumulator is a named struct member: lavapipe keeps arrays indexed
 // in a loop in memory (measured 2.5 GFLOP/s against 19-33 unrolled at 1024^3).
 
@@ -144,6 +150,13 @@ fn first_quad(wid: vec3<u32>, nwg: vec3<u32>, lane: u32) -> u32 {
     return (lane_group(wid, nwg) * WG + lane) * 4u;
 }
 
+// Whether a whole workgroup lies past the last column (a folded grid's
+// rounding). Lanes past the end inside a workgroup run on, reading zero
+// columns and storing nothing: A's panels need every lane.
+fn past_the_end(wid: vec3<u32>, nwg: vec3<u32>) -> bool {
+    return first_quad(wid, nwg, 0u) >= p.b_quads;
+}
+
 // Where columns col0..col0+3 of row 0 of C live, relative to `at`;
 // NO_COLUMN past the end. Computed once per 4 columns: the divisions run one
 // lane at a time on CPU adapters and would otherwise cost more than a short
@@ -220,34 +233,40 @@ fn add_row_bias(t: ptr<function, Tile>, row_quad0: u32) {
         array<vec4<f32>, 4>(ONES, ONES, ONES, ONES));
 }
 
-fn multiply(row_quad0: u32, quad0: u32) -> Tile {
+fn multiply(row_quad0: u32, quad0: u32, lane: u32) -> Tile {
     var t: Tile;
     // As in rows_of_a: a row of B shorter than the tile repeats its last vec4.
     let last = p.b_quads - 1u;
     let q = vec4<u32>(min(quad0, last), min(quad0 + 1u, last), min(quad0 + 2u, last), min(quad0 + 3u, last));
+    var a_k: APanel;
     for (var kk = 0u; kk < p.k; kk++) {
         let at = vec4<u32>(kk * p.b_quads) + q;
-        accumulate(&t, rows_of_a(kk, row_quad0), array<vec4<f32>, 4>(b[at.x], b[at.y], b[at.z], b[at.w]));
+        if ((kk & 7u) == 0u) {
+            a_k = a_panel(kk, row_quad0, lane);
+        }
+        accumulate(&t, panel_rows(a_k, kk & 7u), array<vec4<f32>, 4>(b[at.x], b[at.y], b[at.z], b[at.w]));
     }
     return t;
 }
 
 @compute @workgroup_size(WG)
 fn matmul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lane: u32) {
-    let quad0 = first_quad(wid, nwg, lane);
-    if (quad0 < p.b_quads) {
-        store_tile(multiply(wid.y * ROW_QUADS, quad0), p.out_at.x, wid.y * ROW_QUADS, tile_columns(quad0));
+    if (past_the_end(wid, nwg)) {
+        return;
     }
+    let quad0 = first_quad(wid, nwg, lane);
+    store_tile(multiply(wid.y * ROW_QUADS, quad0, panel_lane(lane)), p.out_at.x, wid.y * ROW_QUADS, tile_columns(quad0));
 }
 
 @compute @workgroup_size(WG)
 fn matmul_bias(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lane: u32) {
-    let quad0 = first_quad(wid, nwg, lane);
-    if (quad0 < p.b_quads) {
-        var t = multiply(wid.y * ROW_QUADS, quad0);
-        add_column_bias(&t, quad0);
-        store_tile(t, p.out_at.x, wid.y * ROW_QUADS, tile_columns(quad0));
+    if (past_the_end(wid, nwg)) {
+        return;
     }
+    let quad0 = first_quad(wid, nwg, lane);
+    var t = multiply(wid.y * ROW_QUADS, quad0, panel_lane(lane));
+    add_column_bias(&t, quad0);
+    store_tile(t, p.out_at.x, wid.y * ROW_QUADS, tile_columns(quad0));
 }
 
 // Where four output pixels (columns) read their input: the top-left tap's
@@ -284,7 +303,7 @@ fn gather(win: Window, plane_at: i32, ky: i32, kx: i32) -> vec4<f32> {
 
 // C = A im2col(x) on the tile of rows 4 row_quad0.. and columns 4 quad0..;
 // taps in PyTorch's (channel, ky, kx) order.
-fn convolve(row_quad0: u32, quad0: u32) -> Tile {
+fn convolve(row_quad0: u32, quad0: u32, lane: u32) -> Tile {
     let w0 = window(quad0 * 4u);
     let w1 = window(quad0 * 4u + 4u);
     let w2 = window(quad0 * 4u + 8u);
@@ -293,6 +312,7 @@ fn convolve(row_quad0: u32, quad0: u32) -> Tile {
     var plane_at = 0i;
     var ky = 0i;
     var kx = 0i;
+    var a_k: APanel;
     for (var kk = 0u; kk < p.k; kk++) {
         let cols = array<vec4<f32>, 4>(
             gather(w0, plane_at, ky, kx),
@@ -300,7 +320,10 @@ fn convolve(row_quad0: u32, quad0: u32) -> Tile {
             gather(w2, plane_at, ky, kx),
             gather(w3, plane_at, ky, kx),
         );
-        accumulate(&t, rows_of_a(kk, row_quad0), cols);
+        if ((kk & 7u) == 0u) {
+            a_k = a_panel(kk, row_quad0, lane);
+        }
+        accumulate(&t, panel_rows(a_k, kk & 7u), cols);
         kx++;
         if (kx == i32(p.kw)) {
             kx = 0i;
@@ -318,12 +341,13 @@ fn convolve(row_quad0: u32, quad0: u32) -> Tile {
 // times the implicit im2col matrix of x.
 @compute @workgroup_size(WG)
 fn conv_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lane: u32) {
-    let quad0 = first_quad(wid, nwg, lane);
-    if (quad0 < p.b_quads) {
-        var t = convolve(wid.y * ROW_QUADS, quad0);
-        add_row_bias(&t, wid.y * ROW_QUADS);
-        store_tile(t, p.out_at.x, wid.y * ROW_QUADS, tile_columns(quad0));
+    if (past_the_end(wid, nwg)) {
+        return;
     }
+    let quad0 = first_quad(wid, nwg, lane);
+    var t = convolve(wid.y * ROW_QUADS, quad0, panel_lane(lane));
+    add_row_bias(&t, wid.y * ROW_QUADS);
+    store_tile(t, p.out_at.x, wid.y * ROW_QUADS, tile_columns(quad0));
 }
 
 // The data gradient of a convolution is a sum of stride-1 ones, one per
@@ -333,10 +357,11 @@ fn conv_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
 // scatter to every stride-th pixel of dx (dst_*).
 @compute @workgroup_size(WG)
 fn conv_transposed(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lane: u32) {
-    let quad0 = first_quad(wid, nwg, lane);
-    if (quad0 < p.b_quads) {
-        store_tile(convolve(wid.y * ROW_QUADS, quad0), p.out_at.x, wid.y * ROW_QUADS, tile_columns(quad0));
+    if (past_the_end(wid, nwg)) {
+        return;
     }
+    let quad0 = first_quad(wid, nwg, lane);
+    store_tile(convolve(wid.y * ROW_QUADS, quad0, panel_lane(lane)), p.out_at.x, wid.y * ROW_QUADS, tile_columns(quad0));
 }
 
 // Stride-1 convolutions of an input whose rows were copied zero-padded and

@@ -1,6 +1,7 @@
-// How the row kernels (conv_rows in gemm_blocked.wgsl) take A's rows for
-// up to eight consecutive k, a panel: here each lane loads every k's rows
-// itself. gemm_blocked_a_subgroup.wgsl shares the loads across a subgroup.
+// How the kernels of gemm_blocked.wgsl whose lanes share their k (matmul,
+// convolve, conv_rows) take A's rows for up to eight consecutive k, a
+// panel: here each lane loads every k's rows itself.
+// gemm_blocked_a_subgroup.wgsl shares the loads across a subgroup.
 
 struct APanel {
     k0: u32,

@@ -1,13 +1,14 @@
-// How the row kernels (conv_rows in gemm_blocked.wgsl) take A's rows for
-// up to eight consecutive k, a panel, on adapters with subgroups of at
-// least eight lanes: lane l loads the tile's rows at k = k0 + l, and every
-// lane takes the rows at k0 + j from lane j by a shuffle. All lanes of a
-// workgroup need the same rows at the same k, so this is one load per lane
-// per panel where rows_of_a is one per k. On CPU adapters a storage load
-// runs one lane and one float at a time (lavapipe: a loop over the lanes
-// with a bounds check per float; A's loads were about 40% of LeNet's
-// second convolution's data gradient), and a shuffle from a lane the
-// compiler knows is a register broadcast.
+// How the kernels of gemm_blocked.wgsl whose lanes share their k (matmul,
+// convolve, conv_rows) take A's rows for up to eight consecutive k, a
+// panel, on adapters with subgroups of at least eight lanes: lane l loads
+// the tile's rows at k = k0 + l, and every lane takes the rows at k0 + j
+// from lane j by a shuffle. All lanes of a workgroup need the same rows at
+// the same k, so this is one load per lane per panel where rows_of_a is
+// one per k. On CPU adapters a storage load runs one lane and one float at
+// a time (lavapipe: a loop over the lanes with a bounds check per float;
+// A's loads were about 40% of LeNet's second convolution's data gradient),
+// and a shuffle is a few register moves (a broadcast where the compiler
+// knows the lane).
 
 // The tile's rows (ROW_QUADS vec4s) at this lane's k.
 struct APanel {

@@ -83,8 +83,8 @@ pub enum GemmKernel {
     /// `shaders/gemm_blocked.wgsl`: a 32x16 tile per invocation on packed
     /// operands, workgroups of `workgroup` (the SIMD width): what CPU
     /// adapters want (lavapipe: 19-33 GFLOP/s at 1024^3 where `Strided`
-    /// gives 4). With `subgroups` the lanes of a subgroup share the row
-    /// kernels' loads of A (`shaders/gemm_blocked_a_subgroup.wgsl`; needs
+    /// gives 4). With `subgroups` the lanes of a subgroup share their loads
+    /// of A (`shaders/gemm_blocked_a_subgroup.wgsl`; needs
     /// `Features::SUBGROUP` and subgroups of at least 8 lanes).
     Blocked { workgroup: u32, subgroups: bool },
 }
