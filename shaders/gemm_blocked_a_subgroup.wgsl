@@ -31,22 +31,8 @@ fn panel_lane(local_index: u32) -> u32 {
 // The panel of the tile starting at row 4 * quad0 from k = k0 on; lanes
 // past the last k load the last k's rows, which no kernel uses.
 fn a_panel(k0: u32, quad0: u32, lane: u32) -> APanel {
-    let first = min(k0 + lane, max(p.k, 1u) - 1u) * p.a_quads;
-    let last = p.a_quads - 1u;
-    var panel: APanel;
-    panel.q0 = a[first + min(quad0, last)];
-    panel.q1 = a[first + min(quad0 + 1u, last)];
-    if (ROW_QUADS > 2u) {
-        panel.q2 = a[first + min(quad0 + 2u, last)];
-        panel.q3 = a[first + min(quad0 + 3u, last)];
-    }
-    if (ROW_QUADS > 4u) {
-        panel.q4 = a[first + min(quad0 + 4u, last)];
-        panel.q5 = a[first + min(quad0 + 5u, last)];
-        panel.q6 = a[first + min(quad0 + 6u, last)];
-        panel.q7 = a[first + min(quad0 + 7u, last)];
-    }
-    return panel;
+    let r = rows_of_a(min(k0 + lane, max(p.k, 1u) - 1u), quad0);
+    return APanel(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7]);
 }
 
 // The tile's rows of A at k = k0 + j.
