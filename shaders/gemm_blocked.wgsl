@@ -7,8 +7,8 @@
 //
 // A always comes k-major: packed by `pack_k_major` (below), rows padded to
 // the tile with zeros, or for `matmul` a matrix already stored k-major with
-// whole vec4s per row. B is either k-major the same way (`matmul`) or gathered on
-// the fly from an NCHW tensor: the implicit-GEMM convolutions
+// whole vec4s per row. B is either k-major the same way (`matmul`) or
+// gathered on the fly from an NCHW tensor: the implicit-GEMM convolutions
 // `conv_forward`, `conv_transposed` (data gradient) and
 // `conv_filter_gradient`; no im2col matrix is ever materialised. Stride-1
 // convolutions with few channels have row kernels instead (`conv_rows`,
@@ -778,9 +778,10 @@ fn pixel_quad(at: u32, row: u32) -> vec4<f32> {
 // pack_k_major where each group of taps is a run of whole vec4s (an NCHW
 // tensor as X[channel][(sample, pixel)], a row-major matrix as X[row][k]:
 // one group): each invocation moves a 4 x 4 block, four vec4 loads along
-// the runs of four rows and four vec4 stores along the rows of four k. CPU adapters access memory one lane at a time, a vec4 at about
-// the cost of a float; one float per invocation made this pass two thirds
-// of a 7x7 stem's filter gradient.
+// the runs of four rows and four vec4 stores along the rows of four k. CPU
+// adapters access memory one lane at a time, a vec4 at about the cost of a
+// float; one float per invocation made this pass two thirds of a 7x7
+// stem's filter gradient.
 @compute @workgroup_size(WG)
 fn pack_planes_k_major(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = linear_index(gid, nwg);

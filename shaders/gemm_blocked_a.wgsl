@@ -8,7 +8,8 @@ struct APanel {
     quad0: u32,
 }
 
-// This invocation's lane in its panel (unused here).
+// This invocation's lane in its panel: its local index (a_panel here
+// ignores it).
 fn panel_lane(local_index: u32) -> u32 {
     return local_index;
 }

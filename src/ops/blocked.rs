@@ -182,6 +182,11 @@ impl PackParams {
         }
     }
 
+    /// Whether x is already `X` k-major: `X[i][kk]` at `kk * rows + i`.
+    fn stored_k_major(&self) -> bool {
+        self.taps == 1 && self.row_stride == 1 && self.col_stride == self.rows && self.offset == 0
+    }
+
     /// Whether `pack_planes_k_major` can move this one four by four: each
     /// group of `taps` consecutive k is a run of consecutive elements, and
     /// the runs, rows and offset start on whole vec4s.
@@ -200,8 +205,7 @@ impl PackParams {
 /// runs of whole vec4s (a row-major matrix's rows, an NCHW tensor's planes)
 /// are moved four by four.
 pub fn packed_k_major(ctx: &mut PlanContext, x: Binding, p: PackParams) -> Result<Binding> {
-    let in_place = p.taps == 1 && p.row_stride == 1 && p.col_stride == p.rows;
-    if in_place && p.rows == p.rows_padded && p.offset == 0 {
+    if p.stored_k_major() && p.rows == p.rows_padded {
         return Ok(x);
     }
     let len = p.rows_padded as usize * p.k as usize;
@@ -230,8 +234,7 @@ pub fn packed_k_major(ctx: &mut PlanContext, x: Binding, p: PackParams) -> Resul
 /// as it is, its short last tile read clamped by the kernel; any other is
 /// packed by `packed_k_major`.
 pub fn k_major_operand(ctx: &mut PlanContext, x: Binding, p: PackParams) -> Result<(Binding, u32)> {
-    let in_place = p.taps == 1 && p.row_stride == 1 && p.col_stride == p.rows;
-    if in_place && p.rows.is_multiple_of(4) && p.offset == 0 {
+    if p.stored_k_major() && p.rows.is_multiple_of(4) {
         return Ok((x, p.rows / 4));
     }
     Ok((packed_k_major(ctx, x, p)?, p.rows_padded / 4))
