@@ -17,10 +17,11 @@
 // kernel row shifted out of the same 20 floats.
 //
 // Where every lane of a workgroup walks the same k (matmul, convolve,
-// conv_rows), A's rows come in panels of up to eight k through a_panel and
-// panel_rows: gemm_blocked_a.wgsl loads them lane by lane as rows_of_a
-// does, gemm_blocked_a_subgroup.wgsl (adapters with subgroups) has each
-// lane load one k's rows for the whole subgroup.
+// conv_rows, conv_filter_gradient with one split per workgroup), A's rows
+// come in panels of up to eight k through a_panel and panel_rows:
+// gemm_blocked_a.wgsl loads them lane by lane as rows_of_a does,
+// gemm_blocked_a_subgroup.wgsl (adapters with subgroups) has each lane load
+// one k's rows for the whole subgroup.
 //
 // Every accumulator is a named struct member: lavapipe keeps arrays indexed
 // in a loop in memory (measured 2.5 GFLOP/s against 19-33 unrolled at 1024^3).
@@ -642,6 +643,27 @@ fn pad_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgrou
     }
 }
 
+// conv_filter_gradient: a lane's columns of dweight are whole kernel rows
+// (a tap window of WINDOW_W = kw taps; 1 for kernels wider than a tile),
+// WINDOW_STEP = stride_w. From one output pixel to the next along a row,
+// every tap of a window but the last WINDOW_STEP takes the x its right
+// neighbour read: x is gathered stride_w times per kernel row and pixel
+// instead of kw times (gathers, one lane and one float at a time on CPU
+// adapters, were most of this kernel's time).
+override WINDOW_W: u32 = 1u;
+override WINDOW_STEP: u32 = 1u;
+
+// Columns per lane: the whole windows that fit in a tile's 16.
+fn window_run() -> u32 {
+    return (16u / WINDOW_W) * WINDOW_W;
+}
+
+// Whether tap slot j of a run takes slot j + WINDOW_STEP's x from the
+// previous pixel.
+fn slides(j: u32) -> bool {
+    return j % WINDOW_W + WINDOW_STEP < WINDOW_W;
+}
+
 // Four filter taps (columns of dweight): their input channel's plane
 // offset and kernel position.
 struct Taps {
@@ -659,61 +681,147 @@ fn taps(col0: u32) -> Taps {
     return Taps(vec4<i32>((col / per_channel) * p.x_h * p.x_w), ky, vec4<i32>(in_kernel % p.kw));
 }
 
-// x under four taps for the output pixel whose top-left tap is (y0, x0).
-fn gather_taps(tp: Taps, sample_at: i32, y0: i32, x0: i32) -> vec4<f32> {
-    let iy = tp.ky + y0;
-    let ix = tp.kx + x0;
-    let inside = (vec4<u32>(iy) < vec4<u32>(p.x_h)) & (vec4<u32>(ix) < vec4<u32>(p.x_w));
-    let at = vec4<u32>(select(vec4<i32>(0), sample_at + tp.plane_at + iy * i32(p.x_w) + ix, inside));
-    return select(vec4<f32>(0.0), vec4<f32>(x[at.x], x[at.y], x[at.z], x[at.w]), inside);
+// x under tap i of `tp` for the output pixel whose top-left tap is (y0, x0).
+fn gather_tap(tp: Taps, i: u32, sample_at: i32, y0: i32, x0: i32) -> f32 {
+    let iy = tp.ky[i] + y0;
+    let ix = tp.kx[i] + x0;
+    let inside = u32(iy) < p.x_h && u32(ix) < p.x_w;
+    return select(0.0, x[select(0, sample_at + tp.plane_at[i] + iy * i32(p.x_w) + ix, inside)], inside);
+}
+
+// The x under a lane's run of taps, slot by slot (slots past the run stay
+// zero). Slots are picked by constant index only, so that the compiler keeps
+// them in registers.
+struct TapWindow {
+    q0: vec4<f32>,
+    q1: vec4<f32>,
+    q2: vec4<f32>,
+    q3: vec4<f32>,
+}
+
+fn window_slot(w: TapWindow, j: u32) -> f32 {
+    switch (j / 4u) {
+        case 0u: { return w.q0[j % 4u]; }
+        case 1u: { return w.q1[j % 4u]; }
+        case 2u: { return w.q2[j % 4u]; }
+        default: { return w.q3[j % 4u]; }
+    }
+}
+
+// Where a lane's taps read x at one output pixel: its taps, the sample's
+// first element and the pixel's top-left tap.
+struct TapSite {
+    tp0: Taps,
+    tp1: Taps,
+    tp2: Taps,
+    tp3: Taps,
+    sample_at: i32,
+    y0: i32,
+    x0: i32,
+}
+
+// Slot j at the site's pixel: from slot j + WINDOW_STEP of the previous
+// pixel's window `w` where it slides, else gathered.
+fn next_slot(w: TapWindow, site: TapSite, fresh: bool, j: u32) -> f32 {
+    if (j >= window_run()) {
+        return 0.0;
+    }
+    if (!fresh && slides(j)) {
+        return window_slot(w, j + WINDOW_STEP);
+    }
+    var tp = site.tp3;
+    switch (j / 4u) {
+        case 0u: { tp = site.tp0; }
+        case 1u: { tp = site.tp1; }
+        case 2u: { tp = site.tp2; }
+        default: {}
+    }
+    return gather_tap(tp, j % 4u, site.sample_at, site.y0, site.x0);
+}
+
+fn next_quad(w: TapWindow, site: TapSite, fresh: bool, j: u32) -> vec4<f32> {
+    return vec4<f32>(next_slot(w, site, fresh, j), next_slot(w, site, fresh, j + 1u),
+        next_slot(w, site, fresh, j + 2u), next_slot(w, site, fresh, j + 3u));
+}
+
+// The window at the site's pixel; `fresh` at the start of a row (nothing
+// to slide from).
+fn next_window(w: TapWindow, site: TapSite, fresh: bool) -> TapWindow {
+    return TapWindow(next_quad(w, site, fresh, 0u), next_quad(w, site, fresh, 4u),
+        next_quad(w, site, fresh, 8u), next_quad(w, site, fresh, 12u));
+}
+
+// Where the lane's run of columns from c0 on lives; slots past the run
+// store nothing.
+fn run_columns(c0: u32) -> array<vec4<u32>, 4> {
+    let slot = vec4<u32>(0u, 1u, 2u, 3u);
+    let run = vec4<u32>(window_run());
+    let none = vec4<u32>(NO_COLUMN);
+    return array<vec4<u32>, 4>(select(column_offsets(c0), none, slot >= run),
+        select(column_offsets(c0 + 4u), none, slot + 4u >= run),
+        select(column_offsets(c0 + 8u), none, slot + 8u >= run),
+        select(column_offsets(c0 + 12u), none, slot + 12u >= run));
 }
 
 // dweight = dy im2col(x)^T: C[c_out, c_in*kh*kw] summed over K = the batch
 // chunk's output pixels, A = dy packed k-major. Split `split` of the K range
 // (K_LANES of them per workgroup along z) writes its partial sums to C's
 // slice first_split + split (reduce.wgsl adds the slices up in a fixed
-// order).
+// order). Splits of whole output rows keep the lanes' windows in step.
 @compute @workgroup_size(WG)
 fn conv_filter_gradient(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lane: u32) {
-    let quad0 = (wid.x * (WG / K_LANES) + lane / K_LANES) * 4u;
-    if (quad0 >= p.b_quads) {
+    if (wid.x * (WG / K_LANES) * window_run() >= p.n) {
         return;
     }
+    // Lanes past the last column run on with zero taps and store nothing:
+    // with one split per workgroup, A's panels need every lane.
+    let c0 = (wid.x * (WG / K_LANES) + lane / K_LANES) * window_run();
+    let a_lane = panel_lane(lane);
     let split = wid.z * K_LANES + lane % K_LANES;
-    let c0 = quad0 * 4u;
-    let tp0 = taps(c0);
-    let tp1 = taps(c0 + 4u);
-    let tp2 = taps(c0 + 8u);
-    let tp3 = taps(c0 + 12u);
     let k0 = split * p.k_split;
     let k1 = min(p.k, k0 + p.k_split);
     let out_h = p.pixels / p.out_w;
     let pixel = k0 % p.pixels;
-    var sample_at = i32(p.x_at.x + (k0 / p.pixels) * p.x_at.y);
+    var site = TapSite(taps(c0), taps(c0 + 4u), taps(c0 + 8u), taps(c0 + 12u), i32(p.x_at.x + (k0 / p.pixels) * p.x_at.y), 0, 0);
     var oy = pixel / p.out_w;
     var ox = pixel % p.out_w;
     var t: Tile;
-    for (var kk = k0; kk < k1; kk++) {
-        let y0 = i32(oy * p.stride_h) - p.pad_h;
-        let x0 = i32(ox * p.stride_w) - p.pad_w;
-        let cols = array<vec4<f32>, 4>(
-            gather_taps(tp0, sample_at, y0, x0),
-            gather_taps(tp1, sample_at, y0, x0),
-            gather_taps(tp2, sample_at, y0, x0),
-            gather_taps(tp3, sample_at, y0, x0),
-        );
-        accumulate(&t, rows_of_a(kk, wid.y * ROW_QUADS), cols);
-        ox++;
-        if (ox == p.out_w) {
-            ox = 0u;
-            oy++;
-            if (oy == out_h) {
-                oy = 0u;
-                sample_at += i32(p.x_at.y);
+    var w: TapWindow;
+    var a_k: APanel;
+    // One output row (the part of it in this split) per trip: its first
+    // pixel's taps gathered, the rest slid along. Kept out of the inner loop,
+    // where CPU adapters would run both sides of a branch every pixel.
+    for (var kk = k0; kk < k1;) {
+        site.y0 = i32(oy * p.stride_h) - p.pad_h;
+        site.x0 = i32(ox * p.stride_w) - p.pad_w;
+        w = next_window(w, site, true);
+        let row_end = min(k1, kk + p.out_w - ox);
+        loop {
+            var rows: array<vec4<f32>, 8>;
+            if (K_LANES == 1u) {
+                if (((kk - k0) & 7u) == 0u) {
+                    a_k = a_panel(kk, wid.y * ROW_QUADS, a_lane);
+                }
+                rows = panel_rows(a_k, (kk - k0) & 7u);
+            } else {
+                rows = rows_of_a(kk, wid.y * ROW_QUADS);
             }
+            accumulate(&t, rows, array<vec4<f32>, 4>(w.q0, w.q1, w.q2, w.q3));
+            kk++;
+            if (kk == row_end) {
+                break;
+            }
+            site.x0 += i32(p.stride_w);
+            w = next_window(w, site, false);
+        }
+        ox = 0u;
+        oy++;
+        if (oy == out_h) {
+            oy = 0u;
+            site.sample_at += i32(p.x_at.y);
         }
     }
-    store_tile(t, (p.first_split + split) * p.m * p.n, wid.y * ROW_QUADS, tile_columns(quad0));
+    store_tile(t, (p.first_split + split) * p.m * p.n, wid.y * ROW_QUADS, run_columns(c0));
 }
 
 // packed[kk * rows_padded + i] = X[i][kk] for i < rows, zero for the

@@ -1,8 +1,8 @@
 // How the kernels of gemm_blocked.wgsl whose lanes share their k (matmul,
-// convolve, conv_rows) take A's rows for up to eight consecutive k, a
-// panel, on adapters with subgroups of at least eight lanes: lane l loads
-// the tile's rows at k = k0 + l, and every lane takes the rows at k0 + j
-// from lane j by a shuffle. All lanes of a workgroup need the same rows at
+// convolve, conv_rows, conv_filter_gradient with one split per workgroup)
+// take A's rows for up to eight consecutive k, a panel, on adapters with
+// subgroups of at least eight lanes: lane l loads the tile's rows at k =
+// k0 + l, and every lane takes the rows at k0 + j from lane j by a shuffle. All lanes of a workgroup need the same rows at
 // the same k, so this is one load per lane per panel where rows_of_a is
 // one per k. On CPU adapters a storage load runs one lane and one float at
 // a time (lavapipe: a loop over the lanes with a bounds check per float;

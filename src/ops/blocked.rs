@@ -494,38 +494,67 @@ pub fn dispatch(
     )
 }
 
-/// Lanes of a workgroup that share one column tile of an `n`-column filter
-/// gradient, each summing its own pieces of K: enough to keep every lane
-/// busy when there are fewer column tiles than lanes.
-pub fn k_lanes(n: u32, workgroup: u32) -> u32 {
-    let column_lanes = (padded_columns(n) / TILE_COLUMNS).next_power_of_two();
-    (workgroup / column_lanes).max(1)
+/// How `conv_filter_gradient` lays a filter's taps over its lanes: each
+/// lane takes `run` consecutive columns, whole kernel rows of `window` taps
+/// (1 where a kernel row is wider than a tile), and slides them along x by
+/// `step` (the stride) from one output pixel to the next.
+#[derive(Clone, Copy, Debug)]
+pub struct TapWindows {
+    pub window: u32,
+    pub step: u32,
+    pub run: u32,
 }
 
-/// Records `conv_filter_gradient` over the tiles of `params`' M x N output
-/// for each of `splits` pieces of K, in workgroups of `workgroup` lanes
-/// with `k_lanes` (a power of two, at most `k_lanes(n, workgroup)`) lanes
-/// per column tile; the lane groups must fit one grid dimension.
+impl TapWindows {
+    pub fn new(kw: u32, stride_w: u32) -> TapWindows {
+        let window = if kw <= TILE_COLUMNS { kw } else { 1 };
+        TapWindows {
+            window,
+            step: stride_w,
+            run: TILE_COLUMNS / window * window,
+        }
+    }
+
+    /// Lanes across `n` columns.
+    fn column_lanes(&self, n: u32) -> u32 {
+        n.div_ceil(self.run)
+    }
+}
+
+/// Lanes of a workgroup that share one column run of an `n`-column filter
+/// gradient, each summing its own pieces of K: enough to keep every lane
+/// busy when there are fewer runs than lanes.
+pub fn k_lanes(n: u32, windows: TapWindows, workgroup: u32) -> u32 {
+    (workgroup / windows.column_lanes(n).next_power_of_two()).max(1)
+}
+
+/// Records `conv_filter_gradient` over the column runs and row tiles of
+/// `params`' M x N output for each of `splits` pieces of K, in workgroups
+/// of `workgroup` lanes with `k_lanes` (a power of two, at most `k_lanes(n,
+/// windows, workgroup)`) lanes per run; the lane groups must fit one grid
+/// dimension.
 pub fn dispatch_split(
     ctx: &mut PlanContext,
     (workgroup, k_lanes): (u32, u32),
-    params: &BlockedParams,
+    (params, windows): (&BlockedParams, TapWindows),
     storage: &[(u32, Binding)],
     splits: u32,
 ) -> Result<()> {
-    let (lane_groups, row_tiles) = tiles(params, workgroup / k_lanes);
+    let lane_groups = windows.column_lanes(params.n).div_ceil(workgroup / k_lanes);
+    let row_tiles = padded_rows(params.m) / tile_rows(params.m);
     let grid = [lane_groups, row_tiles, splits.div_ceil(k_lanes)];
     let lanes = (workgroup, k_lanes);
     let entry = ("conv_filter_gradient", None);
-    record(ctx, entry, lanes, (params, &[]), storage, grid)
+    let constants = [("WINDOW_W", windows.window), ("WINDOW_STEP", windows.step)];
+    record(ctx, entry, lanes, (params, &constants), storage, grid)
 }
 
 /// Workgroups of `column_lanes` column tiles across the columns, and row
 /// tiles down the rows of the output.
-fn tiles(params: &BlockedParams, column_lanes: u32) -> (u32, u32) {
+fn tiles(params: &BlockedParams, workgroup: u32) -> (u32, u32) {
     let lanes = padded_columns(params.n) / TILE_COLUMNS;
     (
-        lanes.div_ceil(column_lanes),
+        lanes.div_ceil(workgroup),
         padded_rows(params.m) / tile_rows(params.m),
     )
 }

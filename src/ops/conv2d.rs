@@ -4,7 +4,7 @@
 //! `shaders/conv2d.wgsl` elsewhere (see `GemmKernel`); the bias gradient is
 //! a channel sum.
 
-use super::blocked::{self, BlockedParams, PackParams, RowConv};
+use super::blocked::{self, BlockedParams, PackParams, RowConv, TapWindows};
 use super::fused::{activation_constant, Activated, Epilogue};
 use super::reduce::{chunked_splits, sum_splits, ReduceParams, MAX_LOOP_TRIPS};
 use super::{expect_rank, Activation, ChannelSum, CpuTensor};
@@ -654,13 +654,17 @@ impl Conv2dBackwardFilter {
         let fit_binding = (ctx.gpu.max_binding() as usize / 4) / (len * chunks.len());
         // Each lane of a tile writes its own slice: no more lanes than slices fit.
         let fit_lanes = 1 << fit_binding.max(1).ilog2();
-        let k_lanes = (blocked::k_lanes(taps as u32, workgroup) as usize).min(fit_lanes);
+        let windows = TapWindows::new(whole.kw, whole.stride_w);
+        let k_lanes = (blocked::k_lanes(taps as u32, windows, workgroup) as usize).min(fit_lanes);
         let splits = longest
             .div_ceil(BLOCKED_SPLIT_TERMS)
             .next_multiple_of(k_lanes)
             .min(fit_binding / k_lanes * k_lanes)
             .max(longest.div_ceil(MAX_LOOP_TRIPS).next_multiple_of(k_lanes));
-        let k_split = longest.div_ceil(splits);
+        // Splits of whole output rows: the lanes of a workgroup start their
+        // rows together, and slide their windows together (less than a row
+        // more per split stays far inside llvmpipe's loop limit).
+        let k_split = longest.div_ceil(splits).next_multiple_of(whole.wo as usize);
         let partial = ctx.scratch(4 * (chunks.len() * splits * len) as u64)?;
         ctx.for_each_chunk(&[x, dy], |ctx, chunk| {
             let mut p = self.conv.params(&ctx.shape(x), &ctx.shape(dweight));
@@ -673,7 +677,6 @@ impl Conv2dBackwardFilter {
                 n: taps as u32,
                 k: p.batch * pixels as u32,
                 a_quads: blocked::padded_rows(p.c_out) / 4,
-                b_quads: blocked::padded_columns(taps as u32) / 4,
                 pixels: pixels as u32,
                 k_split: k_split as u32,
                 first_split: (chunk * splits) as u32,
@@ -685,7 +688,7 @@ impl Conv2dBackwardFilter {
             // write zeros, where the final sum would otherwise read what
             // the shared scratch memory held.
             let lanes = (workgroup, k_lanes as u32);
-            blocked::dispatch_split(ctx, lanes, &params, &storage, splits as u32)
+            blocked::dispatch_split(ctx, lanes, (&params, windows), &storage, splits as u32)
         })?;
         let total = ReduceParams::sum_splits(len, chunks.len() * splits);
         sum_splits(ctx, &total, &partial, &ctx.binding(dweight))?;
