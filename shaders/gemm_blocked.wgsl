@@ -171,12 +171,28 @@ fn column_offsets(col0: u32) -> vec4<u32> {
     return select(at, vec4<u32>(NO_COLUMN), col >= vec4<u32>(p.n));
 }
 
+// Whether every four columns from a multiple of four on are four
+// consecutive floats of C starting on a vec4 (or all four past the end):
+// a tile row's quad is then one vec4 store, where CPU adapters store floats
+// one lane at a time (LeNet's first convolution spent a third of its time
+// storing its output).
+override QUAD_STORES: bool = false;
+
+// C as vec4s, for QUAD_STORES: the same memory as c.
+@group(0) @binding(13) var<storage, read_write> c_quads: array<vec4<f32>>;
+
 fn store(t: mat4x4<f32>, at: u32, row0: u32, columns: vec4<u32>) {
     for (var i = 0u; i < 4u; i++) {
         let row = row0 + i;
-        for (var j = 0u; j < 4u; j++) {
-            if (row < p.m && columns[j] != NO_COLUMN) {
-                c[at + row * p.dst_plane + columns[j]] = activate(t[i][j]);
+        if (QUAD_STORES) {
+            if (row < p.m && columns[0] != NO_COLUMN) {
+                c_quads[(at + row * p.dst_plane + columns[0]) / 4u] = activate4(t[i]);
+            }
+        } else {
+            for (var j = 0u; j < 4u; j++) {
+                if (row < p.m && columns[j] != NO_COLUMN) {
+                    c[at + row * p.dst_plane + columns[j]] = activate(t[i][j]);
+                }
             }
         }
     }

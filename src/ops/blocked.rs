@@ -83,6 +83,29 @@ impl BlockedParams {
     }
 }
 
+impl BlockedParams {
+    /// Whether the tiles' stores can be vec4s (the shader's `QUAD_STORES`):
+    /// every four columns from a multiple of four on lie in four
+    /// consecutive floats of C from a multiple of four on. `conv_rows`'s
+    /// columns are pixels of an output row, the other kernels' a sample's
+    /// pixels (or a matrix row) as `column_offsets` places them: whole
+    /// rows of `dst_w`, so four columns never straddle two samples when
+    /// `dst_w` is a multiple of four.
+    pub fn stores_whole_quads(&self) -> bool {
+        let quads = |values: &[u32]| values.iter().all(|v| v.is_multiple_of(4));
+        let starts = quads(&[
+            self.out_at[0],
+            self.out_at[1],
+            self.dst_plane,
+            self.dst_first,
+        ]);
+        if self.row_segments > 0 {
+            return starts && quads(&[self.out_w]);
+        }
+        starts && self.dst_step == 1 && quads(&[self.dst_w, self.dst_row])
+    }
+}
+
 /// The shader's `Pack` uniform: which matrix `X[rows][k]` to pack.
 #[repr(C)]
 #[derive(Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
@@ -459,12 +482,15 @@ impl RowConv {
             self.out.0,
         ];
         let lanes = (workgroup, 1);
-        let kernel_w = [("KW", self.kernel.1)];
+        let constants = [
+            ("KW", self.kernel.1),
+            ("QUAD_STORES", params.stores_whole_quads() as u32),
+        ];
         record(
             ctx,
             (entry, activation),
             lanes,
-            (&params, &kernel_w),
+            (&params, &constants),
             &storage,
             grid,
         )
@@ -484,11 +510,12 @@ pub fn dispatch(
     let (lane_groups, row_tiles) = tiles(params, workgroup);
     let [x, y, z] = tiled_grid(lane_groups, row_tiles);
     let lanes = (workgroup, 1);
+    let quad_stores = [("QUAD_STORES", params.stores_whole_quads() as u32)];
     record(
         ctx,
         (entry, activation),
         lanes,
-        (params, &[]),
+        (params, &quad_stores),
         storage,
         [x, y, z],
     )
@@ -576,6 +603,16 @@ fn record(
         activation_constant(activation),
     ];
     constants.extend_from_slice(more);
+    // c_quads (binding 13) views C (binding 4); a C smaller than one vec4
+    // stores no quads and binds a stand-in of one.
+    let mut storage = storage.to_vec();
+    if let Some((_, c)) = storage.iter().find(|(slot, _)| *slot == 4) {
+        let c_quads = match c.size {
+            16.. => c.clone(),
+            _ => ctx.scratch(16)?,
+        };
+        storage.push((13, c_quads));
+    }
     let shader = match ctx.gpu.tuning.gemm {
         GemmKernel::Blocked {
             subgroups: true, ..
@@ -585,7 +622,75 @@ fn record(
     ctx.dispatch_grid(
         (shader, entry, &constants[..]),
         params,
-        storage,
+        &storage,
         grid.map(|g| g as usize),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::BlockedParams;
+
+    /// Each start, step and width of C's layout that is not a whole number
+    /// of vec4s turns quad stores off, for the row kernels (`row_segments`)
+    /// and the others.
+    #[test]
+    fn quad_stores_need_every_start_on_a_vec4() {
+        let rows = BlockedParams {
+            out_w: 28,
+            row_segments: 2,
+            ..BlockedParams::default()
+        }
+        .contiguous_output(28 * 28, [8, 6 * 28 * 28]);
+        let columns = BlockedParams {
+            row_segments: 0,
+            dst_w: 12,
+            dst_row: 24,
+            dst_first: 12,
+            ..rows
+        };
+        assert!(rows.stores_whole_quads() && columns.stores_whole_quads());
+        let unaligned = [
+            BlockedParams {
+                out_at: [2, 6 * 28 * 28],
+                ..columns
+            },
+            BlockedParams {
+                out_at: [8, 6 * 28 * 28 + 2],
+                ..columns
+            },
+            BlockedParams {
+                dst_plane: 30,
+                ..columns
+            },
+            BlockedParams {
+                dst_first: 13,
+                ..columns
+            },
+            BlockedParams {
+                dst_step: 2,
+                ..columns
+            },
+            BlockedParams {
+                dst_w: 14,
+                ..columns
+            },
+            BlockedParams {
+                dst_row: 26,
+                ..columns
+            },
+            BlockedParams { out_w: 14, ..rows },
+            BlockedParams {
+                out_at: [2, 6 * 28 * 28],
+                ..rows
+            },
+            BlockedParams {
+                dst_plane: 30,
+                ..rows
+            },
+        ];
+        for (i, params) in unaligned.iter().enumerate() {
+            assert!(!params.stores_whole_quads(), "case {i}");
+        }
+    }
 }
