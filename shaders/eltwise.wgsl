@@ -146,3 +146,22 @@ fn add_quads(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgro
         out_quads[at_out(i) / 4u] = x_quads[at_x(i) / 4u] + y_quads[at_y(i) / 4u];
     }
 }
+
+// Zeros over all of out: the phases of a strided convolution's data
+// gradient that no kernel tap reaches (a 1x1 kernel with stride 2 reaches a
+// quarter of dx), written in one pass instead of by a product with no terms.
+@compute @workgroup_size(WG)
+fn zeros(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = linear_index(gid, nwg);
+    if (i < p.len) {
+        out[at_out(i)] = 0.0;
+    }
+}
+
+@compute @workgroup_size(WG)
+fn zeros_quads(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = 4u * linear_index(gid, nwg);
+    if (i < p.len) {
+        out_quads[at_out(i) / 4u] = vec4<f32>(0.0);
+    }
+}

@@ -7,7 +7,7 @@
 use super::blocked::{self, BlockedParams, PackParams, RowConv, TapWindows};
 use super::fused::{activation_constant, Activated, Epilogue};
 use super::reduce::{chunked_splits, sum_splits, ReduceParams, MAX_LOOP_TRIPS};
-use super::{expect_rank, Activation, ChannelSum, CpuTensor};
+use super::{eltwise, expect_rank, Activation, ChannelSum, CpuTensor};
 use crate::gpu::{GemmKernel, Shader};
 use crate::graph::{DType, Graph, Op, PlanContext, Shape, Tensor, TensorId};
 use anyhow::{bail, Result};
@@ -451,7 +451,8 @@ impl Op for Conv2dBackwardData {
 /// stride) of dx, a stride-1 convolution of dy with the kernel taps that
 /// land on that phase, flipped (`conv_transposed` in
 /// `shaders/gemm_blocked.wgsl`), rows = input channels. One phase when the
-/// stride is 1.
+/// stride is 1. Phases no tap reaches (a kernel narrower than its stride)
+/// are zeroed in one pass over dx first.
 fn plan_blocked_backward_data(
     ctx: &mut PlanContext,
     p: &ConvParams,
@@ -459,12 +460,20 @@ fn plan_blocked_backward_data(
     inputs: &[TensorId],
     dx: TensorId,
 ) -> Result<()> {
-    for ry in 0..p.stride_h {
-        for rx in 0..p.stride_w {
-            let rows = Phase::new(ry, p.h, p.kh, p.stride_h, p.pad_h);
-            let cols = Phase::new(rx, p.w, p.kw, p.stride_w, p.pad_w);
+    let row_phases: Vec<Phase> = (0..p.stride_h)
+        .map(|ry| Phase::new(ry, p.h, p.kh, p.stride_h, p.pad_h))
+        .collect();
+    let col_phases: Vec<Phase> = (0..p.stride_w)
+        .map(|rx| Phase::new(rx, p.w, p.kw, p.stride_w, p.pad_w))
+        .collect();
+    let untapped = |phases: &[Phase]| phases.iter().any(|ph| ph.pixels > 0 && ph.taps == 0);
+    if untapped(&row_phases) || untapped(&col_phases) {
+        eltwise::fill_zeros(ctx, dx)?;
+    }
+    for (ry, rows) in (0..).zip(&row_phases) {
+        for (rx, cols) in (0..).zip(&col_phases) {
             let columns = p.batch * rows.pixels * cols.pixels;
-            if columns == 0 {
+            if columns == 0 || rows.taps == 0 || cols.taps == 0 {
                 continue;
             }
             let (sh, sw) = (p.stride_h as i32, p.stride_w as i32);

@@ -62,6 +62,11 @@ fn elementwise_quads(
     ctx.dispatch_with(kernel, &params, &storage, params.len as usize / 4)
 }
 
+/// Records a pass that sets every element of `out` to zero.
+pub(super) fn fill_zeros(ctx: &mut PlanContext, out: TensorId) -> Result<()> {
+    elementwise_quads(ctx, ("zeros", "zeros_quads", None), &[], out)
+}
+
 /// `elementwise` with dropout's parameters; fills in the sizes and layouts.
 fn with_params(
     ctx: &mut PlanContext,

@@ -242,6 +242,14 @@ pub fn run_op(gpu: &Gpu, op: impl Op + 'static, inputs: &[&CpuTensor], dy: &CpuT
     }
     let plan = Plan::new(gpu, &g, &store, &Externals::new()).expect("plan");
     plan.write_f32(gpu, &g, dy_id, &dy.data).unwrap();
+    // The gradients' memory holds NaN first: a backward op must write every
+    // element, whatever was there.
+    for (i, t) in inputs.iter().enumerate() {
+        let grad = store.grad_binding(i);
+        let nan = vec![f32::NAN; t.data.len()];
+        gpu.queue
+            .write_buffer(&grad.buffer, grad.offset, bytemuck::cast_slice(&nan));
+    }
     plan.run(gpu);
     OpResult {
         output: plan.read_f32(gpu, &g, y).unwrap(),
