@@ -308,9 +308,24 @@ fn window(col0: u32) -> Window {
     return Window(y0, x0, base);
 }
 
+// Whether the convolution is pointwise (1x1, stride 1, no padding) on
+// planes of whole vec4s: four columns from a multiple of four on are then
+// four consecutive floats of x, one vec4 load where a gather takes four
+// (LeNet-sized kernels gather; GoogLeNet's and DenseNet's 1x1 layers do not
+// need to).
+override POINTWISE: bool = false;
+
+// x as vec4s, for POINTWISE: the same memory as x.
+@group(0) @binding(14) var<storage, read> x_quads: array<vec4<f32>>;
+
 // x at tap (ky, kx) of input channel plane `plane_at` for four pixels; zero
 // in the padding.
 fn gather(win: Window, plane_at: i32, ky: i32, kx: i32) -> vec4<f32> {
+    if (POINTWISE) {
+        let inside = win.y0.x >= 0;
+        let at = win.base.x + plane_at + win.y0.x * i32(p.x_w) + win.x0.x;
+        return select(vec4<f32>(0.0), x_quads[select(0, at, inside) / 4], inside);
+    }
     let iy = win.y0 + ky;
     let ix = win.x0 + kx;
     let inside = (vec4<u32>(iy) < vec4<u32>(p.x_h)) & (vec4<u32>(ix) < vec4<u32>(p.x_w));

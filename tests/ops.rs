@@ -76,14 +76,17 @@ fn conv2d_matches_pytorch() {
 /// and kernels, stride > 1 with padding, a filter gradient summing 4,500
 /// terms (the blocked kernel splits it in three), kernel rows whose taps
 /// slide by 1 to 3 along x in the blocked filter gradient and one too wide
-/// to slide (17 taps); with every kernel family.
+/// to slide (17 taps), 1x1 kernels on planes of whole vec4s (read four
+/// pixels a load) and not; with every kernel family.
 #[test]
 fn conv2d_matches_cpu_on_awkward_shapes() {
     let mut gpu = gpu();
     let mut rng = Rng::new(7);
     type Case = ([usize; 4], [usize; 4], (usize, usize), (usize, usize)); // x, weight, stride, padding
-    let cases: [Case; 9] = [
+    let cases: [Case; 11] = [
         ([1, 1, 5, 5], [1, 1, 3, 3], (1, 1), (0, 0)),
+        ([3, 5, 6, 6], [7, 5, 1, 1], (1, 1), (0, 0)),
+        ([2, 3, 5, 5], [6, 3, 1, 1], (1, 1), (0, 0)),
         ([2, 2, 4, 21], [3, 2, 2, 17], (1, 2), (0, 1)),
         ([1, 3, 7, 9], [5, 3, 3, 3], (2, 2), (1, 1)),
         ([2, 5, 9, 17], [7, 5, 4, 4], (3, 3), (2, 2)),

@@ -104,6 +104,18 @@ impl BlockedParams {
         }
         starts && self.dst_step == 1 && quads(&[self.dst_w, self.dst_row])
     }
+
+    /// Whether `convolve` can read x four columns at a time (the shader's
+    /// `POINTWISE`): a 1x1 kernel with stride 1 and no padding over a plane
+    /// of output pixels the size of x's (a data gradient's phase may be
+    /// smaller), planes of whole vec4s.
+    pub fn reads_whole_quads(&self) -> bool {
+        let pointwise = (self.kh, self.kw, self.stride_h, self.stride_w) == (1, 1, 1, 1)
+            && (self.pad_h, self.pad_w) == (0, 0)
+            && (self.out_w, self.out_plane) == (self.x_w, self.x_h * self.x_w);
+        let quads = [self.x_h * self.x_w, self.x_at[0], self.x_at[1]];
+        pointwise && quads.iter().all(|v| v.is_multiple_of(4))
+    }
 }
 
 /// The shader's `Pack` uniform: which matrix `X[rows][k]` to pack.
@@ -510,13 +522,17 @@ pub fn dispatch(
     let (lane_groups, row_tiles) = tiles(params, workgroup);
     let [x, y, z] = tiled_grid(lane_groups, row_tiles);
     let lanes = (workgroup, 1);
-    let quad_stores = [("QUAD_STORES", params.stores_whole_quads() as u32)];
+    let quads = [
+        ("QUAD_STORES", params.stores_whole_quads() as u32),
+        ("POINTWISE", params.reads_whole_quads() as u32),
+    ];
+    let storage = with_quad_view(ctx, storage, (7, 14))?;
     record(
         ctx,
         (entry, activation),
         lanes,
-        (params, &quad_stores),
-        storage,
+        (params, &quads),
+        &storage,
         [x, y, z],
     )
 }
@@ -586,6 +602,25 @@ fn tiles(params: &BlockedParams, workgroup: u32) -> (u32, u32) {
     )
 }
 
+/// `storage` plus the vec4 view (`slots.1`) of the binding at `slots.0`:
+/// c_quads (13) of C (4), x_quads (14) of x (7). A binding smaller than a
+/// vec4 is never used as vec4s and binds a stand-in of one.
+fn with_quad_view(
+    ctx: &mut PlanContext,
+    storage: &[(u32, Binding)],
+    (slot, view_slot): (u32, u32),
+) -> Result<Vec<(u32, Binding)>> {
+    let mut storage = storage.to_vec();
+    if let Some((_, binding)) = storage.iter().find(|(s, _)| *s == slot) {
+        let view = match binding.size {
+            16.. => binding.clone(),
+            _ => ctx.scratch(16)?,
+        };
+        storage.push((view_slot, view));
+    }
+    Ok(storage)
+}
+
 /// Records one of the kernels that read A (with `more` pipeline
 /// constants), from the shader the adapter's tuning picks.
 fn record(
@@ -603,16 +638,7 @@ fn record(
         activation_constant(activation),
     ];
     constants.extend_from_slice(more);
-    // c_quads (binding 13) views C (binding 4); a C smaller than one vec4
-    // stores no quads and binds a stand-in of one.
-    let mut storage = storage.to_vec();
-    if let Some((_, c)) = storage.iter().find(|(slot, _)| *slot == 4) {
-        let c_quads = match c.size {
-            16.. => c.clone(),
-            _ => ctx.scratch(16)?,
-        };
-        storage.push((13, c_quads));
-    }
+    let storage = with_quad_view(ctx, storage, (4, 13))?;
     let shader = match ctx.gpu.tuning.gemm {
         GemmKernel::Blocked {
             subgroups: true, ..
@@ -630,6 +656,21 @@ fn record(
 #[cfg(test)]
 mod tests {
     use super::BlockedParams;
+
+    /// Asserts that `test` holds for `params` and fails after each of
+    /// `changes`.
+    fn each_change_fails(
+        params: BlockedParams,
+        test: fn(&BlockedParams) -> bool,
+        changes: &[fn(&mut BlockedParams)],
+    ) {
+        assert!(test(&params));
+        for (i, change) in changes.iter().enumerate() {
+            let mut changed = params;
+            change(&mut changed);
+            assert!(!test(&changed), "change {i}");
+        }
+    }
 
     /// Each start, step and width of C's layout that is not a whole number
     /// of vec4s turns quad stores off, for the row kernels (`row_segments`)
@@ -649,48 +690,65 @@ mod tests {
             dst_first: 12,
             ..rows
         };
-        assert!(rows.stores_whole_quads() && columns.stores_whole_quads());
-        let unaligned = [
-            BlockedParams {
-                out_at: [2, 6 * 28 * 28],
-                ..columns
-            },
-            BlockedParams {
-                out_at: [8, 6 * 28 * 28 + 2],
-                ..columns
-            },
-            BlockedParams {
-                dst_plane: 30,
-                ..columns
-            },
-            BlockedParams {
-                dst_first: 13,
-                ..columns
-            },
-            BlockedParams {
-                dst_step: 2,
-                ..columns
-            },
-            BlockedParams {
-                dst_w: 14,
-                ..columns
-            },
-            BlockedParams {
-                dst_row: 26,
-                ..columns
-            },
-            BlockedParams { out_w: 14, ..rows },
-            BlockedParams {
-                out_at: [2, 6 * 28 * 28],
-                ..rows
-            },
-            BlockedParams {
-                dst_plane: 30,
-                ..rows
-            },
-        ];
-        for (i, params) in unaligned.iter().enumerate() {
-            assert!(!params.stores_whole_quads(), "case {i}");
-        }
+        let stores = BlockedParams::stores_whole_quads;
+        each_change_fails(
+            rows,
+            stores,
+            &[
+                |p| p.out_w = 14,
+                |p| p.out_at[0] = 2,
+                |p| p.out_at[1] += 2,
+                |p| p.dst_plane = 30,
+            ],
+        );
+        each_change_fails(
+            columns,
+            stores,
+            &[
+                |p| p.out_at[0] = 2,
+                |p| p.out_at[1] += 2,
+                |p| p.dst_plane = 30,
+                |p| p.dst_first = 13,
+                |p| p.dst_step = 2,
+                |p| p.dst_w = 14,
+                |p| p.dst_row = 26,
+            ],
+        );
+    }
+
+    /// Only a 1x1 kernel with stride 1 and no padding, over output planes
+    /// the size of x's, on planes and layouts of whole vec4s, reads x four
+    /// pixels at a time.
+    #[test]
+    fn pointwise_reads_need_a_1x1_kernel_on_whole_vec4s() {
+        let pointwise = BlockedParams {
+            x_h: 6,
+            x_w: 6,
+            kh: 1,
+            kw: 1,
+            stride_h: 1,
+            stride_w: 1,
+            out_w: 6,
+            out_plane: 36,
+            x_at: [8, 5 * 36],
+            ..BlockedParams::default()
+        };
+        each_change_fails(
+            pointwise,
+            BlockedParams::reads_whole_quads,
+            &[
+                |p| p.kh = 3,
+                |p| p.kw = 3,
+                |p| p.stride_h = 2,
+                |p| p.stride_w = 2,
+                |p| p.pad_h = 1,
+                |p| p.pad_w = 1,
+                |p| (p.x_h, p.x_w, p.out_w, p.out_plane) = (5, 5, 5, 25),
+                |p| (p.out_w, p.out_plane) = (3, 9),
+                |p| p.out_plane = 30,
+                |p| p.x_at[0] = 2,
+                |p| p.x_at[1] += 2,
+            ],
+        );
     }
 }
