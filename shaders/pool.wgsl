@@ -301,14 +301,41 @@ fn window_2x2(o: Pixel) -> vec4<f32> {
     return vec4<f32>(top, bottom);
 }
 
+// A window's mean, in avg_forward's order of additions.
+fn window_mean(v: vec4<f32>) -> f32 {
+    return (((0.0 + v.x) + v.y) + v.z + v.w) / 4.0;
+}
+
+// A window's maximum and where in its plane it is, for the window whose
+// top-left element is at `top_left`.
+struct WindowMax {
+    best: f32,
+    at: u32,
+}
+
+fn window_max(v: vec4<f32>, top_left: u32) -> WindowMax {
+    let offsets = vec4<u32>(0u, 1u, p.w, p.w + 1u);
+    var m = WindowMax(v.x, top_left);
+    for (var k = 1u; k < 4u; k++) {
+        // As max_forward: the first maximum, and NaN wins.
+        if (v[k] > m.best || v[k] != v[k]) {
+            m = WindowMax(v[k], top_left + offsets[k]);
+        }
+    }
+    return m;
+}
+
+// The in-plane index of output o's window's top-left element.
+fn top_left_of(o: Pixel) -> u32 {
+    return 2u * o.y * p.w + 2u * o.x;
+}
+
 @compute @workgroup_size(WG)
 fn avg_forward_2x2(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = linear_index(gid, nwg);
     if (i < p.planes * p.ho * p.wo) {
         let o = pixel_of(i, p.ho, p.wo);
-        let v = window_2x2(o);
-        // avg_forward's order of additions.
-        dst[pooled_at(p.dst_at, o)] = (((0.0 + v.x) + v.y) + v.z + v.w) / 4.0;
+        dst[pooled_at(p.dst_at, o)] = window_mean(window_2x2(o));
     }
 }
 
@@ -317,20 +344,9 @@ fn max_forward_2x2(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_w
     let i = linear_index(gid, nwg);
     if (i < p.planes * p.ho * p.wo) {
         let o = pixel_of(i, p.ho, p.wo);
-        let v = window_2x2(o);
-        let top_left = 2u * o.y * p.w + 2u * o.x;
-        let offsets = vec4<u32>(0u, 1u, p.w, p.w + 1u);
-        var best = v.x;
-        var best_at = top_left;
-        for (var k = 1u; k < 4u; k++) {
-            // As max_forward: the first maximum, and NaN wins.
-            if (v[k] > best || v[k] != v[k]) {
-                best = v[k];
-                best_at = top_left + offsets[k];
-            }
-        }
-        dst[pooled_at(p.dst_at, o)] = best;
-        argmax[p.argmax_offset + i] = best_at;
+        let m = window_max(window_2x2(o), top_left_of(o));
+        dst[pooled_at(p.dst_at, o)] = m.best;
+        argmax[p.argmax_offset + i] = m.at;
     }
 }
 
@@ -352,11 +368,17 @@ fn avg_window_gradient(o: Pixel) -> vec4<f32> {
     return vec4<f32>(src[pooled_at(p.src_at, o)] / 4.0);
 }
 
+// dy at the element of the window from `top_left` on that `argmax` (an
+// in-plane index) names, zeros elsewhere; row by row.
+fn routed(dy: f32, argmax_at: u32, top_left: u32) -> vec4<f32> {
+    let at = argmax_at - top_left;
+    let k = select(at, 2u + at - p.w, at >= p.w);
+    return select(vec4<f32>(0.0), vec4<f32>(dy), vec4<u32>(0u, 1u, 2u, 3u) == vec4<u32>(k));
+}
+
 // dy of output i at the window element argmax names, zeros elsewhere.
 fn max_window_gradient(i: u32, o: Pixel) -> vec4<f32> {
-    let at = argmax_in[p.argmax_offset + i] - (2u * o.y * p.w + 2u * o.x);
-    let k = select(at, 2u + at - p.w, at >= p.w);
-    return select(vec4<f32>(0.0), vec4<f32>(src[pooled_at(p.src_at, o)]), vec4<u32>(0u, 1u, 2u, 3u) == vec4<u32>(k));
+    return routed(src[pooled_at(p.src_at, o)], argmax_in[p.argmax_offset + i], top_left_of(o));
 }
 
 @compute @workgroup_size(WG)
@@ -392,5 +414,138 @@ fn max_backward_activated_2x2(@builtin(global_invocation_id) gid: vec3<u32>, @bu
     if (i < p.planes * p.ho * p.wo) {
         let o = pixel_of(i, p.ho, p.wo);
         store_window(o, activated_window(o, max_window_gradient(i, o)));
+    }
+}
+
+// Two 2 x 2 windows side by side per invocation (outputs o and o + 1 of a
+// row, o.x even), where the input's rows are whole vec4s: each row of the
+// pair is one vec4 load or store, the pooled pair one vec2 and the argmax
+// pair one vec2<u32>. Half the invocations and index arithmetic, and a
+// quarter of the input side's memory operations, of the *_2x2 kernels
+// (LeNet's first pool).
+@group(0) @binding(11) var<storage, read> src_quads: array<vec4<f32>>;
+@group(0) @binding(12) var<storage, read_write> argmax_pairs: array<vec2<u32>>;
+@group(0) @binding(13) var<storage, read> argmax_in_pairs: array<vec2<u32>>;
+
+// The rows of a pair of windows: the left window is (top.xy, bottom.xy).
+struct WindowPair {
+    top: vec4<f32>,
+    bottom: vec4<f32>,
+}
+
+fn left(w: WindowPair) -> vec4<f32> {
+    return vec4<f32>(w.top.xy, w.bottom.xy);
+}
+
+fn right(w: WindowPair) -> vec4<f32> {
+    return vec4<f32>(w.top.zw, w.bottom.zw);
+}
+
+// Two windows' gradients (each row by row) as the pair's rows.
+fn pair_rows(l: vec4<f32>, r: vec4<f32>) -> WindowPair {
+    return WindowPair(vec4<f32>(l.xy, r.xy), vec4<f32>(l.zw, r.zw));
+}
+
+// The first of the two outputs invocation i takes, and whether it has any.
+fn pair_output(i: u32) -> Pixel {
+    return pixel_of(2u * i, p.ho, p.wo);
+}
+
+fn has_pair(i: u32) -> bool {
+    return 2u * i < p.planes * p.ho * p.wo;
+}
+
+fn window_pair(o: Pixel) -> WindowPair {
+    let at = window_at(p.src_at, o) / 4u;
+    return WindowPair(src_quads[at], src_quads[at + p.w / 4u]);
+}
+
+fn store_window_pair(o: Pixel, g: WindowPair) {
+    let at = window_at(p.dst_at, o) / 4u;
+    dst_quads[at] = g.top;
+    dst_quads[at + p.w / 4u] = g.bottom;
+}
+
+// g passed through the fused activation's backward.
+fn activated_pair(o: Pixel, g: WindowPair) -> WindowPair {
+    let y = window_at(p.act_at, o) / 4u;
+    return WindowPair(activation_backward4(act_out_quads[y], g.top), activation_backward4(act_out_quads[y + p.w / 4u], g.bottom));
+}
+
+// The pair's dy.
+fn pooled_pair(o: Pixel) -> vec2<f32> {
+    return src_pairs[pooled_at(p.src_at, o) / 2u];
+}
+
+// avg_window_gradient for both windows.
+fn avg_pair_gradient(o: Pixel) -> WindowPair {
+    let dy = pooled_pair(o);
+    return pair_rows(vec4<f32>(dy.x / 4.0), vec4<f32>(dy.y / 4.0));
+}
+
+// max_window_gradient for both windows.
+fn max_pair_gradient(i: u32, o: Pixel) -> WindowPair {
+    let dy = pooled_pair(o);
+    let at = argmax_in_pairs[(p.argmax_offset + 2u * i) / 2u];
+    let top_left = top_left_of(o);
+    return pair_rows(routed(dy.x, at.x, top_left), routed(dy.y, at.y, top_left + 2u));
+}
+
+@compute @workgroup_size(WG)
+fn avg_forward_2x2_pairs(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = linear_index(gid, nwg);
+    if (has_pair(i)) {
+        let o = pair_output(i);
+        let w = window_pair(o);
+        dst_pairs[pooled_at(p.dst_at, o) / 2u] = vec2<f32>(window_mean(left(w)), window_mean(right(w)));
+    }
+}
+
+@compute @workgroup_size(WG)
+fn max_forward_2x2_pairs(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = linear_index(gid, nwg);
+    if (has_pair(i)) {
+        let o = pair_output(i);
+        let w = window_pair(o);
+        let l = window_max(left(w), top_left_of(o));
+        let r = window_max(right(w), top_left_of(o) + 2u);
+        dst_pairs[pooled_at(p.dst_at, o) / 2u] = vec2<f32>(l.best, r.best);
+        argmax_pairs[(p.argmax_offset + 2u * i) / 2u] = vec2<u32>(l.at, r.at);
+    }
+}
+
+@compute @workgroup_size(WG)
+fn avg_backward_2x2_pairs(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = linear_index(gid, nwg);
+    if (has_pair(i)) {
+        let o = pair_output(i);
+        store_window_pair(o, avg_pair_gradient(o));
+    }
+}
+
+@compute @workgroup_size(WG)
+fn avg_backward_activated_2x2_pairs(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = linear_index(gid, nwg);
+    if (has_pair(i)) {
+        let o = pair_output(i);
+        store_window_pair(o, activated_pair(o, avg_pair_gradient(o)));
+    }
+}
+
+@compute @workgroup_size(WG)
+fn max_backward_2x2_pairs(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = linear_index(gid, nwg);
+    if (has_pair(i)) {
+        let o = pair_output(i);
+        store_window_pair(o, max_pair_gradient(i, o));
+    }
+}
+
+@compute @workgroup_size(WG)
+fn max_backward_activated_2x2_pairs(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = linear_index(gid, nwg);
+    if (has_pair(i)) {
+        let o = pair_output(i);
+        store_window_pair(o, activated_pair(o, max_pair_gradient(i, o)));
     }
 }

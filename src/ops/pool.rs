@@ -4,7 +4,7 @@
 use super::fused::{activation_constant, GradientEpilogue, WithActivationBackward};
 use super::{expect_rank, Activation, CpuTensor};
 use crate::gpu::Shader;
-use crate::graph::{DType, Graph, Op, PlanContext, Shape, Tensor, TensorId};
+use crate::graph::{Binding, DType, Graph, Op, PlanContext, Shape, Tensor, TensorId};
 use anyhow::{bail, Result};
 use std::rc::Rc;
 
@@ -139,65 +139,79 @@ impl PoolWindow {
         }
     }
 
-    /// Whether the `*_2x2` kernels take this pooling of an input shaped as
-    /// in `p`: 2 x 2 windows with stride 2 that tile the input exactly,
-    /// and the tensors they bind as vec2s (at `paired`) on even elements.
-    fn tiles_2x2(&self, p: &PoolParams, paired: &[[u32; 2]]) -> bool {
+    /// Whether this pooling of an input shaped as in `p` is 2 x 2 windows
+    /// with stride 2 that tile the input exactly (the `*_2x2` kernels).
+    fn tiles_2x2(&self, p: &PoolParams) -> bool {
         self.kernel == (2, 2)
             && self.stride == (2, 2)
             && self.padding == (0, 0)
             && p.h.is_multiple_of(2)
             && p.w.is_multiple_of(2)
-            && paired.iter().flatten().all(|v| v.is_multiple_of(2))
     }
 
-    /// Records `entry` over every element of `dst` (slot 2), for a pool
-    /// whose input has `input`'s shape, or where `tiles_2x2` allows
-    /// `window_entry` over every window, with the bindings `pairs` names
-    /// moved to its vec2 slots; `activation` is the one whose backward a
-    /// `*_backward_activated` entry applies.
+    /// Records `entries.element` over every element of `dst` (slot 2), for
+    /// a pool whose input has `input`'s shape; or where the windows tile
+    /// the input and every layout suits the views a window kernel binds,
+    /// `entries.window_pair` over every two windows side by side (rows of
+    /// whole vec4s) or `entries.window` over every window. `activation` is
+    /// the one whose backward a `*_backward_activated` entry applies.
+    /// Returns false, planning nothing, where `quads_instead` holds and no
+    /// window kernel takes the pool.
     fn record(
         &self,
         ctx: &mut PlanContext,
-        (entry, window_entry, activation): (&'static str, &'static str, Option<Activation>),
-        (input, pairs): (TensorId, &[(u32, u32)]),
+        entries: &WindowEntries,
+        input: TensorId,
         storage: &[(u32, TensorId)],
-    ) -> Result<()> {
+        quads_instead: bool,
+    ) -> Result<bool> {
         let (p, len) = self.bound_params(ctx, input, storage);
-        let constants = [activation_constant(activation)];
-        let pair_slot = |slot: u32| pairs.iter().find(|&&(from, _)| from == slot);
-        let paired: Vec<[u32; 2]> = (storage.iter())
-            .filter(|&&(slot, _)| pair_slot(slot).is_some())
-            .map(|&(_, t)| ctx.layout(t))
-            .collect();
-        if self.tiles_2x2(&p, &paired) {
-            let as_pairs =
-                |&(slot, t): &(u32, TensorId)| (pair_slot(slot).map_or(slot, |&(_, to)| to), t);
-            let bound = ctx.bind(&storage.iter().map(as_pairs).collect::<Vec<_>>());
-            let windows = (p.planes * p.ho * p.wo) as usize;
-            let kernel = (Shader::Pool, window_entry, &constants[..]);
-            return ctx.dispatch_with(kernel, &p, &bound, windows);
+        let constants = [activation_constant(entries.activation)];
+        let windows = (p.planes * p.ho * p.wo) as usize;
+        let kernels = [
+            (
+                entries.window_pair,
+                entries.pair_views,
+                windows / 2,
+                p.w.is_multiple_of(4),
+            ),
+            (entries.window, entries.views, windows, true),
+        ];
+        for (entry, views, invocations, rows_fit) in kernels {
+            if !(self.tiles_2x2(&p) && rows_fit) {
+                continue;
+            }
+            let Some(bound) = bound_as_views(ctx, storage, views) else {
+                continue;
+            };
+            let kernel = (Shader::Pool, entry, &constants[..]);
+            ctx.dispatch_with(kernel, &p, &bound, invocations)?;
+            return Ok(true);
+        }
+        if quads_instead {
+            return Ok(false);
         }
         let bound = ctx.bind(storage);
-        ctx.dispatch_with((Shader::Pool, entry, &constants), &p, &bound, len)
+        ctx.dispatch_with((Shader::Pool, entries.element, &constants), &p, &bound, len)?;
+        Ok(true)
     }
 
-    /// `record` for a gradient: its `window_entry` where `tiles_2x2`
-    /// allows, else its `quads` form (four elements per invocation, dst and
-    /// act_out at slots 6 and 7) where rows and layouts are whole vec4s,
-    /// else `entry`.
+    /// `record` for a gradient: a window kernel where one applies, else its
+    /// `quads` form (four elements per invocation, dst and act_out at slots
+    /// 6 and 7) where rows and layouts are whole vec4s, else the element
+    /// kernel.
     fn record_backward(
         &self,
         ctx: &mut PlanContext,
-        (entry, quads, window_entry, activation): Entries,
+        (entries, quads): (&WindowEntries, &'static str),
         input: TensorId,
         storage: &[(u32, TensorId)],
     ) -> Result<()> {
         let (p, len) = self.bound_params(ctx, input, storage);
-        let kernel = (entry, window_entry, activation);
         let in_quads = [p.w, p.dst_at[0], p.dst_at[1], p.act_at[0], p.act_at[1]];
-        if self.tiles_2x2(&p, &[p.dst_at, p.act_at]) || in_quads.iter().any(|v| v % 4 != 0) {
-            return self.record(ctx, kernel, (input, &GRADIENT_PAIRS), storage);
+        let quads_fit = in_quads.iter().all(|v| v.is_multiple_of(4));
+        if self.record(ctx, entries, input, storage, quads_fit)? {
+            return Ok(());
         }
         let as_quads = |&(slot, t): &(u32, TensorId)| match slot {
             2 => (6, t),
@@ -205,7 +219,7 @@ impl PoolWindow {
             _ => (slot, t),
         };
         let bound = ctx.bind(&storage.iter().map(as_quads).collect::<Vec<_>>());
-        let constants = [activation_constant(activation)];
+        let constants = [activation_constant(entries.activation)];
         ctx.dispatch_with((Shader::Pool, quads, &constants), &p, &bound, len / 4)
     }
 
@@ -232,14 +246,76 @@ impl PoolWindow {
     }
 }
 
-/// A pooling gradient's kernels: per element, four elements at a time,
-/// per 2 x 2 window; and the activation whose backward it applies.
-type Entries = (&'static str, &'static str, &'static str, Option<Activation>);
+/// A pooling op's kernels: per element, per 2 x 2 window and per two
+/// windows side by side, and the activation whose backward a gradient
+/// applies; with the slots each window kernel binds the op's tensors at.
+struct WindowEntries {
+    element: &'static str,
+    window: &'static str,
+    window_pair: &'static str,
+    views: &'static [(u32, u32)],
+    pair_views: &'static [(u32, u32)],
+    activation: Option<Activation>,
+}
 
-/// Where the `*_2x2` kernels bind as vec2s what the others bind as floats:
-/// the forward pass's input, the gradients' output and activation output.
-const FORWARD_PAIRS: [(u32, u32); 1] = [(1, 8)];
-const GRADIENT_PAIRS: [(u32, u32); 2] = [(2, 9), (5, 10)];
+impl WindowEntries {
+    fn forward(element: &'static str, window: &'static str, window_pair: &'static str) -> Self {
+        WindowEntries {
+            element,
+            window,
+            window_pair,
+            views: &[(1, 8)],
+            pair_views: &[(1, 11), (2, 9), (3, 12)],
+            activation: None,
+        }
+    }
+
+    fn backward(
+        (element, window, window_pair): (&'static str, &'static str, &'static str),
+        activation: Option<Activation>,
+    ) -> Self {
+        WindowEntries {
+            element,
+            window,
+            window_pair,
+            views: &[(2, 9), (5, 10)],
+            pair_views: &[(1, 8), (2, 6), (4, 13), (5, 7)],
+            activation,
+        }
+    }
+}
+
+/// `storage` bound with each slot that `views` names moved to its view's
+/// slot; None unless every such tensor's layout starts on whole views:
+/// vec4s at slots 6, 7 and 11, pairs at the others (vec2s, argmax's u32
+/// pairs).
+fn bound_as_views(
+    ctx: &PlanContext,
+    storage: &[(u32, TensorId)],
+    views: &[(u32, u32)],
+) -> Option<Vec<(u32, Binding)>> {
+    let view_of = |slot: u32| {
+        views
+            .iter()
+            .find(|&&(from, _)| from == slot)
+            .map(|&(_, to)| to)
+    };
+    let mut moved = Vec::new();
+    for &(slot, t) in storage {
+        let slot = match view_of(slot) {
+            Some(view) => {
+                let width = if matches!(view, 6 | 7 | 11) { 4 } else { 2 };
+                if !ctx.layout(t).iter().all(|v| v.is_multiple_of(width)) {
+                    return None;
+                }
+                view
+            }
+            None => slot,
+        };
+        moved.push((slot, t));
+    }
+    Some(ctx.bind(&moved))
+}
 
 /// `nn.AvgPool2d`: padded zeros count, so every window divides by kh*kw.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -288,9 +364,10 @@ impl Op for AvgPool2d {
 
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
         let storage = [(1, inputs[0]), (2, outputs[0])];
-        let kernel = ("avg_forward", "avg_forward_2x2", None);
-        self.0
-            .record(ctx, kernel, (inputs[0], &FORWARD_PAIRS), &storage)
+        let entries =
+            WindowEntries::forward("avg_forward", "avg_forward_2x2", "avg_forward_2x2_pairs");
+        self.0.record(ctx, &entries, inputs[0], &storage, false)?;
+        Ok(())
     }
 
     fn backward(
@@ -332,15 +409,14 @@ impl Op for AvgPool2dBackward {
 
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
         let storage = [(1, inputs[0]), (2, outputs[0])];
-        let kernel = (
-            "avg_backward",
-            "avg_backward_quads",
-            "avg_backward_2x2",
+        let entries = WindowEntries::backward(
+            ("avg_backward", "avg_backward_2x2", "avg_backward_2x2_pairs"),
             None,
         );
+        let kernels = (&entries, "avg_backward_quads");
         self.pool
             .0
-            .record_backward(ctx, kernel, outputs[0], &storage)
+            .record_backward(ctx, kernels, outputs[0], &storage)
     }
 
     fn with_activation_backward(&self, activation: Activation) -> Option<Rc<dyn Op>> {
@@ -360,15 +436,18 @@ impl GradientEpilogue for AvgPool2dBackward {
         activation: Activation,
     ) -> Result<()> {
         let storage = [(1, inputs[0]), (5, inputs[1]), (2, outputs[0])];
-        let kernel = (
-            "avg_backward_activated",
-            "avg_backward_activated_quads",
-            "avg_backward_activated_2x2",
+        let entries = WindowEntries::backward(
+            (
+                "avg_backward_activated",
+                "avg_backward_activated_2x2",
+                "avg_backward_activated_2x2_pairs",
+            ),
             Some(activation),
         );
+        let kernels = (&entries, "avg_backward_activated_quads");
         self.pool
             .0
-            .record_backward(ctx, kernel, outputs[0], &storage)
+            .record_backward(ctx, kernels, outputs[0], &storage)
     }
 }
 
@@ -420,9 +499,10 @@ impl Op for MaxPool2d {
 
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
         let storage = [(1, inputs[0]), (2, outputs[0]), (3, outputs[1])];
-        let kernel = ("max_forward", "max_forward_2x2", None);
-        self.0
-            .record(ctx, kernel, (inputs[0], &FORWARD_PAIRS), &storage)
+        let entries =
+            WindowEntries::forward("max_forward", "max_forward_2x2", "max_forward_2x2_pairs");
+        self.0.record(ctx, &entries, inputs[0], &storage, false)?;
+        Ok(())
     }
 
     fn backward(
@@ -464,15 +544,14 @@ impl Op for MaxPool2dBackward {
 
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
         let storage = [(1, inputs[0]), (4, inputs[1]), (2, outputs[0])];
-        let kernel = (
-            "max_backward",
-            "max_backward_quads",
-            "max_backward_2x2",
+        let entries = WindowEntries::backward(
+            ("max_backward", "max_backward_2x2", "max_backward_2x2_pairs"),
             None,
         );
+        let kernels = (&entries, "max_backward_quads");
         self.pool
             .0
-            .record_backward(ctx, kernel, outputs[0], &storage)
+            .record_backward(ctx, kernels, outputs[0], &storage)
     }
 
     fn with_activation_backward(&self, activation: Activation) -> Option<Rc<dyn Op>> {
@@ -497,14 +576,17 @@ impl GradientEpilogue for MaxPool2dBackward {
             (5, inputs[2]),
             (2, outputs[0]),
         ];
-        let kernel = (
-            "max_backward_activated",
-            "max_backward_activated_quads",
-            "max_backward_activated_2x2",
+        let entries = WindowEntries::backward(
+            (
+                "max_backward_activated",
+                "max_backward_activated_2x2",
+                "max_backward_activated_2x2_pairs",
+            ),
             Some(activation),
         );
+        let kernels = (&entries, "max_backward_activated_quads");
         self.pool
             .0
-            .record_backward(ctx, kernel, outputs[0], &storage)
+            .record_backward(ctx, kernels, outputs[0], &storage)
     }
 }
