@@ -17,7 +17,7 @@
 // kernel row shifted out of the same 20 floats.
 //
 // Where every lane of a workgroup walks the same k (matmul, convolve,
-// conv_rows, conv_filter_gradient with one split per workgroup), A's rows
+// conv_rows; in conv_filter_gradient the lanes of one K split), A's rows
 // come in panels of up to eight k through a_panel and panel_rows:
 // gemm_blocked_a.wgsl loads them lane by lane as rows_of_a does,
 // gemm_blocked_a_subgroup.wgsl (adapters with subgroups) has each lane load
@@ -805,7 +805,7 @@ fn conv_filter_gradient(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_in
         return;
     }
     // Lanes past the last column run on with zero taps and store nothing:
-    // with one split per workgroup, A's panels need every lane.
+    // A's panels need every lane of a split.
     let c0 = (wid.x * (WG / K_LANES) + lane / K_LANES) * window_run();
     let a_lane = panel_lane(lane);
     let split = wid.z * K_LANES + lane % K_LANES;
@@ -829,16 +829,11 @@ fn conv_filter_gradient(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_in
         w = next_window(w, site, true);
         let row_end = min(k1, kk + p.out_w - ox);
         loop {
-            var rows: array<vec4<f32>, 8>;
-            if (K_LANES == 1u) {
-                if (((kk - k0) & 7u) == 0u) {
-                    a_k = a_panel(kk, wid.y * ROW_QUADS, a_lane);
-                }
-                rows = panel_rows(a_k, (kk - k0) & 7u);
-            } else {
-                rows = rows_of_a(kk, wid.y * ROW_QUADS);
+            let j = (kk - k0) % (8u / K_LANES);
+            if (j == 0u) {
+                a_k = a_panel(kk, wid.y * ROW_QUADS, a_lane);
             }
-            accumulate(&t, rows, array<vec4<f32>, 4>(w.q0, w.q1, w.q2, w.q3));
+            accumulate(&t, panel_rows(a_k, j), array<vec4<f32>, 4>(w.q0, w.q1, w.q2, w.q3));
             kk++;
             if (kk == row_end) {
                 break;

@@ -1,5 +1,5 @@
 // How the kernels of gemm_blocked.wgsl whose lanes share their k (matmul,
-// convolve, conv_rows, conv_filter_gradient with one split per workgroup)
+// convolve, conv_rows; in conv_filter_gradient the lanes of one K split)
 // take A's rows for up to eight consecutive k, a panel: here each lane
 // loads every k's rows itself.
 // gemm_blocked_a_subgroup.wgsl shares the loads across a subgroup.

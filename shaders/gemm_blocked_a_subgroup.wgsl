@@ -1,5 +1,5 @@
 // How the kernels of gemm_blocked.wgsl whose lanes share their k (matmul,
-// convolve, conv_rows, conv_filter_gradient with one split per workgroup)
+// convolve, conv_rows; in conv_filter_gradient the lanes of one K split)
 // take A's rows for up to eight consecutive k, a panel, on adapters with
 // subgroups of at least eight lanes: lane l loads the tile's rows at k =
 // k0 + l, and every lane takes the rows at k0 + j from lane j by a shuffle. All lanes of a workgroup need the same rows at
@@ -10,8 +10,12 @@
 // and a shuffle is a few register moves (a broadcast where the compiler
 // knows the lane).
 
-// The tile's rows (ROW_QUADS vec4s) at this lane's k.
+// The tile's rows (ROW_QUADS vec4s) at this lane's k, and the lane's
+// place among the K_LANES lanes of a filter gradient's column run, which
+// walk different K splits (0 for the other kernels): the lanes at the same
+// place share a split and a panel of 8 / K_LANES k.
 struct APanel {
+    slot: u32,
     q0: vec4<f32>,
     q1: vec4<f32>,
     q2: vec4<f32>,
@@ -31,24 +35,25 @@ fn panel_lane(local_index: u32) -> u32 {
 // The panel of the tile starting at row 4 * quad0 from k = k0 on; lanes
 // past the last k load the last k's rows, which no kernel uses.
 fn a_panel(k0: u32, quad0: u32, lane: u32) -> APanel {
-    let r = rows_of_a(min(k0 + lane, max(p.k, 1u) - 1u), quad0);
-    return APanel(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7]);
+    let r = rows_of_a(min(k0 + lane / K_LANES, max(p.k, 1u) - 1u), quad0);
+    return APanel(lane % K_LANES, r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7]);
 }
 
 // The tile's rows of A at k = k0 + j.
 fn panel_rows(panel: APanel, j: u32) -> array<vec4<f32>, 8> {
+    let source = j * K_LANES + panel.slot;
     var rows = array<vec4<f32>, 8>();
-    rows[0] = subgroupShuffle(panel.q0, j);
-    rows[1] = subgroupShuffle(panel.q1, j);
+    rows[0] = subgroupShuffle(panel.q0, source);
+    rows[1] = subgroupShuffle(panel.q1, source);
     if (ROW_QUADS > 2u) {
-        rows[2] = subgroupShuffle(panel.q2, j);
-        rows[3] = subgroupShuffle(panel.q3, j);
+        rows[2] = subgroupShuffle(panel.q2, source);
+        rows[3] = subgroupShuffle(panel.q3, source);
     }
     if (ROW_QUADS > 4u) {
-        rows[4] = subgroupShuffle(panel.q4, j);
-        rows[5] = subgroupShuffle(panel.q5, j);
-        rows[6] = subgroupShuffle(panel.q6, j);
-        rows[7] = subgroupShuffle(panel.q7, j);
+        rows[4] = subgroupShuffle(panel.q4, source);
+        rows[5] = subgroupShuffle(panel.q5, source);
+        rows[6] = subgroupShuffle(panel.q6, source);
+        rows[7] = subgroupShuffle(panel.q7, source);
     }
     return rows;
 }
