@@ -81,9 +81,7 @@ impl BlockedParams {
             ..self
         }
     }
-}
 
-impl BlockedParams {
     /// Whether the tiles' stores can be vec4s (the shader's `QUAD_STORES`):
     /// every four columns from a multiple of four on lie in four
     /// consecutive floats of C from a multiple of four on. `conv_rows`'s
