@@ -77,14 +77,17 @@ fn conv2d_matches_pytorch() {
 /// terms (the blocked kernel splits it in three), kernel rows whose taps
 /// slide by 1 to 3 along x in the blocked filter gradient and one too wide
 /// to slide (17 taps), 1x1 kernels on planes of whole vec4s (read four
-/// pixels a load) and not; with every kernel family.
+/// pixels a load) and not, 1x1 kernels with stride 2 (three quarters of dx
+/// zeroed, four floats a store where dx's samples are whole vec4s); with
+/// every kernel family.
 #[test]
 fn conv2d_matches_cpu_on_awkward_shapes() {
     let mut gpu = gpu();
     let mut rng = Rng::new(7);
     type Case = ([usize; 4], [usize; 4], (usize, usize), (usize, usize)); // x, weight, stride, padding
-    let cases: [Case; 11] = [
+    let cases: [Case; 12] = [
         ([1, 1, 5, 5], [1, 1, 3, 3], (1, 1), (0, 0)),
+        ([2, 4, 8, 8], [3, 4, 1, 1], (2, 2), (0, 0)),
         ([3, 5, 6, 6], [7, 5, 1, 1], (1, 1), (0, 0)),
         ([2, 3, 5, 5], [6, 3, 1, 1], (1, 1), (0, 0)),
         ([2, 2, 4, 21], [3, 2, 2, 17], (1, 2), (0, 1)),
@@ -459,8 +462,8 @@ fn avg_pool_matches_cpu_on_awkward_shapes() {
 /// VGG's pools) take the `*_2x2` kernels, one invocation per window, when
 /// every layout starts on an even element, and the `*_2x2_pairs` kernels,
 /// two windows side by side per invocation, where rows are whole vec4s too;
-/// planes of odd height or width take neither. Max pooling on values from a few levels, so windows often hold
-/// equal maxima (the first one wins).
+/// planes of odd height or width take neither. Max pooling on values from a
+/// few levels, so windows often hold equal maxima (the first one wins).
 #[test]
 fn pool_2x2_windows_match_cpu() {
     let gpu = gpu();

@@ -536,29 +536,27 @@ pub fn dispatch(
 }
 
 /// How `conv_filter_gradient` lays a filter's taps over its lanes: each
-/// lane takes `run` consecutive columns, whole kernel rows of `window` taps
-/// (1 where a kernel row is wider than a tile), and slides them along x by
-/// `step` (the stride) from one output pixel to the next.
+/// lane takes the whole kernel rows of `window` taps (1 where a kernel row
+/// is wider than a tile) that fit in a tile's columns, and slides them
+/// along x by `step` (the stride) from one output pixel to the next.
 #[derive(Clone, Copy, Debug)]
 pub struct TapWindows {
     pub window: u32,
     pub step: u32,
-    pub run: u32,
 }
 
 impl TapWindows {
     pub fn new(kw: u32, stride_w: u32) -> TapWindows {
-        let window = if kw <= TILE_COLUMNS { kw } else { 1 };
         TapWindows {
-            window,
+            window: if kw <= TILE_COLUMNS { kw } else { 1 },
             step: stride_w,
-            run: TILE_COLUMNS / window * window,
         }
     }
 
-    /// Lanes across `n` columns.
+    /// Lanes across `n` columns, whole windows per lane (the shader's
+    /// `window_run`).
     fn column_lanes(&self, n: u32) -> u32 {
-        n.div_ceil(self.run)
+        n.div_ceil(TILE_COLUMNS / self.window * self.window)
     }
 }
 
@@ -590,7 +588,7 @@ pub fn dispatch_split(
     record(ctx, entry, lanes, (params, &constants), storage, grid)
 }
 
-/// Workgroups of `column_lanes` column tiles across the columns, and row
+/// Workgroups of `workgroup` 16-column tiles across the columns, and row
 /// tiles down the rows of the output.
 fn tiles(params: &BlockedParams, workgroup: u32) -> (u32, u32) {
     let lanes = padded_columns(params.n) / TILE_COLUMNS;

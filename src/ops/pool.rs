@@ -149,23 +149,23 @@ impl PoolWindow {
             && p.w.is_multiple_of(2)
     }
 
-    /// Records `entries.element` over every element of `dst` (slot 2), for
-    /// a pool whose input has `input`'s shape; or where the windows tile
-    /// the input and every layout suits the views a window kernel binds,
-    /// `entries.window_pair` over every two windows side by side (rows of
-    /// whole vec4s) or `entries.window` over every window. `activation` is
-    /// the one whose backward a `*_backward_activated` entry applies.
-    /// Returns false, planning nothing, where `quads_instead` holds and no
-    /// window kernel takes the pool.
-    fn record(
+    /// Records a window kernel for a pool whose input has `input`'s shape,
+    /// where the windows tile the input and every layout suits the views
+    /// the kernel binds: `entries.window_pair` over every two windows side
+    /// by side (rows of whole vec4s), else `entries.window` over every
+    /// window. Returns whether one took the pool (nothing is planned
+    /// otherwise).
+    fn record_windows(
         &self,
         ctx: &mut PlanContext,
         entries: &WindowEntries,
         input: TensorId,
         storage: &[(u32, TensorId)],
-        quads_instead: bool,
     ) -> Result<bool> {
-        let (p, len) = self.bound_params(ctx, input, storage);
+        let (p, _) = self.bound_params(ctx, input, storage);
+        if !self.tiles_2x2(&p) {
+            return Ok(false);
+        }
         let constants = [activation_constant(entries.activation)];
         let windows = (p.planes * p.ho * p.wo) as usize;
         let kernels = [
@@ -178,7 +178,7 @@ impl PoolWindow {
             (entries.window, entries.views, windows, true),
         ];
         for (entry, views, invocations, rows_fit) in kernels {
-            if !(self.tiles_2x2(&p) && rows_fit) {
+            if !rows_fit {
                 continue;
             }
             let Some(bound) = bound_as_views(ctx, storage, views) else {
@@ -188,18 +188,33 @@ impl PoolWindow {
             ctx.dispatch_with(kernel, &p, &bound, invocations)?;
             return Ok(true);
         }
-        if quads_instead {
-            return Ok(false);
-        }
-        let bound = ctx.bind(storage);
-        ctx.dispatch_with((Shader::Pool, entries.element, &constants), &p, &bound, len)?;
-        Ok(true)
+        Ok(false)
     }
 
-    /// `record` for a gradient: a window kernel where one applies, else its
-    /// `quads` form (four elements per invocation, dst and act_out at slots
-    /// 6 and 7) where rows and layouts are whole vec4s, else the element
-    /// kernel.
+    /// Records a window kernel where one takes the pool (`record_windows`),
+    /// else `entries.element` over every element of `dst` (slot 2).
+    /// `activation` is the one whose backward a `*_backward_activated`
+    /// entry applies.
+    fn record(
+        &self,
+        ctx: &mut PlanContext,
+        entries: &WindowEntries,
+        input: TensorId,
+        storage: &[(u32, TensorId)],
+    ) -> Result<()> {
+        if self.record_windows(ctx, entries, input, storage)? {
+            return Ok(());
+        }
+        let (p, len) = self.bound_params(ctx, input, storage);
+        let bound = ctx.bind(storage);
+        let constants = [activation_constant(entries.activation)];
+        ctx.dispatch_with((Shader::Pool, entries.element, &constants), &p, &bound, len)
+    }
+
+    /// `record` for a gradient, with its `quads` form (four elements per
+    /// invocation, dst and act_out at slots 6 and 7) between the window
+    /// kernels and the element kernel, where rows and layouts are whole
+    /// vec4s.
     fn record_backward(
         &self,
         ctx: &mut PlanContext,
@@ -209,8 +224,10 @@ impl PoolWindow {
     ) -> Result<()> {
         let (p, len) = self.bound_params(ctx, input, storage);
         let in_quads = [p.w, p.dst_at[0], p.dst_at[1], p.act_at[0], p.act_at[1]];
-        let quads_fit = in_quads.iter().all(|v| v.is_multiple_of(4));
-        if self.record(ctx, entries, input, storage, quads_fit)? {
+        if in_quads.iter().any(|v| v % 4 != 0) {
+            return self.record(ctx, entries, input, storage);
+        }
+        if self.record_windows(ctx, entries, input, storage)? {
             return Ok(());
         }
         let as_quads = |&(slot, t): &(u32, TensorId)| match slot {
@@ -366,8 +383,7 @@ impl Op for AvgPool2d {
         let storage = [(1, inputs[0]), (2, outputs[0])];
         let entries =
             WindowEntries::forward("avg_forward", "avg_forward_2x2", "avg_forward_2x2_pairs");
-        self.0.record(ctx, &entries, inputs[0], &storage, false)?;
-        Ok(())
+        self.0.record(ctx, &entries, inputs[0], &storage)
     }
 
     fn backward(
@@ -501,8 +517,7 @@ impl Op for MaxPool2d {
         let storage = [(1, inputs[0]), (2, outputs[0]), (3, outputs[1])];
         let entries =
             WindowEntries::forward("max_forward", "max_forward_2x2", "max_forward_2x2_pairs");
-        self.0.record(ctx, &entries, inputs[0], &storage, false)?;
-        Ok(())
+        self.0.record(ctx, &entries, inputs[0], &storage)
     }
 
     fn backward(
