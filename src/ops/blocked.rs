@@ -341,22 +341,22 @@ impl RowConv {
         4 * self.samples as u64 * self.padded_sample() as u64
     }
 
-    /// Whether `conv_rows` can take this convolution (a data gradient when
-    /// `data_gradient`) in workgroups of `workgroup` lanes on `ctx`'s
-    /// adapter, and is expected to beat `convolve`, as measured on
-    /// lavapipe with LeNet's and GoogLeNet's shapes: output rows that fill
-    /// less than three quarters of their 16-pixel segments lose; it gains
-    /// most where `convolve`'s tile has few rows (16 at most) and in data
-    /// gradients, whose zero padding `convolve` gathers and `conv_rows`
-    /// skips, up to 32 rows (at 64 the two were within the machine's
-    /// noise). A 1x1 kernel is a plain matrix product.
-    pub fn chosen(&self, ctx: &PlanContext, workgroup: u32, data_gradient: bool) -> bool {
+    /// Whether `conv_rows` can take this convolution in workgroups of
+    /// `workgroup` lanes on `ctx`'s adapter, and is expected to beat
+    /// `convolve`, as measured on lavapipe with LeNet's and GoogLeNet's
+    /// shapes: output rows that fill less than three quarters of their
+    /// 16-pixel segments lose, and so do tiles of more than 8 rows (16
+    /// output channels of a 5x5 forward pass: 25.5 against 18.7 ms;
+    /// GoogLeNet's 5x5 data gradients into 16 and 32 channels: 24.7 against
+    /// 16.5 ms and 129 against 78 ms). With 8 rows it wins: LeNet's
+    /// second data gradient takes 6.4 ms where `convolve` takes 18.7. A 1x1
+    /// kernel is a plain matrix product.
+    pub fn chosen(&self, ctx: &PlanContext, workgroup: u32) -> bool {
         let w = self.out.1;
         let filled = 4 * w >= 3 * w.next_multiple_of(ROW_SEGMENT);
-        let most_rows = if data_gradient { 32 } else { 16 };
         let lanes = self.samples * self.out.1.div_ceil(ROW_SEGMENT);
         filled
-            && self.rows <= most_rows
+            && tile_rows(self.rows) == 8
             && (2..=MAX_ROW_TAPS).contains(&self.kernel.1)
             && self.padded_bytes() <= ctx.gpu.max_binding()
             && lanes.div_ceil(workgroup) <= MAX_GROUPS

@@ -376,7 +376,7 @@ fn plan_blocked_forward(
         PackParams::matrix(p.c_out, rows, taps, taps, 1),
     )?;
     let rows_conv = p.row_conv((p.x_at, p.y_at));
-    if let Some(rows_conv) = rows_conv.filter(|r| r.chosen(ctx, workgroup, false)) {
+    if let Some(rows_conv) = rows_conv.filter(|r| r.chosen(ctx, workgroup)) {
         let storage = (ctx.binding(inputs[0]), ctx.binding(y));
         let bias = Some(ctx.binding(inputs[2]));
         let kernel = (workgroup, kernel.1);
@@ -499,7 +499,7 @@ fn plan_blocked_backward_data(
                     x_at: p.dy_at,
                     out_at: p.dx_at,
                 };
-                if rows_conv.chosen(ctx, workgroup, true) {
+                if rows_conv.chosen(ctx, workgroup) {
                     let storage = (ctx.binding(inputs[0]), ctx.binding(dx));
                     return rows_conv.plan(ctx, (workgroup, None), packed_weight, None, storage);
                 }
