@@ -146,9 +146,24 @@ fn rows_of_a(kk: u32, quad0: u32) -> array<vec4<f32>, 8> {
     return rows;
 }
 
+// Which way the grid walks the tiles. CPU adapters run workgroups in grid
+// order, x fastest. With ROWS_FIRST the row tiles are x, so the row tiles
+// over the same columns run back to back and read B (gathered x) while it
+// is still cached, all of A staying cached when it is small; otherwise the
+// column groups are x (folded into z past the grid limit) and each row
+// tile keeps its rows of A cached while B streams past. matmul,
+// conv_forward and conv_transposed only.
+override ROWS_FIRST: bool = false;
+
+// The tile's first row in vec4s.
+fn row_quad0(wid: vec3<u32>) -> u32 {
+    return select(wid.y, wid.x, ROWS_FIRST) * ROW_QUADS;
+}
+
 // The first of the 16 columns lane `lane` computes, in vec4s.
 fn first_quad(wid: vec3<u32>, nwg: vec3<u32>, lane: u32) -> u32 {
-    return (lane_group(wid, nwg) * WG + lane) * 4u;
+    let group = select(lane_group(wid, nwg), wid.y + wid.z * nwg.y, ROWS_FIRST);
+    return (group * WG + lane) * 4u;
 }
 
 // Whether a whole workgroup lies past the last column (a folded grid's
@@ -272,7 +287,7 @@ fn matmul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
         return;
     }
     let quad0 = first_quad(wid, nwg, lane);
-    store_tile(multiply(wid.y * ROW_QUADS, quad0, panel_lane(lane)), p.out_at.x, wid.y * ROW_QUADS, tile_columns(quad0));
+    store_tile(multiply(row_quad0(wid), quad0, panel_lane(lane)), p.out_at.x, row_quad0(wid), tile_columns(quad0));
 }
 
 @compute @workgroup_size(WG)
@@ -281,9 +296,9 @@ fn matmul_bias(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
         return;
     }
     let quad0 = first_quad(wid, nwg, lane);
-    var t = multiply(wid.y * ROW_QUADS, quad0, panel_lane(lane));
+    var t = multiply(row_quad0(wid), quad0, panel_lane(lane));
     add_column_bias(&t, quad0);
-    store_tile(t, p.out_at.x, wid.y * ROW_QUADS, tile_columns(quad0));
+    store_tile(t, p.out_at.x, row_quad0(wid), tile_columns(quad0));
 }
 
 // Where four output pixels (columns) read their input: the top-left tap's
@@ -377,9 +392,9 @@ fn conv_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
         return;
     }
     let quad0 = first_quad(wid, nwg, lane);
-    var t = convolve(wid.y * ROW_QUADS, quad0, panel_lane(lane));
-    add_row_bias(&t, wid.y * ROW_QUADS);
-    store_tile(t, p.out_at.x, wid.y * ROW_QUADS, tile_columns(quad0));
+    var t = convolve(row_quad0(wid), quad0, panel_lane(lane));
+    add_row_bias(&t, row_quad0(wid));
+    store_tile(t, p.out_at.x, row_quad0(wid), tile_columns(quad0));
 }
 
 // The data gradient of a convolution is a sum of stride-1 ones, one per
@@ -393,7 +408,7 @@ fn conv_transposed(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroup
         return;
     }
     let quad0 = first_quad(wid, nwg, lane);
-    store_tile(convolve(wid.y * ROW_QUADS, quad0, panel_lane(lane)), p.out_at.x, wid.y * ROW_QUADS, tile_columns(quad0));
+    store_tile(convolve(row_quad0(wid), quad0, panel_lane(lane)), p.out_at.x, row_quad0(wid), tile_columns(quad0));
 }
 
 // Stride-1 convolutions of an input whose rows were copied zero-padded and

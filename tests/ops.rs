@@ -113,11 +113,13 @@ fn conv2d_matches_cpu_on_awkward_shapes() {
 
 /// The matrix-product kernel families to test: the strided and the blocked
 /// kernels, and the adapter's own choice where that differs (lavapipe's:
-/// blocked, sharing A's loads across subgroups).
+/// blocked, sharing A's loads across subgroups, and walking these tests'
+/// small matrices row tiles first, which the plain family never does).
 fn gemm_kernels(gpu: &Gpu) -> Vec<GemmKernel> {
     let plain = GemmKernel::Blocked {
         workgroup: 8,
         subgroups: false,
+        rows_first_bytes: 0,
     };
     let mut kernels = vec![GemmKernel::Strided, plain];
     if !kernels.contains(&gpu.tuning.gemm) {

@@ -103,6 +103,11 @@ impl BlockedParams {
         starts && self.dst_step == 1 && quads(&[self.dst_w, self.dst_row])
     }
 
+    /// Bytes of A as the kernels read it: padded rows, k-major.
+    fn a_bytes(&self) -> u64 {
+        16 * u64::from(self.a_quads) * u64::from(self.k)
+    }
+
     /// Whether `convolve` can read x four columns at a time (the shader's
     /// `POINTWISE`): a 1x1 kernel with stride 1 and no padding over a plane
     /// of output pixels the size of x's (a data gradient's phase may be
@@ -508,8 +513,10 @@ impl RowConv {
 }
 
 /// Records `entry` over the tiles of `params`' M x N output: lane groups
-/// along x (folded into z past the grid limit), row tiles along y; the
-/// kernel applies `activation` to what it stores.
+/// along x (folded into z past the grid limit) and row tiles along y, or
+/// the other way round (lane groups along y and z) where the adapter's
+/// tuning walks this A row tiles first; the kernel applies `activation` to
+/// what it stores.
 pub fn dispatch(
     ctx: &mut PlanContext,
     (entry, activation): (&'static str, Option<Activation>),
@@ -519,10 +526,18 @@ pub fn dispatch(
 ) -> Result<()> {
     let (lane_groups, row_tiles) = tiles(params, workgroup);
     let [x, y, z] = tiled_grid(lane_groups, row_tiles);
+    let rows_first = match ctx.gpu.tuning.gemm {
+        GemmKernel::Blocked {
+            rows_first_bytes, ..
+        } => params.a_bytes() <= rows_first_bytes,
+        GemmKernel::Strided => false,
+    };
+    let grid = if rows_first { [y, x, z] } else { [x, y, z] };
     let lanes = (workgroup, 1);
     let quads = [
         ("QUAD_STORES", params.stores_whole_quads() as u32),
         ("POINTWISE", params.reads_whole_quads() as u32),
+        ("ROWS_FIRST", rows_first as u32),
     ];
     let storage = with_quad_view(ctx, storage, (7, 14))?;
     record(
@@ -531,7 +546,7 @@ pub fn dispatch(
         lanes,
         (params, &quads),
         &storage,
-        [x, y, z],
+        grid,
     )
 }
 
