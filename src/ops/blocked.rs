@@ -526,12 +526,8 @@ pub fn dispatch(
 ) -> Result<()> {
     let (lane_groups, row_tiles) = tiles(params, workgroup);
     let [x, y, z] = tiled_grid(lane_groups, row_tiles);
-    let rows_first = match ctx.gpu.tuning.gemm {
-        GemmKernel::Blocked {
-            rows_first_bytes, ..
-        } => params.a_bytes() <= rows_first_bytes,
-        GemmKernel::Strided => false,
-    };
+    let rows_first = matches!(ctx.gpu.tuning.gemm,
+        GemmKernel::Blocked { rows_first_bytes, .. } if params.a_bytes() <= rows_first_bytes);
     let grid = if rows_first { [y, x, z] } else { [x, y, z] };
     let lanes = (workgroup, 1);
     let quads = [
