@@ -914,6 +914,29 @@ fn pack_k_major(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
     packed[i] = v;
 }
 
+// pack_k_major where each group of taps is a run of consecutive elements
+// (an NCHW tensor as X[channel][(sample, pixel)]) that is not a whole
+// number of vec4s: one invocation per (group, row) run, copying it float
+// by float. The per-element kernel spends a dozen integer divisions on
+// each float, which CPU adapters run one lane at a time (ResNet's last
+// filter gradients: 8.4 ms to pack a 3x3-pixel dy of 4.7 MB).
+@compute @workgroup_size(WG)
+fn pack_runs_k_major(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = linear_index(gid, nwg);
+    if (i >= pack.rows_padded * (pack.k / pack.taps)) {
+        return;
+    }
+    let g = quotient(i, pack.rows_padded);
+    let row = i - g * pack.rows_padded;
+    let inside = row < pack.rows;
+    let first = pack.offset + row * pack.row_stride + g * pack.col_stride;
+    var out = g * pack.taps * pack.rows_padded + row;
+    for (var t = 0u; t < pack.taps; t++) {
+        packed[out] = select(0.0, src[select(0u, first + t, inside)], inside);
+        out += pack.rows_padded;
+    }
+}
+
 @group(0) @binding(8) var<storage, read> src_quads: array<vec4<f32>>;
 @group(0) @binding(9) var<storage, read_write> packed_quads: array<vec4<f32>>;
 
