@@ -914,14 +914,15 @@ fn pack_k_major(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
     packed[i] = v;
 }
 
-// pack_k_major where each group of taps is a run of consecutive elements
-// (an NCHW tensor as X[channel][(sample, pixel)]) that is not a whole
-// number of vec4s: one invocation per (group, row) run, copying it float
-// by float. The per-element kernel spends a dozen integer divisions on
-// each float, which CPU adapters run one lane at a time (ResNet's last
-// filter gradients: 8.4 ms to pack a 3x3-pixel dy of 4.7 MB).
+// pack_k_major for more than one group of taps (an NCHW tensor as
+// X[channel][(sample, pixel)], a conv weight's taps for the data gradient,
+// a strided matrix): one invocation per (group, row), walking its taps in
+// order. The per-element kernel spends a dozen integer divisions on each
+// float, which CPU adapters run one lane at a time (ResNet: 8.4 ms to pack
+// a dy of 3x3-pixel planes, 4.7 MB, and 14 ms for a 512 x 512 x 3 x 3
+// weight).
 @compute @workgroup_size(WG)
-fn pack_runs_k_major(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+fn pack_groups_k_major(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = linear_index(gid, nwg);
     if (i >= pack.rows_padded * (pack.k / pack.taps)) {
         return;
@@ -929,11 +930,15 @@ fn pack_runs_k_major(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num
     let g = quotient(i, pack.rows_padded);
     let row = i - g * pack.rows_padded;
     let inside = row < pack.rows;
-    let first = pack.offset + row * pack.row_stride + g * pack.col_stride;
+    let first = i32(pack.offset + row * pack.row_stride + g * pack.col_stride) + pack.tap_x0;
     var out = g * pack.taps * pack.rows_padded + row;
-    for (var t = 0u; t < pack.taps; t++) {
-        packed[out] = select(0.0, src[select(0u, first + t, inside)], inside);
-        out += pack.rows_padded;
+    for (var ty = 0u; ty < pack.taps / pack.tap_w; ty++) {
+        let row_at = first + (pack.tap_y0 + pack.tap_dy * i32(ty)) * i32(pack.kernel_w);
+        for (var tx = 0u; tx < pack.tap_w; tx++) {
+            let at = u32(row_at + pack.tap_dx * i32(tx));
+            packed[out] = select(0.0, src[select(0u, at, inside)], inside);
+            out += pack.rows_padded;
+        }
     }
 }
 

@@ -225,18 +225,13 @@ impl PackParams {
         self.taps == 1 && self.row_stride == 1 && self.col_stride == self.rows && self.offset == 0
     }
 
-    /// Whether each group of `taps` consecutive k is a run of consecutive
-    /// elements from the group's start.
-    fn in_runs(&self) -> bool {
-        self.tap_dx == 1 && (self.tap_x0, self.tap_y0) == (0, 0) && self.tap_w == self.taps
-    }
-
-    /// Whether `pack_planes_k_major` can move this one four by four: runs
-    /// whose starts (runs, rows and offset) are whole vec4s.
+    /// Whether `pack_planes_k_major` can move this one four by four: each
+    /// group of `taps` consecutive k is a run of consecutive elements, and
+    /// the runs, rows and offset start on whole vec4s.
     fn in_vec4_runs(&self) -> bool {
+        let runs = self.tap_dx == 1 && self.tap_x0 == 0 && self.tap_w == self.taps;
         let one_group = self.k == self.taps;
-        self.in_runs()
-            && (one_group || self.col_stride.is_multiple_of(4))
+        runs && (one_group || self.col_stride.is_multiple_of(4))
             && [self.taps, self.row_stride, self.offset]
                 .iter()
                 .all(|v| v.is_multiple_of(4))
@@ -246,8 +241,8 @@ impl PackParams {
 /// `X` as the kernels read A (and `matmul` B): k-major, rows padded to the
 /// tile with zeros. A matrix already stored that way is bound as it is;
 /// runs of whole vec4s (a row-major matrix's rows, an NCHW tensor's planes)
-/// are moved four by four, other runs (planes of 3x3 pixels) one run per
-/// invocation.
+/// are moved four by four, other groups of taps (planes of 3x3 pixels, a
+/// weight's taps) one group per invocation.
 pub fn packed_k_major(ctx: &mut PlanContext, x: Binding, p: PackParams) -> Result<Binding> {
     if p.stored_k_major() && p.rows == p.rows_padded {
         return Ok(x);
@@ -269,10 +264,12 @@ pub fn packed_k_major(ctx: &mut PlanContext, x: Binding, p: PackParams) -> Resul
         return Ok(packed);
     }
     let storage = [(5, x), (6, packed.clone())];
-    // Several runs (a one-run matrix would leave a lane per row).
-    if p.in_runs() && p.k > p.taps {
-        let runs = len / p.taps as usize;
-        ctx.dispatch(Shader::GemmBlocked, "pack_runs_k_major", &p, &storage, runs)?;
+    // Several groups (a matrix stored row-major is one group, which would
+    // leave one lane per row).
+    if p.k > p.taps {
+        let groups = len / p.taps as usize;
+        let entry = "pack_groups_k_major";
+        ctx.dispatch(Shader::GemmBlocked, entry, &p, &storage, groups)?;
         return Ok(packed);
     }
     ctx.dispatch(Shader::GemmBlocked, "pack_k_major", &p, &storage, len)?;
