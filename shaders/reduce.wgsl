@@ -105,3 +105,24 @@ fn sum_splits(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgr
     }
     total[i] = sum;
 }
+
+// partial and total as vec4s, for sum_splits_quads.
+@group(0) @binding(5) var<storage, read> partial_quads: array<vec4<f32>>;
+@group(0) @binding(6) var<storage, read_write> total_quads: array<vec4<f32>>;
+
+// sum_splits for len a whole number of vec4s: four values per invocation,
+// each summed in the same order. CPU adapters load and store one lane at a
+// time, a vec4 at about the cost of a float.
+@compute @workgroup_size(WG)
+fn sum_splits_quads(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = linear_index(gid, nwg);
+    let quads = p.len / 4u;
+    if (i >= quads) {
+        return;
+    }
+    var sum = vec4<f32>(0.0);
+    for (var s = 0u; s < p.splits; s++) {
+        sum += partial_quads[s * quads + i];
+    }
+    total_quads[i] = sum;
+}

@@ -78,13 +78,19 @@ pub(super) fn chunked_splits(
     Ok((chunks.len(), splits))
 }
 
-/// Records `total[i] = sum_s partial[s * len + i]`.
+/// Records `total[i] = sum_s partial[s * len + i]`, four values per
+/// invocation where `len` is a whole number of vec4s.
 pub(super) fn sum_splits(
     ctx: &mut PlanContext,
     p: &ReduceParams,
     partial: &Binding,
     total: &Binding,
 ) -> Result<()> {
+    if p.len.is_multiple_of(4) {
+        let storage = [(5, partial), (6, total)];
+        let quads = p.len as usize / 4;
+        return ctx.dispatch(Shader::Reduce, "sum_splits_quads", p, &storage, quads);
+    }
     ctx.dispatch(
         Shader::Reduce,
         "sum_splits",
