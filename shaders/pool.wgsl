@@ -9,12 +9,6 @@ struct Pool {
     w: u32,
     ho: u32,
     wo: u32,
-    kh: u32,
-    kw: u32,
-    stride_h: u32,
-    stride_w: u32,
-    pad_h: u32,
-    pad_w: u32,
     channels: u32,
     // graph::Layout of src and dst: (offset, sample stride)
     src_at: vec2<u32>,
@@ -26,6 +20,14 @@ struct Pool {
     // *_backward_activated: graph::Layout of act_out.
     act_at: vec2<u32>,
 }
+
+// The window (kernel, stride, padding): constants, so that its loops unroll.
+override KH: u32 = 1u;
+override KW: u32 = 1u;
+override STRIDE_H: u32 = 1u;
+override STRIDE_W: u32 = 1u;
+override PAD_H: u32 = 0u;
+override PAD_W: u32 = 0u;
 
 @group(0) @binding(0) var<uniform> p: Pool;
 @group(0) @binding(1) var<storage, read> src: array<f32>;
@@ -74,7 +76,7 @@ struct Covering {
 }
 
 fn covering(y: u32, pad: u32, stride: u32, k: u32, outputs: u32) -> Covering {
-    return Covering(quotient(y + pad, stride), (k + stride - 1u) / stride, y + pad, stride, k, outputs);
+    return Covering((y + pad) / stride, (k + stride - 1u) / stride, y + pad, stride, k, outputs);
 }
 
 fn covers(c: Covering, step: u32) -> bool {
@@ -100,27 +102,27 @@ fn avg_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
     }
     let o = pixel_of(i, p.ho, p.wo);
     let src0 = plane_start(p.src_at, o.plane, p.h * p.w);
-    let y0 = i32(o.y * p.stride_h) - i32(p.pad_h);
-    let x0 = i32(o.x * p.stride_w) - i32(p.pad_w);
+    let y0 = i32(o.y * STRIDE_H) - i32(PAD_H);
+    let x0 = i32(o.x * STRIDE_W) - i32(PAD_W);
     var sum = 0.0;
-    for (var ky = 0u; ky < p.kh; ky++) {
+    for (var ky = 0u; ky < KH; ky++) {
         let y = y0 + i32(ky);
-        for (var kx = 0u; kx < p.kw; kx++) {
+        for (var kx = 0u; kx < KW; kx++) {
             let x = x0 + i32(kx);
             let inside = u32(y) < p.h && u32(x) < p.w;
             let v = src[select(src0, src0 + u32(y) * p.w + u32(x), inside)];
             sum += select(0.0, v, inside);
         }
     }
-    dst[pooled_at(p.dst_at, o)] = sum / f32(p.kh * p.kw);
+    dst[pooled_at(p.dst_at, o)] = sum / f32(KH * KW);
 }
 
 // Each input element gathers dy / (kh*kw) from every window that covers it,
 // so no two invocations write the same element (no atomics).
 fn avg_gradient(e: Pixel) -> f32 {
     let src0 = plane_start(p.src_at, e.plane, p.ho * p.wo);
-    let rows = covering(e.y, p.pad_h, p.stride_h, p.kh, p.ho);
-    let cols = covering(e.x, p.pad_w, p.stride_w, p.kw, p.wo);
+    let rows = covering(e.y, PAD_H, STRIDE_H, KH, p.ho);
+    let cols = covering(e.x, PAD_W, STRIDE_W, KW, p.wo);
     var sum = 0.0;
     for (var ty = 0u; ty < rows.count; ty++) {
         let row_ok = covers(rows, ty);
@@ -130,7 +132,7 @@ fn avg_gradient(e: Pixel) -> f32 {
             sum += select(0.0, v, ok);
         }
     }
-    return sum / f32(p.kh * p.kw);
+    return sum / f32(KH * KW);
 }
 
 
@@ -152,70 +154,52 @@ fn avg_backward_activated(@builtin(global_invocation_id) gid: vec3<u32>, @builti
     }
 }
 
+// Four neighbouring outputs of a row per invocation (the row's last run may
+// be shorter): a window row's inputs are read once for all four windows,
+// not once per window that holds them.
+const RUN = 4u;
+
+fn runs_per_row() -> u32 {
+    return (p.wo + RUN - 1u) / RUN;
+}
+
 @compute @workgroup_size(WG)
 fn max_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = linear_index(gid, nwg);
-    if (i >= p.planes * p.ho * p.wo) {
+    if (i >= p.planes * p.ho * runs_per_row()) {
         return;
     }
-    let o = pixel_of(i, p.ho, p.wo);
-    let src0 = plane_start(p.src_at, o.plane, p.h * p.w);
-    let y0 = i32(o.y * p.stride_h) - i32(p.pad_h);
-    let x0 = i32(o.x * p.stride_w) - i32(p.pad_w);
-    var best = 0.0;
-    var best_at = 0xffffffffu;
-    for (var ky = 0u; ky < p.kh; ky++) {
+    let run = pixel_of(i, p.ho, runs_per_row());
+    let ox0 = run.x * RUN;
+    let src0 = plane_start(p.src_at, run.plane, p.h * p.w);
+    let y0 = i32(run.y * STRIDE_H) - i32(PAD_H);
+    let x0 = i32(ox0 * STRIDE_W) - i32(PAD_W);
+    var best = vec4<f32>(0.0);
+    var best_at = vec4<u32>(0xffffffffu);
+    for (var ky = 0u; ky < KH; ky++) {
         let y = y0 + i32(ky);
-        for (var kx = 0u; kx < p.kw; kx++) {
-            let x = x0 + i32(kx);
+        // Input s of the run's span is tap s - j * STRIDE_W of output j.
+        for (var s = 0u; s < (RUN - 1u) * STRIDE_W + KW; s++) {
+            let x = x0 + i32(s);
             let inside = u32(y) < p.h && u32(x) < p.w;
             let at = u32(y) * p.w + u32(x);
             let v = src[select(src0, src0 + at, inside)];
-            // Strictly greater keeps the first maximum; NaN wins, as in PyTorch.
-            if (inside && (best_at == 0xffffffffu || v > best || v != v)) {
-                best = v;
-                best_at = at;
+            for (var j = 0u; j < RUN; j++) {
+                if (s >= j * STRIDE_W && s < j * STRIDE_W + KW) {
+                    // Strictly greater keeps the first maximum; NaN wins, as in PyTorch.
+                    let better = inside && (best_at[j] == 0xffffffffu || v > best[j] || v != v);
+                    best[j] = select(best[j], v, better);
+                    best_at[j] = select(best_at[j], at, better);
+                }
             }
         }
     }
-    dst[pooled_at(p.dst_at, o)] = best;
-    argmax[p.argmax_offset + i] = best_at;
-}
-
-// dx[y, x] = sum of dy over the windows whose maximum was at (y, x).
-fn max_gradient(e: Pixel) -> f32 {
-    let at = e.y * p.w + e.x;
-    let src0 = plane_start(p.src_at, e.plane, p.ho * p.wo);
-    let argmax0 = p.argmax_offset + e.plane * p.ho * p.wo;
-    let rows = covering(e.y, p.pad_h, p.stride_h, p.kh, p.ho);
-    let cols = covering(e.x, p.pad_w, p.stride_w, p.kw, p.wo);
-    var sum = 0.0;
-    for (var ty = 0u; ty < rows.count; ty++) {
-        let row_ok = covers(rows, ty);
-        for (var tx = 0u; tx < cols.count; tx++) {
-            let ok = row_ok && covers(cols, tx);
-            let o = select(0u, (rows.last - ty) * p.wo + cols.last - tx, ok);
-            sum += select(0.0, src[src0 + o], ok && argmax_in[argmax0 + o] == at);
+    for (var j = 0u; j < RUN; j++) {
+        let o = Pixel(run.plane, run.y, ox0 + j);
+        if (o.x < p.wo) {
+            dst[pooled_at(p.dst_at, o)] = best[j];
+            argmax[p.argmax_offset + (o.plane * p.ho + o.y) * p.wo + o.x] = best_at[j];
         }
-    }
-    return sum;
-}
-
-@compute @workgroup_size(WG)
-fn max_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = linear_index(gid, nwg);
-    if (i < p.planes * p.h * p.w) {
-        let e = pixel_of(i, p.h, p.w);
-        dst[input_at(p.dst_at, e)] = max_gradient(e);
-    }
-}
-
-@compute @workgroup_size(WG)
-fn max_backward_activated(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = linear_index(gid, nwg);
-    if (i < p.planes * p.h * p.w) {
-        let e = pixel_of(i, p.h, p.w);
-        dst[input_at(p.dst_at, e)] = activation_backward(ACTIVATION, act_out[input_at(p.act_at, e)], max_gradient(e));
     }
 }
 
@@ -235,8 +219,28 @@ fn avg_gradients(e: Pixel) -> vec4<f32> {
     return vec4<f32>(avg_gradient(e), avg_gradient(next(e, 1u)), avg_gradient(next(e, 2u)), avg_gradient(next(e, 3u)));
 }
 
+// dx[y, x] = the sum of dy over the windows whose maximum was at (y, x),
+// for elements e..e+3 of a row, with each window that covers any of them
+// read once: the windows covering the last element counting down, as many
+// as reach back to the first. A window's argmax names at most one of the
+// four, and only an element inside it.
 fn max_gradients(e: Pixel) -> vec4<f32> {
-    return vec4<f32>(max_gradient(e), max_gradient(next(e, 1u)), max_gradient(next(e, 2u)), max_gradient(next(e, 3u)));
+    let at = vec4<u32>(e.y * p.w + e.x) + vec4<u32>(0u, 1u, 2u, 3u);
+    let src0 = plane_start(p.src_at, e.plane, p.ho * p.wo);
+    let argmax0 = p.argmax_offset + e.plane * p.ho * p.wo;
+    let rows = covering(e.y, PAD_H, STRIDE_H, KH, p.ho);
+    let last_column = (e.x + 3u + PAD_W) / STRIDE_W;
+    var sum = vec4<f32>(0.0);
+    for (var ty = 0u; ty < rows.count; ty++) {
+        let row_ok = covers(rows, ty);
+        for (var tx = 0u; tx < (KW + 2u) / STRIDE_W + 1u; tx++) {
+            let ok = row_ok && last_column >= tx && last_column - tx < p.wo;
+            let o = select(0u, (rows.last - ty) * p.wo + last_column - tx, ok);
+            let routed = vec4<bool>(ok) & (vec4<u32>(argmax_in[argmax0 + o]) == at);
+            sum += select(vec4<f32>(0.0), vec4<f32>(src[src0 + o]), routed);
+        }
+    }
+    return sum;
 }
 
 @compute @workgroup_size(WG)
@@ -274,6 +278,55 @@ fn max_backward_activated_quads(@builtin(global_invocation_id) gid: vec3<u32>, @
         let e = quad_of(i);
         let y = act_out_quads[input_at(p.act_at, e) / 4u];
         dst_quads[input_at(p.dst_at, e) / 4u] = activation_backward4(y, max_gradients(e));
+    }
+}
+
+// max_backward_quads for rows that are not whole vec4s: a run of four
+// elements per invocation (the row's last run may be shorter), stored one
+// float at a time.
+fn run_start(i: u32) -> Pixel {
+    let run = pixel_of(i, p.h, (p.w + RUN - 1u) / RUN);
+    return Pixel(run.plane, run.y, run.x * RUN);
+}
+
+fn has_run(i: u32) -> bool {
+    return i < p.planes * p.h * ((p.w + RUN - 1u) / RUN);
+}
+
+// Writes a run's gradients g from e on, up to the row's end.
+fn store_run(e: Pixel, g: vec4<f32>) {
+    for (var j = 0u; j < RUN; j++) {
+        if (e.x + j < p.w) {
+            dst[input_at(p.dst_at, next(e, j))] = g[j];
+        }
+    }
+}
+
+// g passed through the fused activation's backward (past the row's end,
+// where nothing is stored, with the row's last output).
+fn activated_run(e: Pixel, g: vec4<f32>) -> vec4<f32> {
+    var y: vec4<f32>;
+    for (var j = 0u; j < RUN; j++) {
+        y[j] = act_out[input_at(p.act_at, next(e, min(j, p.w - 1u - e.x)))];
+    }
+    return activation_backward4(y, g);
+}
+
+@compute @workgroup_size(WG)
+fn max_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = linear_index(gid, nwg);
+    if (has_run(i)) {
+        let e = run_start(i);
+        store_run(e, max_gradients(e));
+    }
+}
+
+@compute @workgroup_size(WG)
+fn max_backward_activated(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = linear_index(gid, nwg);
+    if (has_run(i)) {
+        let e = run_start(i);
+        store_run(e, activated_run(e, max_gradients(e)));
     }
 }
 

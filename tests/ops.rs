@@ -538,6 +538,10 @@ fn max_pool_matches_cpu_on_awkward_shapes() {
         ([1, 1, 9, 4], (3, 2), (3, 1), (1, 1)),
         ([3, 1, 6, 6], (3, 3), (2, 2), (0, 0)),
         ([2, 3, 11, 10], (2, 3), (3, 4), (1, 1)),
+        // GoogLeNet's windows, over rows of whole vec4s and rows that are not.
+        ([2, 3, 8, 12], (3, 3), (2, 2), (1, 1)),
+        ([2, 2, 6, 6], (3, 3), (1, 1), (1, 1)),
+        ([1, 2, 5, 8], (3, 3), (1, 1), (1, 1)),
     ];
     for (xs, kernel, stride, padding) in cases {
         let pool = MaxPool2d(PoolWindow {

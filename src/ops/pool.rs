@@ -24,12 +24,6 @@ struct PoolParams {
     w: u32,
     ho: u32,
     wo: u32,
-    kh: u32,
-    kw: u32,
-    stride_h: u32,
-    stride_w: u32,
-    pad_h: u32,
-    pad_w: u32,
     channels: u32,
     src_at: [u32; 2],
     dst_at: [u32; 2],
@@ -92,12 +86,6 @@ impl PoolWindow {
             w: u(x[3]),
             ho: u(ho),
             wo: u(wo),
-            kh: u(self.kernel.0),
-            kw: u(self.kernel.1),
-            stride_h: u(self.stride.0),
-            stride_w: u(self.stride.1),
-            pad_h: u(self.padding.0),
-            pad_w: u(self.padding.1),
             channels: u(x[1]),
             src_at: [0, 0],
             dst_at: [0, 0],
@@ -192,7 +180,8 @@ impl PoolWindow {
     }
 
     /// Records a window kernel where one takes the pool (`record_windows`),
-    /// else `entries.element` over every element of `dst` (slot 2).
+    /// else `entries.element` over every element of `dst` (slot 2), or
+    /// over every run of four along its rows.
     /// `activation` is the one whose backward a `*_backward_activated`
     /// entry applies.
     fn record(
@@ -206,9 +195,21 @@ impl PoolWindow {
             return Ok(());
         }
         let (p, len) = self.bound_params(ctx, input, storage);
+        let invocations = if entries.element_runs {
+            let (_, dst) = storage.iter().find(|&&(slot, _)| slot == 2).expect("dst");
+            let width = ctx.shape(*dst)[3];
+            len / width * width.div_ceil(4)
+        } else {
+            len
+        };
         let bound = ctx.bind(storage);
-        let constants = [activation_constant(entries.activation)];
-        ctx.dispatch_with((Shader::Pool, entries.element, &constants), &p, &bound, len)
+        let constants = self.constants(entries.activation);
+        ctx.dispatch_with(
+            (Shader::Pool, entries.element, &constants),
+            &p,
+            &bound,
+            invocations,
+        )
     }
 
     /// `record` for a gradient, with its `quads` form (four elements per
@@ -236,8 +237,22 @@ impl PoolWindow {
             _ => (slot, t),
         };
         let bound = ctx.bind(&storage.iter().map(as_quads).collect::<Vec<_>>());
-        let constants = [activation_constant(entries.activation)];
+        let constants = self.constants(entries.activation);
         ctx.dispatch_with((Shader::Pool, quads, &constants), &p, &bound, len / 4)
+    }
+
+    /// The element kernels' override constants: the window and the activation.
+    fn constants(&self, activation: Option<Activation>) -> [(&'static str, u32); 7] {
+        let u = |v: usize| v as u32;
+        [
+            activation_constant(activation),
+            ("KH", u(self.kernel.0)),
+            ("KW", u(self.kernel.1)),
+            ("STRIDE_H", u(self.stride.0)),
+            ("STRIDE_W", u(self.stride.1)),
+            ("PAD_H", u(self.padding.0)),
+            ("PAD_W", u(self.padding.1)),
+        ]
     }
 
     /// The uniform for a pool whose input has `input`'s shape, with the
@@ -268,6 +283,9 @@ impl PoolWindow {
 /// applies; with the slots each window kernel binds the op's tensors at.
 struct WindowEntries {
     element: &'static str,
+    /// Whether `element` takes a run of four elements of a row of dst
+    /// (the row's last run may be shorter) rather than one element.
+    element_runs: bool,
     window: &'static str,
     window_pair: &'static str,
     views: &'static [(u32, u32)],
@@ -279,6 +297,7 @@ impl WindowEntries {
     fn forward(element: &'static str, window: &'static str, window_pair: &'static str) -> Self {
         WindowEntries {
             element,
+            element_runs: false,
             window,
             window_pair,
             views: &[(1, 8)],
@@ -293,11 +312,20 @@ impl WindowEntries {
     ) -> Self {
         WindowEntries {
             element,
+            element_runs: false,
             window,
             window_pair,
             views: &[(2, 9), (5, 10)],
             pair_views: &[(1, 8), (2, 6), (4, 13), (5, 7)],
             activation,
+        }
+    }
+
+    /// These entries with `element` taking runs of four.
+    fn in_runs(self) -> Self {
+        WindowEntries {
+            element_runs: true,
+            ..self
         }
     }
 }
@@ -517,7 +545,7 @@ impl Op for MaxPool2d {
         let storage = [(1, inputs[0]), (2, outputs[0]), (3, outputs[1])];
         let entries =
             WindowEntries::forward("max_forward", "max_forward_2x2", "max_forward_2x2_pairs");
-        self.0.record(ctx, &entries, inputs[0], &storage)
+        self.0.record(ctx, &entries.in_runs(), inputs[0], &storage)
     }
 
     fn backward(
@@ -562,7 +590,8 @@ impl Op for MaxPool2dBackward {
         let entries = WindowEntries::backward(
             ("max_backward", "max_backward_2x2", "max_backward_2x2_pairs"),
             None,
-        );
+        )
+        .in_runs();
         let kernels = (&entries, "max_backward_quads");
         self.pool
             .0
@@ -598,7 +627,8 @@ impl GradientEpilogue for MaxPool2dBackward {
                 "max_backward_activated_2x2_pairs",
             ),
             Some(activation),
-        );
+        )
+        .in_runs();
         let kernels = (&entries, "max_backward_activated_quads");
         self.pool
             .0
