@@ -219,28 +219,52 @@ fn avg_gradients(e: Pixel) -> vec4<f32> {
     return vec4<f32>(avg_gradient(e), avg_gradient(next(e, 1u)), avg_gradient(next(e, 2u)), avg_gradient(next(e, 3u)));
 }
 
+// Max pooling's gradient takes two rows by four elements of dx per
+// invocation (fewer at a plane's last row and a row's end): with stride 2
+// the windows that cover two neighbouring rows are as many as cover one.
+struct Block {
+    top: vec4<f32>,
+    bottom: vec4<f32>,
+}
+
 // dx[y, x] = the sum of dy over the windows whose maximum was at (y, x),
-// for elements e..e+3 of a row, with each window that covers any of them
-// read once: the windows covering the last element counting down, as many
-// as reach back to the first. A window's argmax names at most one of the
-// four, and only an element inside it.
-fn max_gradients(e: Pixel) -> vec4<f32> {
-    let at = vec4<u32>(e.y * p.w + e.x) + vec4<u32>(0u, 1u, 2u, 3u);
+// for the block from e on, with each window that covers any of it read
+// once: the windows covering the block's last element counting down, as
+// many as reach back to its first. A window's argmax names at most one
+// element of the block, and only one inside it.
+fn max_gradients(e: Pixel) -> Block {
+    let top = vec4<u32>(e.y * p.w + e.x) + vec4<u32>(0u, 1u, 2u, 3u);
+    let bottom = top + vec4<u32>(p.w);
     let src0 = plane_start(p.src_at, e.plane, p.ho * p.wo);
     let argmax0 = p.argmax_offset + e.plane * p.ho * p.wo;
-    let rows = covering(e.y, PAD_H, STRIDE_H, KH, p.ho);
+    let last_row = (e.y + 1u + PAD_H) / STRIDE_H;
     let last_column = (e.x + 3u + PAD_W) / STRIDE_W;
-    var sum = vec4<f32>(0.0);
-    for (var ty = 0u; ty < rows.count; ty++) {
-        let row_ok = covers(rows, ty);
+    var sum: Block;
+    for (var ty = 0u; ty < KH / STRIDE_H + 1u; ty++) {
+        let row_ok = last_row >= ty && last_row - ty < p.ho;
         for (var tx = 0u; tx < (KW + 2u) / STRIDE_W + 1u; tx++) {
-            let ok = row_ok && last_column >= tx && last_column - tx < p.wo;
-            let o = select(0u, (rows.last - ty) * p.wo + last_column - tx, ok);
-            let routed = vec4<bool>(ok) & (vec4<u32>(argmax_in[argmax0 + o]) == at);
-            sum += select(vec4<f32>(0.0), vec4<f32>(src[src0 + o]), routed);
+            let ok = vec4<bool>(row_ok && last_column >= tx && last_column - tx < p.wo);
+            let o = select(0u, (last_row - ty) * p.wo + last_column - tx, ok.x);
+            let at = vec4<u32>(argmax_in[argmax0 + o]);
+            let dy = vec4<f32>(src[src0 + o]);
+            sum.top += select(vec4<f32>(0.0), dy, ok & (at == top));
+            sum.bottom += select(vec4<f32>(0.0), dy, ok & (at == bottom));
         }
     }
     return sum;
+}
+
+fn block_start(i: u32) -> Pixel {
+    let block = pixel_of(i, (p.h + 1u) / 2u, (p.w + RUN - 1u) / RUN);
+    return Pixel(block.plane, 2u * block.y, block.x * RUN);
+}
+
+fn has_block(i: u32) -> bool {
+    return i < p.planes * ((p.h + 1u) / 2u) * ((p.w + RUN - 1u) / RUN);
+}
+
+fn below(e: Pixel) -> Pixel {
+    return Pixel(e.plane, e.y + 1u, e.x);
 }
 
 @compute @workgroup_size(WG)
@@ -262,38 +286,41 @@ fn avg_backward_activated_quads(@builtin(global_invocation_id) gid: vec3<u32>, @
     }
 }
 
+// Writes a block's gradients g from e on, as a vec4 per row.
+fn store_block_quads(e: Pixel, g: Block) {
+    dst_quads[input_at(p.dst_at, e) / 4u] = g.top;
+    if (e.y + 1u < p.h) {
+        dst_quads[input_at(p.dst_at, below(e)) / 4u] = g.bottom;
+    }
+}
+
+// g passed through the fused activation's backward (below a plane's last
+// row, where nothing is stored, with that row's outputs).
+fn activated_block_quads(e: Pixel, g: Block) -> Block {
+    let y = act_out_quads[input_at(p.act_at, e) / 4u];
+    let y_below = act_out_quads[input_at(p.act_at, Pixel(e.plane, min(e.y + 1u, p.h - 1u), e.x)) / 4u];
+    return Block(activation_backward4(y, g.top), activation_backward4(y_below, g.bottom));
+}
+
 @compute @workgroup_size(WG)
 fn max_backward_quads(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = linear_index(gid, nwg);
-    if (4u * i < p.planes * p.h * p.w) {
-        let e = quad_of(i);
-        dst_quads[input_at(p.dst_at, e) / 4u] = max_gradients(e);
+    if (has_block(i)) {
+        let e = block_start(i);
+        store_block_quads(e, max_gradients(e));
     }
 }
 
 @compute @workgroup_size(WG)
 fn max_backward_activated_quads(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = linear_index(gid, nwg);
-    if (4u * i < p.planes * p.h * p.w) {
-        let e = quad_of(i);
-        let y = act_out_quads[input_at(p.act_at, e) / 4u];
-        dst_quads[input_at(p.dst_at, e) / 4u] = activation_backward4(y, max_gradients(e));
+    if (has_block(i)) {
+        let e = block_start(i);
+        store_block_quads(e, activated_block_quads(e, max_gradients(e)));
     }
 }
 
-// max_backward_quads for rows that are not whole vec4s: a run of four
-// elements per invocation (the row's last run may be shorter), stored one
-// float at a time.
-fn run_start(i: u32) -> Pixel {
-    let run = pixel_of(i, p.h, (p.w + RUN - 1u) / RUN);
-    return Pixel(run.plane, run.y, run.x * RUN);
-}
-
-fn has_run(i: u32) -> bool {
-    return i < p.planes * p.h * ((p.w + RUN - 1u) / RUN);
-}
-
-// Writes a run's gradients g from e on, up to the row's end.
+// max_backward_quads for rows that are not whole vec4s, one float at a time.
 fn store_run(e: Pixel, g: vec4<f32>) {
     for (var j = 0u; j < RUN; j++) {
         if (e.x + j < p.w) {
@@ -302,8 +329,15 @@ fn store_run(e: Pixel, g: vec4<f32>) {
     }
 }
 
-// g passed through the fused activation's backward (past the row's end,
-// where nothing is stored, with the row's last output).
+fn store_block(e: Pixel, g: Block) {
+    store_run(e, g.top);
+    if (e.y + 1u < p.h) {
+        store_run(below(e), g.bottom);
+    }
+}
+
+// g passed through the fused activation's backward (past a row's end or a
+// plane's last row, where nothing is stored, with the last one's outputs).
 fn activated_run(e: Pixel, g: vec4<f32>) -> vec4<f32> {
     var y: vec4<f32>;
     for (var j = 0u; j < RUN; j++) {
@@ -312,21 +346,26 @@ fn activated_run(e: Pixel, g: vec4<f32>) -> vec4<f32> {
     return activation_backward4(y, g);
 }
 
+fn activated_block(e: Pixel, g: Block) -> Block {
+    let e_below = Pixel(e.plane, min(e.y + 1u, p.h - 1u), e.x);
+    return Block(activated_run(e, g.top), activated_run(e_below, g.bottom));
+}
+
 @compute @workgroup_size(WG)
 fn max_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = linear_index(gid, nwg);
-    if (has_run(i)) {
-        let e = run_start(i);
-        store_run(e, max_gradients(e));
+    if (has_block(i)) {
+        let e = block_start(i);
+        store_block(e, max_gradients(e));
     }
 }
 
 @compute @workgroup_size(WG)
 fn max_backward_activated(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = linear_index(gid, nwg);
-    if (has_run(i)) {
-        let e = run_start(i);
-        store_run(e, activated_run(e, max_gradients(e)));
+    if (has_block(i)) {
+        let e = block_start(i);
+        store_block(e, activated_block(e, max_gradients(e)));
     }
 }
 

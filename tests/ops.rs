@@ -542,6 +542,7 @@ fn max_pool_matches_cpu_on_awkward_shapes() {
         ([2, 3, 8, 12], (3, 3), (2, 2), (1, 1)),
         ([2, 2, 6, 6], (3, 3), (1, 1), (1, 1)),
         ([1, 2, 5, 8], (3, 3), (1, 1), (1, 1)),
+        ([2, 2, 7, 12], (3, 3), (2, 2), (1, 1)),
     ];
     for (xs, kernel, stride, padding) in cases {
         let pool = MaxPool2d(PoolWindow {
@@ -1405,9 +1406,9 @@ fn activation_backward_fuses_into_pool_gradients() {
     let activations = [Activation::Relu, Activation::Sigmoid];
     let windows = [overlapping, PoolWindow::new(2, 2)];
     let cases = activations.into_iter().flat_map(|a| {
-        windows
-            .into_iter()
-            .flat_map(move |w| [[2, 3, 7, 9], [2, 3, 6, 8], [2, 3, 6, 10]].map(|s| (a, w, s)))
+        windows.into_iter().flat_map(move |w| {
+            [[2, 3, 7, 9], [2, 3, 6, 8], [2, 3, 6, 10], [2, 3, 7, 8]].map(|s| (a, w, s))
+        })
     });
     for (activation, window, shape) in cases {
         for max in [false, true] {

@@ -150,7 +150,7 @@ impl PoolWindow {
         input: TensorId,
         storage: &[(u32, TensorId)],
     ) -> Result<bool> {
-        let (p, _) = self.bound_params(ctx, input, storage);
+        let p = self.bound_params(ctx, input, storage);
         if !self.tiles_2x2(&p) {
             return Ok(false);
         }
@@ -180,8 +180,7 @@ impl PoolWindow {
     }
 
     /// Records a window kernel where one takes the pool (`record_windows`),
-    /// else `entries.element` over every element of `dst` (slot 2), or
-    /// over every run of four along its rows.
+    /// else `entries.element` over every block of `dst` (slot 2).
     /// `activation` is the one whose backward a `*_backward_activated`
     /// entry applies.
     fn record(
@@ -194,14 +193,8 @@ impl PoolWindow {
         if self.record_windows(ctx, entries, input, storage)? {
             return Ok(());
         }
-        let (p, len) = self.bound_params(ctx, input, storage);
-        let invocations = if entries.element_runs {
-            let (_, dst) = storage.iter().find(|&&(slot, _)| slot == 2).expect("dst");
-            let width = ctx.shape(*dst)[3];
-            len / width * width.div_ceil(4)
-        } else {
-            len
-        };
+        let p = self.bound_params(ctx, input, storage);
+        let invocations = blocks(ctx, storage, entries.block);
         let bound = ctx.bind(storage);
         let constants = self.constants(entries.activation);
         ctx.dispatch_with(
@@ -223,7 +216,7 @@ impl PoolWindow {
         input: TensorId,
         storage: &[(u32, TensorId)],
     ) -> Result<()> {
-        let (p, len) = self.bound_params(ctx, input, storage);
+        let p = self.bound_params(ctx, input, storage);
         let in_quads = [p.w, p.dst_at[0], p.dst_at[1], p.act_at[0], p.act_at[1]];
         if in_quads.iter().any(|v| v % 4 != 0) {
             return self.record(ctx, entries, input, storage);
@@ -238,7 +231,8 @@ impl PoolWindow {
         };
         let bound = ctx.bind(&storage.iter().map(as_quads).collect::<Vec<_>>());
         let constants = self.constants(entries.activation);
-        ctx.dispatch_with((Shader::Pool, quads, &constants), &p, &bound, len / 4)
+        let invocations = blocks(ctx, storage, (entries.block.0, 4));
+        ctx.dispatch_with((Shader::Pool, quads, &constants), &p, &bound, invocations)
     }
 
     /// The element kernels' override constants: the window and the activation.
@@ -256,25 +250,24 @@ impl PoolWindow {
     }
 
     /// The uniform for a pool whose input has `input`'s shape, with the
-    /// layouts of the tensors at their slots; and the elements of dst.
+    /// layouts of the tensors at their slots.
     fn bound_params(
         &self,
         ctx: &PlanContext,
         input: TensorId,
         storage: &[(u32, TensorId)],
-    ) -> (PoolParams, usize) {
+    ) -> PoolParams {
         let mut p = self.params(&ctx.shape(input));
-        let mut len = 0;
         for &(slot, t) in storage {
             match slot {
                 1 => p.src_at = ctx.layout(t),
-                2 => (p.dst_at, len) = (ctx.layout(t), ctx.len(t)),
+                2 => p.dst_at = ctx.layout(t),
                 3 | 4 => p.argmax_offset = ctx.layout(t)[0],
                 5 => p.act_at = ctx.layout(t),
                 _ => {}
             }
         }
-        (p, len)
+        p
     }
 }
 
@@ -283,9 +276,9 @@ impl PoolWindow {
 /// applies; with the slots each window kernel binds the op's tensors at.
 struct WindowEntries {
     element: &'static str,
-    /// Whether `element` takes a run of four elements of a row of dst
-    /// (the row's last run may be shorter) rather than one element.
-    element_runs: bool,
+    /// Rows by elements of dst per invocation of `element`; the quads
+    /// kernel takes as many rows by four.
+    block: (usize, usize),
     window: &'static str,
     window_pair: &'static str,
     views: &'static [(u32, u32)],
@@ -297,7 +290,7 @@ impl WindowEntries {
     fn forward(element: &'static str, window: &'static str, window_pair: &'static str) -> Self {
         WindowEntries {
             element,
-            element_runs: false,
+            block: (1, 1),
             window,
             window_pair,
             views: &[(1, 8)],
@@ -312,7 +305,7 @@ impl WindowEntries {
     ) -> Self {
         WindowEntries {
             element,
-            element_runs: false,
+            block: (1, 1),
             window,
             window_pair,
             views: &[(2, 9), (5, 10)],
@@ -321,13 +314,25 @@ impl WindowEntries {
         }
     }
 
-    /// These entries with `element` taking runs of four.
-    fn in_runs(self) -> Self {
+    /// These entries with `element` taking blocks of `rows` by `elements`.
+    fn in_blocks(self, rows: usize, elements: usize) -> Self {
         WindowEntries {
-            element_runs: true,
+            block: (rows, elements),
             ..self
         }
     }
+}
+
+/// Blocks of `rows` by `elements` that cover dst (slot 2) plane by plane,
+/// cut short at each plane's last rows and each row's end.
+fn blocks(
+    ctx: &PlanContext,
+    storage: &[(u32, TensorId)],
+    (rows, elements): (usize, usize),
+) -> usize {
+    let (_, dst) = storage.iter().find(|&&(slot, _)| slot == 2).expect("dst");
+    let shape = ctx.shape(*dst);
+    shape[0] * shape[1] * shape[2].div_ceil(rows) * shape[3].div_ceil(elements)
 }
 
 /// `storage` bound with each slot that `views` names moved to its view's
@@ -545,7 +550,8 @@ impl Op for MaxPool2d {
         let storage = [(1, inputs[0]), (2, outputs[0]), (3, outputs[1])];
         let entries =
             WindowEntries::forward("max_forward", "max_forward_2x2", "max_forward_2x2_pairs");
-        self.0.record(ctx, &entries.in_runs(), inputs[0], &storage)
+        self.0
+            .record(ctx, &entries.in_blocks(1, 4), inputs[0], &storage)
     }
 
     fn backward(
@@ -591,7 +597,7 @@ impl Op for MaxPool2dBackward {
             ("max_backward", "max_backward_2x2", "max_backward_2x2_pairs"),
             None,
         )
-        .in_runs();
+        .in_blocks(2, 4);
         let kernels = (&entries, "max_backward_quads");
         self.pool
             .0
@@ -628,7 +634,7 @@ impl GradientEpilogue for MaxPool2dBackward {
             ),
             Some(activation),
         )
-        .in_runs();
+        .in_blocks(2, 4);
         let kernels = (&entries, "max_backward_activated_quads");
         self.pool
             .0
