@@ -263,8 +263,10 @@ fn has_block(i: u32) -> bool {
     return i < p.planes * ((p.h + 1u) / 2u) * ((p.w + RUN - 1u) / RUN);
 }
 
+// The block's second row, or at a plane's last row (whose block has no
+// second row to store) the first.
 fn below(e: Pixel) -> Pixel {
-    return Pixel(e.plane, e.y + 1u, e.x);
+    return Pixel(e.plane, min(e.y + 1u, p.h - 1u), e.x);
 }
 
 @compute @workgroup_size(WG)
@@ -294,11 +296,10 @@ fn store_block_quads(e: Pixel, g: Block) {
     }
 }
 
-// g passed through the fused activation's backward (below a plane's last
-// row, where nothing is stored, with that row's outputs).
+// g passed through the fused activation's backward.
 fn activated_block_quads(e: Pixel, g: Block) -> Block {
     let y = act_out_quads[input_at(p.act_at, e) / 4u];
-    let y_below = act_out_quads[input_at(p.act_at, Pixel(e.plane, min(e.y + 1u, p.h - 1u), e.x)) / 4u];
+    let y_below = act_out_quads[input_at(p.act_at, below(e)) / 4u];
     return Block(activation_backward4(y, g.top), activation_backward4(y_below, g.bottom));
 }
 
@@ -336,8 +337,8 @@ fn store_block(e: Pixel, g: Block) {
     }
 }
 
-// g passed through the fused activation's backward (past a row's end or a
-// plane's last row, where nothing is stored, with the last one's outputs).
+// g passed through the fused activation's backward (past the row's end,
+// where nothing is stored, with the row's last output).
 fn activated_run(e: Pixel, g: vec4<f32>) -> vec4<f32> {
     var y: vec4<f32>;
     for (var j = 0u; j < RUN; j++) {
@@ -347,8 +348,7 @@ fn activated_run(e: Pixel, g: vec4<f32>) -> vec4<f32> {
 }
 
 fn activated_block(e: Pixel, g: Block) -> Block {
-    let e_below = Pixel(e.plane, min(e.y + 1u, p.h - 1u), e.x);
-    return Block(activated_run(e, g.top), activated_run(e_below, g.bottom));
+    return Block(activated_run(e, g.top), activated_run(below(e), g.bottom));
 }
 
 @compute @workgroup_size(WG)
