@@ -159,17 +159,23 @@ fn avg_backward_activated(@builtin(global_invocation_id) gid: vec3<u32>, @builti
 // not once per window that holds them.
 const RUN = 4u;
 
-fn runs_per_row() -> u32 {
-    return (p.wo + RUN - 1u) / RUN;
+// The runs that cover a row of n elements.
+fn runs(n: u32) -> u32 {
+    return (n + RUN - 1u) / RUN;
+}
+
+// Where output o's argmax lives: the argmax tensor is contiguous.
+fn argmax_at(o: Pixel) -> u32 {
+    return p.argmax_offset + (o.plane * p.ho + o.y) * p.wo + o.x;
 }
 
 @compute @workgroup_size(WG)
 fn max_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = linear_index(gid, nwg);
-    if (i >= p.planes * p.ho * runs_per_row()) {
+    if (i >= p.planes * p.ho * runs(p.wo)) {
         return;
     }
-    let run = pixel_of(i, p.ho, runs_per_row());
+    let run = pixel_of(i, p.ho, runs(p.wo));
     let ox0 = run.x * RUN;
     let src0 = plane_start(p.src_at, run.plane, p.h * p.w);
     let y0 = i32(run.y * STRIDE_H) - i32(PAD_H);
@@ -198,7 +204,7 @@ fn max_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
         let o = Pixel(run.plane, run.y, ox0 + j);
         if (o.x < p.wo) {
             dst[pooled_at(p.dst_at, o)] = best[j];
-            argmax[p.argmax_offset + (o.plane * p.ho + o.y) * p.wo + o.x] = best_at[j];
+            argmax[argmax_at(o)] = best_at[j];
         }
     }
 }
@@ -236,7 +242,7 @@ fn max_gradients(e: Pixel) -> Block {
     let top = vec4<u32>(e.y * p.w + e.x) + vec4<u32>(0u, 1u, 2u, 3u);
     let bottom = top + vec4<u32>(p.w);
     let src0 = plane_start(p.src_at, e.plane, p.ho * p.wo);
-    let argmax0 = p.argmax_offset + e.plane * p.ho * p.wo;
+    let argmax0 = argmax_at(Pixel(e.plane, 0u, 0u));
     let last_row = (e.y + 1u + PAD_H) / STRIDE_H;
     let last_column = (e.x + 3u + PAD_W) / STRIDE_W;
     var sum: Block;
@@ -255,12 +261,12 @@ fn max_gradients(e: Pixel) -> Block {
 }
 
 fn block_start(i: u32) -> Pixel {
-    let block = pixel_of(i, (p.h + 1u) / 2u, (p.w + RUN - 1u) / RUN);
+    let block = pixel_of(i, (p.h + 1u) / 2u, runs(p.w));
     return Pixel(block.plane, 2u * block.y, block.x * RUN);
 }
 
 fn has_block(i: u32) -> bool {
-    return i < p.planes * ((p.h + 1u) / 2u) * ((p.w + RUN - 1u) / RUN);
+    return i < p.planes * ((p.h + 1u) / 2u) * runs(p.w);
 }
 
 // The block's second row, or at a plane's last row (whose block has no

@@ -181,8 +181,8 @@ impl PoolWindow {
 
     /// Records a window kernel where one takes the pool (`record_windows`),
     /// else `entries.element` over every block of `dst` (slot 2).
-    /// `activation` is the one whose backward a `*_backward_activated`
-    /// entry applies.
+    /// `entries.activation` is the one whose backward a
+    /// `*_backward_activated` entry applies.
     fn record(
         &self,
         ctx: &mut PlanContext,
