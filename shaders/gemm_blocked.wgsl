@@ -528,16 +528,20 @@ fn conv_rows_bias(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
 }
 
 // conv_rows_filter_gradient: dweight of a stride-1 convolution with a
-// kernel at most 5 x 5, from x's padded rows (pad_rows) and dy's rows,
-// whole vec4s. Each lane owns one output channel and the KH x KW weights
-// of one input channel; the lanes of a workgroup walk the same (sample,
-// output row, segment) terms, so their loads of x's rows are broadcasts,
-// and each lane loads its own channel's 16 dy values once per term for all
-// KH x KW taps. Grid: x = splits of the terms (k_split each, partial sums
-// to slice first_split + split of c), y = (input channel, group of WG
-// output channels). KH and KW are constants so that every sum is a named
-// register (see `Tile`).
+// kernel at most 5 x 5 into CHANNELS (at most 8) output channels, from x's
+// padded rows (pad_rows) and dy's rows, whole vec4s. Each lane sums its own
+// run of k_split terms (sample, output row, 16-pixel segment) for the
+// KH x KW weights of one input channel into every output channel: per term
+// it loads the KH rows of x under the segment once for all channels, and
+// each channel's 16 dy values once for all taps. (With a lane per output
+// channel each lane loaded the same rows of x; CPU adapters load one lane
+// at a time, and LeNet's first filter gradient ran at 10 GFLOP/s.) Lane
+// `split` = wid.x * WG + lane writes its partial sums to slice
+// first_split + split of c; the grid's y is the input channel. KH, KW and
+// CHANNELS are constants so that every sum is a named register (see
+// `Tile`).
 override KH: u32 = 5u;
+override CHANNELS: u32 = 8u;
 
 @group(0) @binding(12) var<storage, read> dy_rows: array<vec4<f32>>;
 
@@ -586,13 +590,54 @@ fn x_segment(plane_at: u32, iy: i32, column: u32) -> RowSegment {
         select(zero, x_rows[at + 2u], inside), select(zero, x_rows[at + 3u], inside), select(zero, x_rows[at + 4u], inside));
 }
 
-// A lane's sums, kernel row by kernel row.
+// One output channel's sums, kernel row by kernel row.
 struct FilterSums {
     r0: TapRow,
     r1: TapRow,
     r2: TapRow,
     r3: TapRow,
     r4: TapRow,
+}
+
+// The KH rows of x under a segment.
+struct XRows {
+    s0: RowSegment,
+    s1: RowSegment,
+    s2: RowSegment,
+    s3: RowSegment,
+    s4: RowSegment,
+}
+
+// sums += the products of one channel's dy values d with the rows under
+// every tap.
+fn add_term(sums: FilterSums, d: Floats16, x: XRows) -> FilterSums {
+    var s = sums;
+    s.r0 = add_rows(s.r0, tap_row(d, x.s0));
+    if (KH > 1u) { s.r1 = add_rows(s.r1, tap_row(d, x.s1)); }
+    if (KH > 2u) { s.r2 = add_rows(s.r2, tap_row(d, x.s2)); }
+    if (KH > 3u) { s.r3 = add_rows(s.r3, tap_row(d, x.s3)); }
+    if (KH > 4u) { s.r4 = add_rows(s.r4, tap_row(d, x.s4)); }
+    return s;
+}
+
+// A lane's sums, output channel by output channel.
+struct ChannelSums {
+    c0: FilterSums,
+    c1: FilterSums,
+    c2: FilterSums,
+    c3: FilterSums,
+    c4: FilterSums,
+    c5: FilterSums,
+    c6: FilterSums,
+    c7: FilterSums,
+}
+
+// The 16 dy values of a segment from vec4 `at` on, of which the first
+// `live` vec4s lie in the row (the rest is zero).
+fn dy_segment(at: u32, live: u32) -> Floats16 {
+    let zero = vec4<f32>(0.0);
+    return Floats16(dy_rows[at], select(zero, dy_rows[at + 1u], live > 1u),
+        select(zero, dy_rows[at + 2u], live > 2u), select(zero, dy_rows[at + 3u], live > 3u));
 }
 
 fn store_tap_row(at: u32, r: TapRow) {
@@ -603,34 +648,49 @@ fn store_tap_row(at: u32, r: TapRow) {
     if (KW > 4u) { c[at + 4u] = r.hi; }
 }
 
+// One output channel's KH x KW sums from element `at` of c on.
+fn store_filter(at: u32, s: FilterSums) {
+    store_tap_row(at, s.r0);
+    if (KH > 1u) { store_tap_row(at + KW, s.r1); }
+    if (KH > 2u) { store_tap_row(at + 2u * KW, s.r2); }
+    if (KH > 3u) { store_tap_row(at + 3u * KW, s.r3); }
+    if (KH > 4u) { store_tap_row(at + 4u * KW, s.r4); }
+}
+
 @compute @workgroup_size(WG)
 fn conv_rows_filter_gradient(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lane: u32) {
-    let groups = (p.m + WG - 1u) / WG;
-    let ci = wid.y / groups;
-    let co = min((wid.y - ci * groups) * WG + lane, p.m - 1u);
+    let ci = wid.y;
+    let split = wid.x * WG + lane;
     let out_h = p.pixels / p.out_w;
     let per_sample = out_h * p.row_segments;
-    let first = wid.x * p.k_split;
+    let first = split * p.k_split;
     let last = min(first + p.k_split, p.k);
     var sample = first / per_sample;
     var oy = (first - sample * per_sample) / p.row_segments;
     var segment = first - sample * per_sample - oy * p.row_segments;
-    var sums: FilterSums;
+    let channel_quads = p.pixels / 4u;
+    var sums: ChannelSums;
     for (var t = first; t < last; t++) {
-        // The row's quads from this segment on: the rest of the segment is zero.
-        let live = (p.out_w - segment * 16u) / 4u;
-        let d_at = (p.dy_at.x + sample * p.dy_at.y + co * p.pixels + oy * p.out_w) / 4u + segment * 4u;
-        let zero = vec4<f32>(0.0);
-        let d = Floats16(dy_rows[d_at], select(zero, dy_rows[d_at + 1u], live > 1u),
-            select(zero, dy_rows[d_at + 2u], live > 2u), select(zero, dy_rows[d_at + 3u], live > 3u));
         let plane_at = (p.x_at.x + sample * p.x_at.y) / 4u + ci * p.x_h * (p.x_w / 4u);
         let top = i32(oy) - p.pad_h;
         let column = segment * 4u;
-        sums.r0 = add_rows(sums.r0, tap_row(d, x_segment(plane_at, top, column)));
-        if (KH > 1u) { sums.r1 = add_rows(sums.r1, tap_row(d, x_segment(plane_at, top + 1, column))); }
-        if (KH > 2u) { sums.r2 = add_rows(sums.r2, tap_row(d, x_segment(plane_at, top + 2, column))); }
-        if (KH > 3u) { sums.r3 = add_rows(sums.r3, tap_row(d, x_segment(plane_at, top + 3, column))); }
-        if (KH > 4u) { sums.r4 = add_rows(sums.r4, tap_row(d, x_segment(plane_at, top + 4, column))); }
+        var x: XRows;
+        x.s0 = x_segment(plane_at, top, column);
+        if (KH > 1u) { x.s1 = x_segment(plane_at, top + 1, column); }
+        if (KH > 2u) { x.s2 = x_segment(plane_at, top + 2, column); }
+        if (KH > 3u) { x.s3 = x_segment(plane_at, top + 3, column); }
+        if (KH > 4u) { x.s4 = x_segment(plane_at, top + 4, column); }
+        // The row's quads from this segment on: the rest of the segment is zero.
+        let live = (p.out_w - segment * 16u) / 4u;
+        let d_at = (p.dy_at.x + sample * p.dy_at.y + oy * p.out_w) / 4u + segment * 4u;
+        sums.c0 = add_term(sums.c0, dy_segment(d_at, live), x);
+        if (CHANNELS > 1u) { sums.c1 = add_term(sums.c1, dy_segment(d_at + channel_quads, live), x); }
+        if (CHANNELS > 2u) { sums.c2 = add_term(sums.c2, dy_segment(d_at + 2u * channel_quads, live), x); }
+        if (CHANNELS > 3u) { sums.c3 = add_term(sums.c3, dy_segment(d_at + 3u * channel_quads, live), x); }
+        if (CHANNELS > 4u) { sums.c4 = add_term(sums.c4, dy_segment(d_at + 4u * channel_quads, live), x); }
+        if (CHANNELS > 5u) { sums.c5 = add_term(sums.c5, dy_segment(d_at + 5u * channel_quads, live), x); }
+        if (CHANNELS > 6u) { sums.c6 = add_term(sums.c6, dy_segment(d_at + 6u * channel_quads, live), x); }
+        if (CHANNELS > 7u) { sums.c7 = add_term(sums.c7, dy_segment(d_at + 7u * channel_quads, live), x); }
         segment++;
         if (segment == p.row_segments) {
             segment = 0u;
@@ -641,15 +701,17 @@ fn conv_rows_filter_gradient(@builtin(workgroup_id) wid: vec3<u32>, @builtin(loc
             }
         }
     }
-    if ((wid.y - ci * groups) * WG + lane < p.m) {
-        let channels = p.n;
-        let at = (p.first_split + wid.x) * p.m * channels * KH * KW + (co * channels + ci) * KH * KW;
-        store_tap_row(at, sums.r0);
-        if (KH > 1u) { store_tap_row(at + KW, sums.r1); }
-        if (KH > 2u) { store_tap_row(at + 2u * KW, sums.r2); }
-        if (KH > 3u) { store_tap_row(at + 3u * KW, sums.r3); }
-        if (KH > 4u) { store_tap_row(at + 4u * KW, sums.r4); }
-    }
+    let taps = KH * KW;
+    let channel_at = (p.first_split + split) * p.m * p.n * taps + ci * taps;
+    let per_channel = p.n * taps;
+    store_filter(channel_at, sums.c0);
+    if (CHANNELS > 1u) { store_filter(channel_at + per_channel, sums.c1); }
+    if (CHANNELS > 2u) { store_filter(channel_at + 2u * per_channel, sums.c2); }
+    if (CHANNELS > 3u) { store_filter(channel_at + 3u * per_channel, sums.c3); }
+    if (CHANNELS > 4u) { store_filter(channel_at + 4u * per_channel, sums.c4); }
+    if (CHANNELS > 5u) { store_filter(channel_at + 5u * per_channel, sums.c5); }
+    if (CHANNELS > 6u) { store_filter(channel_at + 6u * per_channel, sums.c6); }
+    if (CHANNELS > 7u) { store_filter(channel_at + 7u * per_channel, sums.c7); }
 }
 
 // The input of the row kernels: every row of an NCHW tensor (samples at

@@ -212,8 +212,10 @@ fn conv2d_filter_gradient_in_uneven_batch_chunks() {
 /// forward passes and data gradients into at most 8 channels, where rows
 /// fill their 16-pixel segments well;
 /// `conv_rows_filter_gradient` for filter gradients with at most 8 output
-/// channels and rows of whole vec4s. Kernels 2 to 5 wide, uneven padding,
-/// rows ending mid-segment, batch 1 (LeNet's two layers). Each case checks
+/// channels and rows of whole vec4s, 32 segments a lane (the second case:
+/// 540 segments, the last lane's run cut short, lanes past the end).
+/// Kernels 2 to 5 wide, uneven padding, rows ending mid-segment,
+/// batch 1 (LeNet's two layers). Each case checks
 /// which kernels it took; every blocked kernel family runs them.
 #[test]
 fn conv_rows_match_cpu() {
@@ -222,8 +224,9 @@ fn conv_rows_match_cpu() {
     // x, weight, padding, and whether the forward pass, the data gradient
     // and the filter gradient take the row kernels.
     type Case = ([usize; 4], [usize; 4], (usize, usize), [bool; 3]);
-    let cases: [Case; 8] = [
+    let cases: [Case; 9] = [
         ([1, 1, 28, 28], [6, 1, 5, 5], (2, 2), [true, true, true]),
+        ([5, 2, 36, 40], [4, 2, 3, 3], (1, 1), [true, true, true]),
         ([1, 6, 14, 14], [16, 6, 5, 5], (0, 0), [false, true, false]),
         ([3, 2, 13, 29], [5, 2, 3, 5], (1, 2), [true, true, false]),
         ([2, 3, 12, 13], [16, 3, 2, 2], (0, 0), [false, true, false]),

@@ -590,10 +590,10 @@ pub struct Conv2dBackwardFilter {
 /// the 512 partial sums an invocation writes per split cost little.
 const BLOCKED_SPLIT_TERMS: usize = 2048;
 
-/// Terms (16-pixel row segments of dy) each split of
+/// Terms (16-pixel row segments of dy) each lane of
 /// `conv_rows_filter_gradient` sums: LeNet's first layer has 14,336 at
-/// batch 256, 56 splits.
-const ROW_SPLIT_TERMS: u32 = 256;
+/// batch 256, 224 lanes.
+const ROW_SPLIT_TERMS: u32 = 64;
 
 impl Conv2dBackwardFilter {
     /// The filter gradient of a stride-1 convolution with few output
@@ -619,7 +619,9 @@ impl Conv2dBackwardFilter {
             ..rows
         }
         .filter_gradient_terms();
-        let splits = terms.div_ceil(ROW_SPLIT_TERMS);
+        let splits = terms
+            .div_ceil(ROW_SPLIT_TERMS)
+            .next_multiple_of(blocked::FILTER_LANES);
         let pieces = (splits, ROW_SPLIT_TERMS);
         let len = ctx.len(dweight);
         let partial = ctx.scratch(4 * (chunks.len() * splits as usize * len) as u64)?;
