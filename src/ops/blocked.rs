@@ -651,6 +651,7 @@ fn record(
     let mut constants = vec![
         ("WG", workgroup),
         ("ROW_QUADS", tile_rows(params.m) / 4),
+        ("LIVE_ROWS", params.m.min(tile_rows(params.m))),
         ("K_LANES", k_lanes),
         activation_constant(activation),
     ];
