@@ -308,7 +308,7 @@ const MAX_ROW_TAPS: u32 = 5;
 
 /// Lanes of a `conv_rows_filter_gradient` workgroup (the SIMD width of CPU
 /// adapters), and the most output channels it sums.
-pub const FILTER_LANES: u32 = 8;
+const FILTER_LANES: u32 = 8;
 
 /// A stride-1 convolution as `conv_rows` computes it: input `[samples,
 /// channels, h, w]` at layout `x_at`, zero-padded by `pad`, a `kernel` at
@@ -434,12 +434,20 @@ impl RowConv {
     }
 
     /// Terms of the filter gradient's sum: 16-pixel segments of dy's rows.
-    pub fn filter_gradient_terms(&self) -> u32 {
+    fn filter_gradient_terms(&self) -> u32 {
         self.samples * self.out.0 * self.segments()
     }
 
+    /// Lanes of `conv_rows_filter_gradient` (whole workgroups of them) that
+    /// sum `k_split` terms each: its pieces, and the partial sums it writes.
+    pub fn filter_gradient_splits(&self, k_split: u32) -> u32 {
+        (self.filter_gradient_terms())
+            .div_ceil(k_split)
+            .next_multiple_of(FILTER_LANES)
+    }
+
     /// Records the padding pass and `conv_rows_filter_gradient` in `splits`
-    /// (a multiple of `FILTER_LANES`) pieces of `k_split` terms, one per
+    /// (from `filter_gradient_splits`) pieces of `k_split` terms, one per
     /// lane (those past the last term sum nothing), writing partial sums to
     /// slices `first_split..` of `partial`; dy is laid out at `out_at`.
     pub fn plan_filter_gradient(

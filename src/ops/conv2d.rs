@@ -614,14 +614,11 @@ impl Conv2dBackwardFilter {
         };
         let chunks = ctx.batch_chunks(&[x, dy])?;
         let longest = chunks.iter().map(|&(_, count)| count).max().unwrap_or(1) as u32;
-        let terms = RowConv {
+        let splits = RowConv {
             samples: longest,
             ..rows
         }
-        .filter_gradient_terms();
-        let splits = terms
-            .div_ceil(ROW_SPLIT_TERMS)
-            .next_multiple_of(blocked::FILTER_LANES);
+        .filter_gradient_splits(ROW_SPLIT_TERMS);
         let pieces = (splits, ROW_SPLIT_TERMS);
         let len = ctx.len(dweight);
         let partial = ctx.scratch(4 * (chunks.len() * splits as usize * len) as u64)?;
