@@ -936,6 +936,78 @@ fn conv_filter_gradient(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_in
     store_tile(t, (p.first_split + split) * p.m * p.n, wid.y * ROW_QUADS, run_columns(c0));
 }
 
+// conv_filter_gradient for a pointwise convolution (1x1, stride 1, no
+// padding) over planes of whole vec4s: a lane's 16 columns are 16 input
+// channels, and four consecutive pixels of a channel are one vec4 of x
+// (x_quads), so B's rows for four k are 16 vec4 loads transposed four
+// channels at a time, where the window kernel gathers every float on its
+// own and works out where it lives. A trip takes one panel of A: 8 k
+// (K_LANES 1) or 4 (K_LANES 2, the most this kernel takes).
+struct PixelQuad {
+    at: u32,   // x_quads index of the four pixels in the first channel
+    quad: u32, // which four of the sample's pixels
+}
+
+fn next_pixel_quad(q: PixelQuad) -> PixelQuad {
+    let wraps = q.quad + 1u == p.pixels / 4u;
+    let next_sample = q.at + 1u + (p.x_at.y - p.pixels) / 4u;
+    return PixelQuad(select(q.at + 1u, next_sample, wraps), select(q.quad + 1u, 0u, wraps));
+}
+
+// Row s is pixel s of the four channels whose planes start `planes` (in
+// vec4s) after `at`; zeros where the pixels lie past the split (`live`).
+fn channel_pixels(at: u32, planes: vec4<u32>, live: bool) -> mat4x4<f32> {
+    let m = mat4x4<f32>(x_quads[at + planes.x], x_quads[at + planes.y], x_quads[at + planes.z], x_quads[at + planes.w]);
+    return transpose(m) * select(0.0, 1.0, live);
+}
+
+// t += A B for the four k of panel slots j0..j0+3, B's 16 columns being
+// the four channels of each of c0..c3.
+fn accumulate_pixels(t: ptr<function, Tile>, a_k: APanel, j0: u32, c0: mat4x4<f32>, c1: mat4x4<f32>, c2: mat4x4<f32>, c3: mat4x4<f32>) {
+    accumulate(t, panel_rows(a_k, j0), array<vec4<f32>, 4>(c0[0], c1[0], c2[0], c3[0]));
+    accumulate(t, panel_rows(a_k, j0 + 1u), array<vec4<f32>, 4>(c0[1], c1[1], c2[1], c3[1]));
+    accumulate(t, panel_rows(a_k, j0 + 2u), array<vec4<f32>, 4>(c0[2], c1[2], c2[2], c3[2]));
+    accumulate(t, panel_rows(a_k, j0 + 3u), array<vec4<f32>, 4>(c0[3], c1[3], c2[3], c3[3]));
+}
+
+// t += A B for the four k at pixel quad q.
+fn accumulate_quad(t: ptr<function, Tile>, a_k: APanel, j0: u32, q: PixelQuad, planes: array<vec4<u32>, 4>, live: bool) {
+    accumulate_pixels(t, a_k, j0, channel_pixels(q.at, planes[0], live), channel_pixels(q.at, planes[1], live),
+        channel_pixels(q.at, planes[2], live), channel_pixels(q.at, planes[3], live));
+}
+
+@compute @workgroup_size(WG)
+fn conv_filter_gradient_pointwise(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lane: u32) {
+    if (wid.x * (WG / K_LANES) * 16u >= p.n) {
+        return;
+    }
+    // Columns past the last channel read the last one and store nothing.
+    let c0 = (wid.x * (WG / K_LANES) + lane / K_LANES) * 16u;
+    let channel = vec4<u32>(c0) + vec4<u32>(0u, 1u, 2u, 3u);
+    let last = vec4<u32>(p.n - 1u);
+    let plane = p.pixels / 4u;
+    let planes = array<vec4<u32>, 4>(min(channel, last) * plane, min(channel + 4u, last) * plane,
+        min(channel + 8u, last) * plane, min(channel + 12u, last) * plane);
+    let a_lane = panel_lane(lane);
+    let split = wid.z * K_LANES + lane % K_LANES;
+    let k0 = split * p.k_split;
+    let k1 = min(p.k, k0 + p.k_split);
+    let sample = k0 / p.pixels;
+    let quad = (k0 - sample * p.pixels) / 4u;
+    var q = PixelQuad((p.x_at.x + sample * p.x_at.y) / 4u + quad, quad);
+    var t: Tile;
+    for (var kk = k0; kk < k1; kk += 8u / K_LANES) {
+        let a_k = a_panel(kk, wid.y * ROW_QUADS, a_lane);
+        accumulate_quad(&t, a_k, 0u, q, planes, true);
+        q = next_pixel_quad(q);
+        if (K_LANES == 1u) {
+            accumulate_quad(&t, a_k, 4u, q, planes, kk + 4u < k1);
+            q = next_pixel_quad(q);
+        }
+    }
+    store_tile(t, (p.first_split + split) * p.m * p.n, wid.y * ROW_QUADS, tile_columns(c0 / 4u));
+}
+
 // packed[kk * rows_padded + i] = X[i][kk] for i < rows, zero for the
 // padding rows: X stored k-major. With kk = g * taps + t, X[i][kk] is read at
 // offset + i * row_stride + g * col_stride + (tap_y0 + tap_dy * t / tap_w) *

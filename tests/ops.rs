@@ -156,58 +156,118 @@ fn check_conv(
     r.entry_points
 }
 
+/// Filter gradients of 1x1 convolutions on planes of whole vec4s, which the
+/// blocked kernels take four pixels of a channel at a time
+/// (`conv_filter_gradient_pointwise`): one and two lanes per column run,
+/// splits that end half way through a panel of A (at the end of x, and
+/// before more of x: 2 splits of 1,180 pixels), samples of one vec4,
+/// channels past the last column run, several row tiles and K splits,
+/// batch 1. (`conv2d_filter_gradient_in_uneven_batch_chunks` binds x in
+/// batch chunks.)
+#[test]
+fn pointwise_filter_gradient_matches_cpu() {
+    let mut gpu = gpu();
+    let mut rng = Rng::new(31);
+    let conv = Conv2d {
+        stride: (1, 1),
+        padding: (0, 0),
+    };
+    let cases: [([usize; 4], [usize; 4]); 6] = [
+        ([3, 20, 6, 6], [40, 20, 1, 1]),
+        ([3, 128, 2, 2], [5, 128, 1, 1]),
+        ([118, 128, 4, 5], [5, 128, 1, 1]),
+        ([2, 256, 4, 4], [33, 256, 1, 1]),
+        ([9, 24, 16, 16], [7, 24, 1, 1]),
+        ([1, 64, 4, 6], [16, 64, 1, 1]),
+    ];
+    for kernel in gemm_kernels(&gpu) {
+        gpu.tuning.gemm = kernel;
+        for (xs, ws) in cases {
+            let case = format!("{kernel:?} x{xs:?} w{ws:?}");
+            let entries = check_conv(&gpu, conv, (xs, ws), &mut rng, &case);
+            let pointwise = entries.contains(&"conv_filter_gradient_pointwise");
+            assert_eq!(
+                pointwise,
+                matches!(kernel, GemmKernel::Blocked { .. }),
+                "{case}: {entries:?}"
+            );
+        }
+    }
+}
+
 /// Two convolutions, `conv(conv(x, wa), wb)`, whose activations bind in
 /// uneven batch chunks under a 1.1 MB binding limit (the first conv's
 /// output in chunks of 1 and 2 samples). The blocked filter gradient sums
 /// each chunk in as many K splits as the longest chunk needs; a shorter
 /// chunk must still write all of its splits (zeros past its terms), or the
 /// final sum picks up what the shared scratch memory held: here the second
-/// conv's partial sums, planned just before.
+/// conv's partial sums, planned just before. The second conv is 3x3, then
+/// 1x1 (whose filter gradient reads the chunks of x four pixels at a time).
 #[test]
 fn conv2d_filter_gradient_in_uneven_batch_chunks() {
     let mut gpu = gpu();
     gpu.tuning.binding_limit = 1_100_000;
     let mut rng = Rng::new(13);
-    let conv = Conv2d {
+    let conv_a = Conv2d {
         stride: (1, 1),
         padding: (1, 1),
     };
-    let x = random(&[3, 15, 64, 64], &mut rng);
-    let (wa, ba) = (random(&[32, 15, 3, 3], &mut rng), random(&[32], &mut rng));
-    let (wb, bb) = (random(&[64, 32, 3, 3], &mut rng), random(&[64], &mut rng));
-    let a = conv.cpu_forward(&x, &wa, &ba.data);
-    let y = conv.cpu_forward(&a, &wb, &bb.data);
-    let dy = random(&y.shape, &mut rng);
-    let (da, dwb, dbb) = conv.cpu_backward(&a, &wb, &dy);
-    let (_, dwa, dba) = conv.cpu_backward(&x, &wa, &da);
+    for kernel_b in [3, 1] {
+        let conv_b = Conv2d {
+            stride: (1, 1),
+            padding: (kernel_b / 2, kernel_b / 2),
+        };
+        let x = random(&[3, 15, 64, 64], &mut rng);
+        let (wa, ba) = (random(&[32, 15, 3, 3], &mut rng), random(&[32], &mut rng));
+        let wb = random(&[64, 32, kernel_b, kernel_b], &mut rng);
+        let bb = random(&[64], &mut rng);
+        let a = conv_a.cpu_forward(&x, &wa, &ba.data);
+        let y = conv_b.cpu_forward(&a, &wb, &bb.data);
+        let dy = random(&y.shape, &mut rng);
+        let (da, dwb, dbb) = conv_b.cpu_backward(&a, &wb, &dy);
+        let (_, dwa, dba) = conv_a.cpu_backward(&x, &wa, &da);
 
-    let mut g = Graph::new(true);
-    let tensors = [&x, &wa, &ba, &wb, &bb];
-    let ids: Vec<_> = (tensors.iter().enumerate())
-        .map(|(i, t)| g.param(format!("p{i}"), t.shape.clone(), Init::Zeros))
-        .collect();
-    let a_id = g.apply1(conv, &[ids[0], ids[1], ids[2]]).unwrap();
-    let y_id = g.apply1(conv, &[a_id, ids[3], ids[4]]).unwrap();
-    let dy_id = g.input(dy.shape.clone(), DType::F32);
-    autodiff::backward(&mut g, &[(y_id, dy_id)]).unwrap();
-    let store = ParamStore::new(&gpu, &g).unwrap();
-    for (i, t) in tensors.iter().enumerate() {
-        store.write(&gpu, i, &t.data).unwrap();
-    }
-    let plan = Plan::new(&gpu, &g, &store, &Externals::new()).unwrap();
-    plan.write_f32(&gpu, &g, dy_id, &dy.data).unwrap();
-    plan.run(&gpu);
-    for (i, name, want) in [
-        (1, "dwa", &dwa.data),
-        (2, "dba", &dba),
-        (3, "dwb", &dwb.data),
-        (4, "dbb", &dbb),
-    ] {
-        // Sums of 12,288 products of values up to ~30: f32 rounding there
-        // grows with the gradient's largest value.
-        let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        let got = store.read_grad(&gpu, i).unwrap();
-        assert_close(name, &got, want, 1e-5 * scale, 1e-3);
+        let mut g = Graph::new(true);
+        let tensors = [&x, &wa, &ba, &wb, &bb];
+        let ids: Vec<_> = (tensors.iter().enumerate())
+            .map(|(i, t)| g.param(format!("p{i}"), t.shape.clone(), Init::Zeros))
+            .collect();
+        let a_id = g.apply1(conv_a, &[ids[0], ids[1], ids[2]]).unwrap();
+        let y_id = g.apply1(conv_b, &[a_id, ids[3], ids[4]]).unwrap();
+        let dy_id = g.input(dy.shape.clone(), DType::F32);
+        autodiff::backward(&mut g, &[(y_id, dy_id)]).unwrap();
+        let store = ParamStore::new(&gpu, &g).unwrap();
+        for (i, t) in tensors.iter().enumerate() {
+            store.write(&gpu, i, &t.data).unwrap();
+        }
+        let plan = Plan::new(&gpu, &g, &store, &Externals::new()).unwrap();
+        plan.write_f32(&gpu, &g, dy_id, &dy.data).unwrap();
+        plan.run(&gpu);
+        for (i, name, want) in [
+            (1, "dwa", &dwa.data),
+            (2, "dba", &dba),
+            (3, "dwb", &dwb.data),
+            (4, "dbb", &dbb),
+        ] {
+            // Sums of 12,288 products of values up to ~30: f32 rounding
+            // there grows with the gradient's largest value.
+            let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let got = store.read_grad(&gpu, i).unwrap();
+            assert_close(
+                &format!("{kernel_b}x{kernel_b} {name}"),
+                &got,
+                want,
+                1e-5 * scale,
+                1e-3,
+            );
+        }
+        if kernel_b == 1 {
+            let entries = plan.entry_points();
+            assert!(
+                entries.contains(&"conv_filter_gradient_pointwise"),
+                "{entries:?}"
+            );
+        }
     }
 }
 

@@ -103,6 +103,16 @@ impl BlockedParams {
         starts && self.dst_step == 1 && quads(&[self.dst_w, self.dst_row])
     }
 
+    /// Whether the filter gradient can read x four pixels of a channel at
+    /// a time (`conv_filter_gradient_pointwise`): a pointwise convolution
+    /// (1x1, stride 1, no padding) whose planes and layout are whole vec4s.
+    pub fn reads_pixel_quads(&self) -> bool {
+        let pointwise = (self.kh, self.kw, self.stride_h, self.stride_w) == (1, 1, 1, 1)
+            && (self.pad_h, self.pad_w) == (0, 0);
+        let quads = [self.pixels, self.x_at[0], self.x_at[1]];
+        pointwise && quads.iter().all(|v| v.is_multiple_of(4))
+    }
+
     /// Bytes of A as the kernels read it: padded rows, k-major.
     fn a_bytes(&self) -> u64 {
         16 * u64::from(self.a_quads) * u64::from(self.k)
@@ -602,11 +612,17 @@ pub fn k_lanes(n: u32, windows: TapWindows, workgroup: u32) -> u32 {
         .unwrap_or_else(|| choices.fold(1, |best, k| if busy(k) > busy(best) { k } else { best }))
 }
 
+/// The most lanes per column run `conv_filter_gradient_pointwise` takes:
+/// a trip takes one panel of A, 8 / K_LANES k, four at a time.
+pub const MOST_PIXEL_QUAD_K_LANES: u32 = 2;
+
 /// Records `conv_filter_gradient` over the column runs and row tiles of
 /// `params`' M x N output for each of `splits` pieces of K, in workgroups
 /// of `workgroup` lanes with `k_lanes` (a power of two, at most `k_lanes(n,
 /// windows, workgroup)`) lanes per run; the lane groups must fit one grid
-/// dimension.
+/// dimension. Where `params.reads_pixel_quads()`, its pointwise form, with
+/// at most `MOST_PIXEL_QUAD_K_LANES` lanes per run and splits of whole
+/// vec4s of pixels.
 pub fn dispatch_split(
     ctx: &mut PlanContext,
     (workgroup, k_lanes): (u32, u32),
@@ -618,8 +634,15 @@ pub fn dispatch_split(
     let row_tiles = padded_rows(params.m) / tile_rows(params.m);
     let grid = [lane_groups, row_tiles, splits.div_ceil(k_lanes)];
     let lanes = (workgroup, k_lanes);
-    let entry = ("conv_filter_gradient", None);
     let constants = [("WINDOW_W", windows.window), ("WINDOW_STEP", windows.step)];
+    if params.reads_pixel_quads() {
+        let entry = ("conv_filter_gradient_pointwise", None);
+        // x as vec4s only.
+        let mut storage = with_quad_view(ctx, storage, (7, 14))?;
+        storage.retain(|&(slot, _)| slot != 7);
+        return record(ctx, entry, lanes, (params, &constants), &storage, grid);
+    }
+    let entry = ("conv_filter_gradient", None);
     record(ctx, entry, lanes, (params, &constants), storage, grid)
 }
 

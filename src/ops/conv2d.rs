@@ -663,7 +663,19 @@ impl Conv2dBackwardFilter {
         // Each lane of a tile writes its own slice: no more lanes than slices fit.
         let fit_lanes = 1 << fit_binding.max(1).ilog2();
         let windows = TapWindows::new(whole.kw, whole.stride_w);
-        let k_lanes = (blocked::k_lanes(taps as u32, windows, workgroup) as usize).min(fit_lanes);
+        let pixel_quads = BlockedParams {
+            pixels: pixels as u32,
+            x_at: ctx.layout(x),
+            ..whole.blocked()
+        }
+        .reads_pixel_quads();
+        let most_lanes = match pixel_quads {
+            true => blocked::MOST_PIXEL_QUAD_K_LANES as usize,
+            false => fit_lanes,
+        };
+        let k_lanes = (blocked::k_lanes(taps as u32, windows, workgroup) as usize)
+            .min(fit_lanes)
+            .min(most_lanes);
         let splits = longest
             .div_ceil(BLOCKED_SPLIT_TERMS)
             .next_multiple_of(k_lanes)
@@ -671,8 +683,13 @@ impl Conv2dBackwardFilter {
             .max(longest.div_ceil(MAX_LOOP_TRIPS).next_multiple_of(k_lanes));
         // Splits of whole output rows: the lanes of a workgroup start their
         // rows together, and slide their windows together (less than a row
-        // more per split stays far inside llvmpipe's loop limit).
-        let k_split = longest.div_ceil(splits).next_multiple_of(whole.wo as usize);
+        // more per split stays far inside llvmpipe's loop limit). The
+        // pointwise kernel's splits are whole vec4s of pixels instead.
+        let split_step = match pixel_quads {
+            true => 4,
+            false => whole.wo as usize,
+        };
+        let k_split = longest.div_ceil(splits).next_multiple_of(split_step);
         let partial = ctx.scratch(4 * (chunks.len() * splits * len) as u64)?;
         ctx.for_each_chunk(&[x, dy], |ctx, chunk| {
             let mut p = self.conv.params(&ctx.shape(x), &ctx.shape(dweight));
