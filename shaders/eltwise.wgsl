@@ -165,3 +165,21 @@ fn zeros_quads(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
         out_quads[at_out(i) / 4u] = vec4<f32>(0.0);
     }
 }
+
+// x into out at out_at (a weight into its rows of the weights concatenated
+// along the output channels).
+@compute @workgroup_size(WG)
+fn copy(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = linear_index(gid, nwg);
+    if (i < p.len) {
+        out[at_out(i)] = x[at_x(i)];
+    }
+}
+
+@compute @workgroup_size(WG)
+fn copy_quads(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = 4u * linear_index(gid, nwg);
+    if (i < p.len) {
+        out_quads[at_out(i) / 4u] = x_quads[at_x(i) / 4u];
+    }
+}

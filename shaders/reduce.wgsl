@@ -7,8 +7,10 @@ struct Reduce {
     spatial: u32, // elements per (sample, channel); 1 for (N, C) tensors
     splits: u32,
     chunk: u32, // (sample, position) pairs per split
-    len: u32,   // sum_splits: values per split
-    src_at: vec2<u32>, // channel_sums: graph::Layout of src
+    len: u32,   // sum_splits: values summed
+    // channel_sums: graph::Layout of src; sum_splits: where the values
+    // start in a split of `partial`, and the length of a split.
+    src_at: vec2<u32>,
     first_split: u32,  // channel_sums: this batch chunk's first split
 }
 
@@ -92,7 +94,7 @@ fn channel_sums_quads(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(nu
 
 @group(0) @binding(3) var<storage, read_write> total: array<f32>;
 
-// total[i] = sum over s of partial[s * len + i].
+// total[i] = sum over s of partial[src_at.x + s * src_at.y + i].
 @compute @workgroup_size(WG)
 fn sum_splits(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = linear_index(gid, nwg);
@@ -101,7 +103,7 @@ fn sum_splits(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgr
     }
     var sum = 0.0;
     for (var s = 0u; s < p.splits; s++) {
-        sum += partial[s * p.len + i];
+        sum += partial[p.src_at.x + s * p.src_at.y + i];
     }
     total[i] = sum;
 }
@@ -116,13 +118,13 @@ fn sum_splits(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgr
 @compute @workgroup_size(WG)
 fn sum_splits_quads(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = linear_index(gid, nwg);
-    let quads = p.len / 4u;
-    if (i >= quads) {
+    if (i >= p.len / 4u) {
         return;
     }
+    let first = p.src_at.x / 4u + i;
     var sum = vec4<f32>(0.0);
     for (var s = 0u; s < p.splits; s++) {
-        sum += partial_quads[s * quads + i];
+        sum += partial_quads[first + s * (p.src_at.y / 4u)];
     }
     total_quads[i] = sum;
 }

@@ -9,7 +9,8 @@ use d2l_wgpu::gpu::{GemmKernel, Gpu};
 use d2l_wgpu::graph::{autodiff, DType, Externals, Graph, Init, Op, ParamStore, Plan};
 use d2l_wgpu::ops::{
     dropout_keeps, Activation, AdvanceRng, AvgPool2d, BatchNorm, ChannelSum, Conv2d, CpuTensor,
-    Dropout, GatherResize, Linear, MatMul, MaxPool2d, Optimizer, PoolWindow, SoftmaxCrossEntropy,
+    Dropout, GatherResize, Linear, MatMul, MaxPool2d, Optimizer, ParallelConv2d, PoolWindow,
+    SoftmaxCrossEntropy,
 };
 use d2l_wgpu::train::rng::Rng;
 use d2l_wgpu::train::{GpuDataset, OptimizerState};
@@ -352,6 +353,139 @@ fn conv2d_beyond_one_grid_dimension() {
     assert_op_close("large conv dx", &r.input_grads[0], &dx.data);
     assert_op_close("large conv dweight", &r.input_grads[1], &dw.data);
     assert_op_close("large conv dbias", &r.input_grads[2], &db);
+}
+
+/// `ParallelConv2d`: `act(conv2d(x, w_j, b_j))` for each j, against the
+/// CPU reference of each convolution on its own, x's gradient their sum.
+/// Backward it must be one data gradient and one filter gradient over all
+/// the weights, with no gradient sums; the filter gradient's rows go to
+/// each weight, and each weight to its rows of the concatenated one, from
+/// offsets that are and are not whole vec4s (also where the length is).
+#[test]
+fn parallel_conv2d_matches_separate_convolutions() {
+    let mut gpu = gpu();
+    let mut rng = Rng::new(29);
+    type Case = ([usize; 4], &'static [usize], usize, usize, usize); // x, out channels, kernel, stride, padding
+    let cases: [Case; 6] = [
+        ([2, 6, 5, 7], &[3, 5, 1], 1, 1, 0),
+        ([2, 2, 5, 7], &[1, 2, 2], 1, 1, 0),
+        ([1, 8, 6, 6], &[4, 8, 4], 1, 1, 0),
+        ([3, 3, 9, 8], &[2, 5], 3, 2, 1),
+        ([2, 3, 10, 12], &[2, 3, 1], 3, 1, 1),
+        ([2, 40, 6, 6], &[16, 24, 16], 1, 1, 0),
+    ];
+    for kernel in gemm_kernels(&gpu) {
+        gpu.tuning.gemm = kernel;
+        for (i, (xs, channels, k, stride, pad)) in cases.into_iter().enumerate() {
+            let activation = [Activation::Relu, Activation::Sigmoid][i % 2];
+            let case = format!(
+                "{kernel:?} {activation:?} x{xs:?} into {channels:?}, {k}x{k} stride {stride} padding {pad}"
+            );
+            let conv = Conv2d {
+                stride: (stride, stride),
+                padding: (pad, pad),
+            };
+            let mut inputs = vec![random(&xs, &mut rng)];
+            for &c in channels {
+                inputs.push(random(&[c, xs[1], k, k], &mut rng));
+                inputs.push(random(&[c], &mut rng));
+            }
+            let op = ParallelConv2d { conv, activation };
+            check_parallel_conv(&gpu, op, &inputs, &mut rng, &case);
+        }
+    }
+}
+
+fn check_parallel_conv(
+    gpu: &Gpu,
+    op: ParallelConv2d,
+    inputs: &[CpuTensor],
+    rng: &mut Rng,
+    case: &str,
+) {
+    let (x, conv, activation) = (&inputs[0], op.conv, op.activation);
+    let (mut ys, mut dys) = (Vec::new(), Vec::new());
+    let mut want_grads = vec![vec![0.0; x.data.len()]];
+    for pair in inputs[1..].chunks(2) {
+        let y = activation.cpu_forward(&conv.cpu_forward(x, &pair[0], &pair[1].data));
+        let dy = random(&y.shape, rng);
+        let (dx, dw, db) = conv.cpu_backward(x, &pair[0], &activation.cpu_backward(&y, &dy));
+        for (sum, v) in want_grads[0].iter_mut().zip(&dx.data) {
+            *sum += v;
+        }
+        want_grads.extend([dw.data, db]);
+        ys.push(y);
+        dys.push(dy);
+    }
+
+    let mut g = Graph::new(true);
+    let ids: Vec<_> = (inputs.iter().enumerate())
+        .map(|(i, t)| g.param(format!("input{i}"), t.shape.clone(), Init::Zeros))
+        .collect();
+    let outputs = g.apply(op, &ids).unwrap();
+    let seeds: Vec<_> = (outputs.iter().zip(&dys))
+        .map(|(&y, dy)| (y, g.input(dy.shape.clone(), DType::F32)))
+        .collect();
+    let forward_nodes = g.nodes.len();
+    autodiff::backward(&mut g, &seeds).unwrap();
+    let backward: Vec<String> = (g.nodes[forward_nodes..].iter())
+        .map(|n| n.op.describe())
+        .collect();
+    let count = |what: &str| backward.iter().filter(|d| d.ends_with(what)).count();
+    assert_eq!(
+        (
+            count("backward data"),
+            count("backward filter"),
+            count("add")
+        ),
+        (1, 1, 0),
+        "{case}: backward nodes {backward:?}"
+    );
+    let store = ParamStore::new(gpu, &g).unwrap();
+    for (i, t) in inputs.iter().enumerate() {
+        store.write(gpu, i, &t.data).unwrap();
+    }
+    let plan = Plan::new(gpu, &g, &store, &Externals::new()).unwrap();
+    for (&(_, dy_id), dy) in seeds.iter().zip(&dys) {
+        plan.write_f32(gpu, &g, dy_id, &dy.data).unwrap();
+    }
+    plan.run(gpu);
+    for (j, (&y, want)) in outputs.iter().zip(&ys).enumerate() {
+        let got = plan.read_f32(gpu, &g, y).unwrap();
+        assert_op_close(&format!("{case} y{j}"), &got, &want.data);
+    }
+    for (i, want) in want_grads.iter().enumerate() {
+        let got = store.read_grad(gpu, i).unwrap();
+        assert_op_close(&format!("{case} gradient of input {i}"), &got, want);
+    }
+}
+
+/// Convolutions of different kernel sizes cannot share one backward.
+#[test]
+fn parallel_conv2d_refuses_different_kernels() {
+    let mut g = Graph::new(true);
+    let x = g.input(vec![1, 2, 5, 5], DType::F32);
+    let mut param = |name: &str, shape: Vec<usize>| g.param(name.into(), shape, Init::Zeros);
+    let inputs = [
+        param("a.weight", vec![3, 2, 1, 1]),
+        param("a.bias", vec![3]),
+        param("b.weight", vec![4, 2, 3, 3]),
+        param("b.bias", vec![4]),
+    ];
+    let conv = Conv2d {
+        stride: (1, 1),
+        padding: (1, 1),
+    };
+    let op = ParallelConv2d {
+        conv,
+        activation: Activation::Relu,
+    };
+    let err = g.apply(op, &[&[x][..], &inputs].concat()).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("one kernel size, got [1, 1] and [3, 3]"),
+        "{err}"
+    );
 }
 
 /// `F.linear(x, weight, bias)` and its gradients against PyTorch.

@@ -1,7 +1,8 @@
 //! d2l's reusable blocks: the pieces the models in `models/` are made of.
 
 use super::{
-    AvgPool2d, BatchNorm, Conv2d, Dropout, Flatten, Linear, MaxPool2d, Module, ReLU, Sequential,
+    AvgPool2d, BatchNorm, Conv2d, ConvParameters, Dropout, Flatten, Linear, MaxPool2d, Module,
+    ReLU, Sequential,
 };
 use crate::graph::{Graph, TensorId};
 use crate::ops;
@@ -123,7 +124,10 @@ impl Module for Residual {
 
 /// d2l's GoogLeNet `Inception` block: four parallel paths (1x1; 1x1 then
 /// 3x3; 1x1 then 5x5; 3x3 max pool then 1x1), each ending in a ReLU that
-/// writes straight into its channels of the concatenated output.
+/// writes straight into its channels of the concatenated output. The 1x1
+/// convolutions that start the first three paths all read x: in training
+/// they run as one `ParallelConv2d`, whose backward computes x's gradient
+/// from all three in one product.
 pub struct Inception {
     c1: usize,
     c2: (usize, usize),
@@ -139,17 +143,41 @@ impl Inception {
 
 impl Module for Inception {
     fn forward(&self, g: &mut Graph, x: TensorId, prefix: &str) -> Result<TensorId> {
-        let conv = |g: &mut Graph, conv: Conv2d, x: TensorId, name: &str| -> Result<TensorId> {
-            let y = conv.forward(g, x, &format!("{prefix}{name}."))?;
+        let c_in = g.shape(x)[1];
+        let mut layer = |conv: Conv2d, in_channels: usize, name: &str| {
+            conv.parameters(g, in_channels, &format!("{prefix}{name}."))
+        };
+        // In PyTorch's state_dict order, which the initialisation follows.
+        let p1_1 = layer(Conv2d::new(self.c1, 1), c_in, "p1_1");
+        let p2_1 = layer(Conv2d::new(self.c2.0, 1), c_in, "p2_1");
+        let p2_2 = layer(Conv2d::new(self.c2.1, 3).padding(1), self.c2.0, "p2_2");
+        let p3_1 = layer(Conv2d::new(self.c3.0, 1), c_in, "p3_1");
+        let p3_2 = layer(Conv2d::new(self.c3.1, 5).padding(2), self.c3.0, "p3_2");
+        let p4_2 = layer(Conv2d::new(self.c4, 1), c_in, "p4_2");
+        let conv_relu = |g: &mut Graph, conv: &ConvParameters, x: TensorId| {
+            let y = conv.apply(g, x)?;
             ReLU.forward(g, y, prefix)
         };
-        let p1 = conv(g, Conv2d::new(self.c1, 1), x, "p1_1")?;
-        let p2 = conv(g, Conv2d::new(self.c2.0, 1), x, "p2_1")?;
-        let p2 = conv(g, Conv2d::new(self.c2.1, 3).padding(1), p2, "p2_2")?;
-        let p3 = conv(g, Conv2d::new(self.c3.0, 1), x, "p3_1")?;
-        let p3 = conv(g, Conv2d::new(self.c3.1, 5).padding(2), p3, "p3_2")?;
+        let (p1, p2, p3) = if g.training {
+            let first_convs = ops::ParallelConv2d {
+                conv: p1_1.op,
+                activation: ops::Activation::Relu,
+            };
+            let inputs = [&p1_1, &p2_1, &p3_1].map(|conv| [conv.weight, conv.bias]);
+            let paths = g.apply(first_convs, &[&[x][..], inputs.as_flattened()].concat())?;
+            let p2 = conv_relu(g, &p2_2, paths[1])?;
+            (paths[0], p2, conv_relu(g, &p3_2, paths[2])?)
+        } else {
+            // No backward to share; one path at a time, each path's first
+            // output lives only until its second convolution has read it.
+            let p1 = conv_relu(g, &p1_1, x)?;
+            let p2 = conv_relu(g, &p2_1, x)?;
+            let p2 = conv_relu(g, &p2_2, p2)?;
+            let p3 = conv_relu(g, &p3_1, x)?;
+            (p1, p2, conv_relu(g, &p3_2, p3)?)
+        };
         let p4 = MaxPool2d::new(3, 1).padding(1).forward(g, x, prefix)?;
-        let p4 = conv(g, Conv2d::new(self.c4, 1), p4, "p4_2")?;
+        let p4 = conv_relu(g, &p4_2, p4)?;
         g.concat(&[p1, p2, p3, p4])
     }
 

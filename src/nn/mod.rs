@@ -86,11 +86,11 @@ impl Conv2d {
     pub fn padding(self, padding: usize) -> Conv2d {
         Conv2d { padding, ..self }
     }
-}
 
-impl Module for Conv2d {
-    fn forward(&self, g: &mut Graph, x: TensorId, prefix: &str) -> Result<TensorId> {
-        let in_channels = g.shape(x)[1];
+    /// Creates the layer's weight and bias for `in_channels` input channels
+    /// under `prefix`, to apply later (a block whose convolutions do not
+    /// run in the order PyTorch registers them).
+    pub fn parameters(&self, g: &mut Graph, in_channels: usize, prefix: &str) -> ConvParameters {
         let (k, out) = (self.kernel, self.out_channels);
         let weight = g.param(
             format!("{prefix}weight"),
@@ -98,11 +98,31 @@ impl Module for Conv2d {
             Init::XavierUniform,
         );
         let bias = g.param(format!("{prefix}bias"), vec![out], Init::Zeros);
-        let conv = ops::Conv2d {
+        let op = ops::Conv2d {
             stride: (self.stride, self.stride),
             padding: (self.padding, self.padding),
         };
-        g.apply1(conv, &[x, weight, bias])
+        ConvParameters { op, weight, bias }
+    }
+}
+
+/// A convolution layer's parameters and the op that applies them.
+pub struct ConvParameters {
+    pub op: ops::Conv2d,
+    pub weight: TensorId,
+    pub bias: TensorId,
+}
+
+impl ConvParameters {
+    pub fn apply(&self, g: &mut Graph, x: TensorId) -> Result<TensorId> {
+        g.apply1(self.op, &[x, self.weight, self.bias])
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, g: &mut Graph, x: TensorId, prefix: &str) -> Result<TensorId> {
+        let in_channels = g.shape(x)[1];
+        self.parameters(g, in_channels, prefix).apply(g, x)
     }
 
     fn class_name(&self) -> &'static str {

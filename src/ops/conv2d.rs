@@ -9,7 +9,7 @@ use super::fused::{activation_constant, Activated, Epilogue};
 use super::reduce::{chunked_splits, sum_splits, ReduceParams, MAX_LOOP_TRIPS};
 use super::{eltwise, expect_rank, Activation, ChannelSum, CpuTensor};
 use crate::gpu::{GemmKernel, Shader};
-use crate::graph::{DType, Graph, Op, PlanContext, Shape, Tensor, TensorId};
+use crate::graph::{Binding, DType, Graph, Op, PlanContext, Shape, Tensor, TensorId};
 use anyhow::{bail, Result};
 use std::rc::Rc;
 
@@ -266,6 +266,7 @@ impl Op for Conv2d {
                 Conv2dBackwardFilter {
                     conv: *self,
                     kernel: (ws[2], ws[3]),
+                    out_channels: vec![ws[0]],
                 },
                 &[x, dy],
             )?)
@@ -317,7 +318,7 @@ impl Epilogue for Conv2d {
 
 /// 2 per multiply-add of a convolution with output `y` `[n, c_out, ho, wo]`
 /// and weight `[c_out, c_in, kh, kw]`: the same for its two gradients.
-fn conv_flops(y: &[usize], weight: &[usize]) -> u64 {
+pub(super) fn conv_flops(y: &[usize], weight: &[usize]) -> u64 {
     2 * (y.iter().product::<usize>() * weight[1..].iter().product::<usize>()) as u64
 }
 
@@ -579,11 +580,14 @@ impl Phase {
     }
 }
 
-/// dweight from x and dy: split over batch and positions, then the splits summed.
+/// dweight from x and dy: split over batch and positions, then the splits
+/// summed. One output per weight: dy's channels are the output channels of
+/// the weights in order (several for `ParallelConv2d`).
 #[derive(Debug)]
 pub struct Conv2dBackwardFilter {
     pub conv: Conv2d,
     pub kernel: (usize, usize),
+    pub out_channels: Vec<usize>,
 }
 
 /// Terms each split of the blocked filter gradient sums: long enough that
@@ -603,9 +607,9 @@ impl Conv2dBackwardFilter {
     fn plan_rows(
         &self,
         ctx: &mut PlanContext,
-        whole: &ConvParams,
+        (whole, weight): (&ConvParams, &[usize]),
         inputs: &[TensorId],
-        dweight: TensorId,
+        dweights: &[TensorId],
     ) -> Result<bool> {
         let (x, dy) = (inputs[0], inputs[1]);
         let layouts = (ctx.layout(x), ctx.layout(dy));
@@ -620,18 +624,18 @@ impl Conv2dBackwardFilter {
         }
         .filter_gradient_splits(ROW_SPLIT_TERMS);
         let pieces = (splits, ROW_SPLIT_TERMS);
-        let len = ctx.len(dweight);
+        let len = weight.iter().product::<usize>();
         let partial = ctx.scratch(4 * (chunks.len() * splits as usize * len) as u64)?;
         ctx.for_each_chunk(&[x, dy], |ctx, chunk| {
-            let mut p = self.conv.params(&ctx.shape(x), &ctx.shape(dweight));
+            let mut p = self.conv.params(&ctx.shape(x), weight);
             (p.x_at, p.dy_at) = (ctx.layout(x), ctx.layout(dy));
             let rows = p.row_conv((p.x_at, p.dy_at)).expect("stride 1");
             let bindings = (ctx.binding(x), ctx.binding(dy), partial.clone());
             let (splits, k_split) = pieces;
             rows.plan_filter_gradient(ctx, bindings, (chunk as u32 * splits, splits, k_split))
         })?;
-        let total = ReduceParams::sum_splits(len, chunks.len() * splits as usize);
-        sum_splits(ctx, &total, &partial, &ctx.binding(dweight))?;
+        let all_splits = chunks.len() * splits as usize;
+        self.sum_splits_into(ctx, (&partial, all_splits), weight, dweights)?;
         Ok(true)
     }
 
@@ -644,10 +648,10 @@ impl Conv2dBackwardFilter {
     fn plan_blocked(
         &self,
         ctx: &mut PlanContext,
-        whole: &ConvParams,
+        (whole, weight): (&ConvParams, &[usize]),
         workgroup: u32,
         inputs: &[TensorId],
-        dweight: TensorId,
+        dweights: &[TensorId],
     ) -> Result<bool> {
         let (x, dy) = (inputs[0], inputs[1]);
         let taps = (whole.c_in * whole.kh * whole.kw) as usize;
@@ -692,7 +696,7 @@ impl Conv2dBackwardFilter {
         let k_split = longest.div_ceil(splits).next_multiple_of(split_step);
         let partial = ctx.scratch(4 * (chunks.len() * splits * len) as u64)?;
         ctx.for_each_chunk(&[x, dy], |ctx, chunk| {
-            let mut p = self.conv.params(&ctx.shape(x), &ctx.shape(dweight));
+            let mut p = self.conv.params(&ctx.shape(x), weight);
             (p.x_at, p.dy_at) = (ctx.layout(x), ctx.layout(dy));
             let dy_stored = ctx.binding(dy);
             let planes = (p.c_out, pixels as u32, p.batch);
@@ -715,9 +719,28 @@ impl Conv2dBackwardFilter {
             let lanes = (workgroup, k_lanes as u32);
             blocked::dispatch_split(ctx, lanes, (&params, windows), &storage, splits as u32)
         })?;
-        let total = ReduceParams::sum_splits(len, chunks.len() * splits);
-        sum_splits(ctx, &total, &partial, &ctx.binding(dweight))?;
+        self.sum_splits_into(ctx, (&partial, chunks.len() * splits), weight, dweights)?;
         Ok(true)
+    }
+
+    /// Sums the `splits` partial filter gradients of the whole `weight`
+    /// shape in `partial` into each weight's gradient, its rows in turn.
+    fn sum_splits_into(
+        &self,
+        ctx: &mut PlanContext,
+        (partial, splits): (&Binding, usize),
+        weight: &[usize],
+        dweights: &[TensorId],
+    ) -> Result<()> {
+        let row_len: usize = weight[1..].iter().product();
+        let mut first = 0;
+        for (&channels, &dweight) in self.out_channels.iter().zip(dweights) {
+            let rows = first * row_len..(first + channels) * row_len;
+            let total = ReduceParams::sum_split_range(rows, weight[0] * row_len, splits);
+            sum_splits(ctx, &total, partial, &ctx.binding(dweight))?;
+            first += channels;
+        }
+        Ok(())
     }
 }
 
@@ -728,10 +751,16 @@ impl Op for Conv2dBackwardFilter {
 
     fn infer(&self, inputs: &[&Tensor]) -> Result<Vec<(Shape, DType)>> {
         let (x, dy) = (&inputs[0].shape, &inputs[1].shape);
-        Ok(vec![(
-            vec![dy[1], x[1], self.kernel.0, self.kernel.1],
-            DType::F32,
-        )])
+        if self.out_channels.iter().sum::<usize>() != dy[1] {
+            bail!(
+                "weights of {:?} output channels do not make up the {} of dy {dy:?}",
+                self.out_channels,
+                dy[1]
+            );
+        }
+        let (kh, kw) = self.kernel;
+        let shape = |&channels: &usize| (vec![channels, x[1], kh, kw], DType::F32);
+        Ok(self.out_channels.iter().map(shape).collect())
     }
 
     fn handles_channel_slices(&self) -> bool {
@@ -744,11 +773,12 @@ impl Op for Conv2dBackwardFilter {
 
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
         let (x, dy) = (inputs[0], inputs[1]);
-        let ws = ctx.shape(outputs[0]);
+        let (kh, kw) = self.kernel;
+        let ws = vec![ctx.shape(dy)[1], ctx.shape(x)[1], kh, kw];
         let whole = self.conv.params(&ctx.shape(x), &ws);
         if let GemmKernel::Blocked { workgroup, .. } = ctx.gpu.tuning.gemm {
-            if self.plan_rows(ctx, &whole, inputs, outputs[0])?
-                || self.plan_blocked(ctx, &whole, workgroup, inputs, outputs[0])?
+            if self.plan_rows(ctx, (&whole, &ws), inputs, outputs)?
+                || self.plan_blocked(ctx, (&whole, &ws), workgroup, inputs, outputs)?
             {
                 return Ok(());
             }
@@ -786,7 +816,6 @@ impl Op for Conv2dBackwardFilter {
                 [tap_groups, channel_blocks, splits],
             )
         })?;
-        let total = ReduceParams::sum_splits(len, chunks * splits);
-        sum_splits(ctx, &total, &partial, &ctx.binding(outputs[0]))
+        self.sum_splits_into(ctx, (&partial, chunks * splits), &ws, outputs)
     }
 }

@@ -67,6 +67,38 @@ pub(super) fn fill_zeros(ctx: &mut PlanContext, out: TensorId) -> Result<()> {
     elementwise_quads(ctx, ("zeros", "zeros_quads", None), &[], out)
 }
 
+/// Records a copy of all of `x` into `out` from element `offset` on, four
+/// elements per invocation where the length and offset are whole vec4s.
+pub(super) fn copy_into(
+    ctx: &mut PlanContext,
+    x: TensorId,
+    out: TensorId,
+    offset: usize,
+) -> Result<()> {
+    let len = ctx.len(x) as u32;
+    let params = EltwiseParams {
+        len,
+        sample: len,
+        x_at: [0, len],
+        out_at: [offset as u32, len],
+        ..EltwiseParams::default()
+    };
+    let (entry, (x_slot, out_slot), invocations) =
+        if len.is_multiple_of(4) && offset.is_multiple_of(4) {
+            ("copy_quads", (6, 9), len / 4)
+        } else {
+            ("copy", (1, 4), len)
+        };
+    let storage = [(x_slot, ctx.binding(x)), (out_slot, ctx.binding(out))];
+    ctx.dispatch(
+        Shader::Eltwise,
+        entry,
+        &params,
+        &storage,
+        invocations as usize,
+    )
+}
+
 /// `elementwise` with dropout's parameters; fills in the sizes and layouts.
 fn with_params(
     ctx: &mut PlanContext,

@@ -10,13 +10,14 @@ mod fused;
 mod input;
 mod linear;
 mod optim;
+mod parallel_conv2d;
 mod pool;
 mod reduce;
 mod reshape;
 mod softmax_xent;
 
 pub use batchnorm::{BatchNorm, BatchNormBackwardData, BatchNormBackwardParams, BatchNormCpu};
-pub use concat::Concat;
+pub use concat::{Concat, ConcatRows};
 pub use conv2d::{Conv2d, Conv2dBackwardData, Conv2dBackwardFilter};
 pub use eltwise::{
     dropout_keeps, Activation, ActivationBackward, Add, AdvanceRng, Dropout, DropoutBackward,
@@ -24,6 +25,7 @@ pub use eltwise::{
 pub use input::GatherResize;
 pub use linear::{Linear, MatMul};
 pub use optim::{Optimizer, OptimizerStep, ADAM_STEP_BYTES};
+pub use parallel_conv2d::ParallelConv2d;
 pub use pool::{AvgPool2d, AvgPool2dBackward, MaxPool2d, MaxPool2dBackward, PoolWindow};
 pub use reduce::ChannelSum;
 pub use reshape::Reshape;

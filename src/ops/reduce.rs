@@ -16,7 +16,8 @@ pub(super) struct ReduceParams {
     splits: u32,
     chunk: u32,
     len: u32,
-    /// graph::Layout of the summed tensor.
+    /// channel_sums: graph::Layout of the summed tensor; sum_splits: where
+    /// the summed values start in each split, and a split's length.
     src_at: [u32; 2],
     /// channel_sums: where this batch chunk's splits start in `partial`.
     first_split: u32,
@@ -25,14 +26,23 @@ pub(super) struct ReduceParams {
 
 impl ReduceParams {
     pub(super) fn sum_splits(len: usize, splits: usize) -> ReduceParams {
+        ReduceParams::sum_split_range(0..len, len, splits)
+    }
+
+    /// `sum_splits` of the values `range` of splits `split_len` long.
+    pub(super) fn sum_split_range(
+        range: std::ops::Range<usize>,
+        split_len: usize,
+        splits: usize,
+    ) -> ReduceParams {
         ReduceParams {
             batch: 0,
             channels: 0,
             spatial: 0,
             splits: splits as u32,
             chunk: 0,
-            len: len as u32,
-            src_at: [0, 0],
+            len: range.len() as u32,
+            src_at: [range.start as u32, split_len as u32],
             first_split: 0,
             _pad: 0,
         }
@@ -84,15 +94,19 @@ pub(super) fn chunked_splits(
 /// ms.
 const MOST_QUAD_SPLITS: u32 = 16;
 
-/// Records `total[i] = sum_s partial[s * len + i]`, four values per
-/// invocation where `len` is a whole number of vec4s and the slices few.
+/// Records `total[i] = sum_s partial[first + s * split_len + i]` (`src_at`
+/// = [first, split_len]), four values per invocation where all three are
+/// whole numbers of vec4s and the slices few.
 pub(super) fn sum_splits(
     ctx: &mut PlanContext,
     p: &ReduceParams,
     partial: &Binding,
     total: &Binding,
 ) -> Result<()> {
-    if p.len.is_multiple_of(4) && p.splits <= MOST_QUAD_SPLITS {
+    let quads = [p.len, p.src_at[0], p.src_at[1]]
+        .iter()
+        .all(|v| v.is_multiple_of(4));
+    if quads && p.splits <= MOST_QUAD_SPLITS {
         let storage = [(5, partial), (6, total)];
         let quads = p.len as usize / 4;
         return ctx.dispatch(Shader::Reduce, "sum_splits_quads", p, &storage, quads);
