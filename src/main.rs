@@ -104,7 +104,7 @@ struct BenchArgs {
     /// Timed steps (after two warm-up steps).
     #[arg(long, default_value_t = 20)]
     steps: usize,
-    /// Also print the GPU time of every op in a training step (timestamp queries; each op's median over --steps profiled steps).
+    /// Also print the GPU time of every op in a training step (timestamp queries; each op's median over --steps profiled steps), and each op's rate as a share of SGEMM's, timed between the profiled steps.
     #[arg(long)]
     profile: bool,
     /// Rows of the --profile table (ops with the same shapes share a row).
@@ -345,21 +345,29 @@ fn run_bench(args: &BenchArgs) -> Result<()> {
         report.unshared_activation_bytes as f64 / MIB,
         report.scratch_bytes as f64 / MIB
     );
-    if let Some(rows) = report.profile {
+    if let Some(profile) = report.profile {
+        let rows = &profile.ops;
         let total: f64 = rows.iter().map(|r| r.seconds).sum();
+        let n = bench::PROBE_SIZE;
         println!("\nGPU time of one training step: {:.2} ms", total * 1e3);
         println!(
-            "{:>9}  {:>6}  {:>8}  op (count x)",
-            "ms", "share", "GFLOP/s"
+            "SGEMM meanwhile (A^T B {n}x{n}x{n}, one after each profiled step): {:.1} GFLOP/s",
+            profile.gemm_gflops
+        );
+        println!(
+            "{:>9}  {:>6}  {:>8}  {:>8}  op (count x)",
+            "ms", "share", "GFLOP/s", "of SGEMM"
         );
         for row in rows.iter().take(args.top) {
-            let gflops = if row.flops > 0 {
-                format!("{:.1}", row.flops as f64 / row.seconds / 1e9)
+            let (gflops, of_gemm) = if row.flops > 0 {
+                let gflops = row.flops as f64 / row.seconds / 1e9;
+                let share = 100.0 * gflops / profile.gemm_gflops;
+                (format!("{gflops:.1}"), format!("{share:.0}%"))
             } else {
-                String::new()
+                (String::new(), String::new())
             };
             println!(
-                "{:>9.3}  {:>5.1}%  {gflops:>8}  {}x {}",
+                "{:>9.3}  {:>5.1}%  {gflops:>8}  {of_gemm:>8}  {}x {}",
                 row.seconds * 1e3,
                 100.0 * row.seconds / total,
                 row.count,

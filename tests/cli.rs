@@ -78,6 +78,49 @@ fn devices_lists_an_adapter() {
     assert!(text.contains("max storage buffer binding"), "{text}");
 }
 
+/// `bench --profile`: the step's rates, then each op's GPU time with its
+/// rate as a share of the SGEMM rate measured between the profiled steps.
+#[test]
+fn bench_profile_puts_each_op_beside_sgemm() {
+    let out = d2l_wgpu(&[
+        "bench",
+        "--model",
+        "lenet",
+        "--batch-size",
+        "32",
+        "--steps",
+        "2",
+        "--profile",
+        "--top",
+        "4",
+    ]);
+    let text = stdout(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("training step: "), "{text}");
+    let sgemm: f64 = text
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("SGEMM meanwhile (A^T B 1024x1024x1024, one after each profiled step): ")
+        })
+        .and_then(|rest| rest.strip_suffix(" GFLOP/s"))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no SGEMM line: {text}"));
+    let rows: Vec<&str> = text.lines().filter(|l| l.contains("x conv2d")).collect();
+    assert!(!rows.is_empty(), "{text}");
+    for row in rows {
+        // ms, share, GFLOP/s, of SGEMM, then the op.
+        let fields: Vec<&str> = row.split_whitespace().collect();
+        let gflops: f64 = fields[2].parse().unwrap();
+        let share: f64 = fields[3].trim_end_matches('%').parse().unwrap();
+        // Both rates are printed to 0.1 GFLOP/s, the share to 1%.
+        let rounding = 0.5 + 0.05 * (100.0 + share) / sgemm;
+        assert!(
+            (share - 100.0 * gflops / sgemm).abs() <= rounding,
+            "{row}: {gflops} GFLOP/s is not {share}% of {sgemm}"
+        );
+    }
+}
+
 /// Impossible settings are refused before any data is read or GPU work
 /// starts, with exit code 2 and a message naming the allowed values.
 #[test]

@@ -26,9 +26,23 @@ pub struct BenchReport {
     /// Bytes of the training plan's scratch buffers (packed operands,
     /// partial sums), shared by all its ops.
     pub scratch_bytes: u64,
-    /// Per-op GPU time of one training step, largest first.
-    pub profile: Option<Vec<OpProfile>>,
+    /// Where the GPU time of a training step goes.
+    pub profile: Option<Profile>,
 }
+
+/// Per-op GPU time of one training step, largest first, and the matrix
+/// product's rate meanwhile.
+pub struct Profile {
+    pub ops: Vec<OpProfile>,
+    /// SGEMM GFLOP/s (`A^T B`, `PROBE_SIZE`^3): the median of one product
+    /// timed after each profiled step, so that each op's rate compares with
+    /// the kernel's under the same load (a shared machine's speed drifts by
+    /// a third within minutes).
+    pub gemm_gflops: f64,
+}
+
+/// The matrix size of the product that `Profile::gemm_gflops` times.
+pub const PROBE_SIZE: usize = 1024;
 
 /// Medians over the timed steps.
 pub struct StepTimes {
@@ -80,17 +94,28 @@ fn time_steps(
     })
 }
 
-/// Every node's median GPU time over `steps` profiled runs of `plan`: one
-/// run's times swing by a third on a shared machine.
-fn median_profile(gpu: &Gpu, plan: &Plan, steps: usize) -> Result<Vec<NodeTime>> {
-    let runs = (0..steps.max(1))
-        .map(|_| plan.profile(gpu))
-        .collect::<Result<Vec<_>>>()?;
+/// Every node's median GPU time over `steps` profiled runs of `plan` (one
+/// run's times swing by a third on a shared machine), and the median rate
+/// of the matrix product timed once after each run.
+fn median_profile(gpu: &Gpu, plan: &Plan, steps: usize) -> Result<Profile> {
+    let product = MatMul {
+        transpose_a: true,
+        transpose_b: false,
+    };
+    let probe = GemmProbe::new(gpu, product, PROBE_SIZE)?;
+    let (mut runs, mut gemm_seconds) = (Vec::new(), Vec::new());
+    for _ in 0..steps.max(1) {
+        runs.push(plan.profile(gpu)?);
+        gemm_seconds.push(probe.seconds(gpu)?);
+    }
     let mut nodes = runs[0].clone();
     for (i, node) in nodes.iter_mut().enumerate() {
         node.seconds = median(runs.iter().map(|run| run[i].seconds).collect());
     }
-    Ok(nodes)
+    Ok(Profile {
+        ops: by_op(nodes),
+        gemm_gflops: probe.gflops(median(gemm_seconds)),
+    })
 }
 
 /// Sums the nodes with the same label, largest total first.
@@ -122,7 +147,7 @@ pub fn bench(gpu: &Gpu, cfg: &TrainConfig, steps: usize, profile: bool) -> Resul
     let (eval, eval_indices, eval_batch) = session.eval_plan();
     let eval_times = time_steps(gpu, eval, eval_indices, eval_batch, steps)?;
     let profile = if profile {
-        Some(by_op(median_profile(gpu, train, steps)?))
+        Some(median_profile(gpu, train, steps)?)
     } else {
         None
     };
@@ -139,33 +164,58 @@ pub fn bench(gpu: &Gpu, cfg: &TrainConfig, steps: usize, profile: bool) -> Resul
     })
 }
 
-/// GFLOP/s (2 per multiply-add) of the project's matrix product, the kernel
-/// every Linear layer runs, on `n` x `n` by `n` x `n`: the median of `reps`
-/// timed products after a warm-up, each submitted and waited for alone.
+/// The project's matrix product, the kernel every Linear layer runs, on
+/// `n` x `n` by `n` x `n`, planned once and run after a warm-up.
 /// `product` says how A is stored: `A^T B` hands the blocked kernel both
 /// operands in its k-major layout, `A B` adds the pass that repacks A.
-pub fn gemm_gflops(gpu: &Gpu, product: MatMul, n: usize, reps: usize) -> Result<f64> {
-    let mut g = Graph::new(false);
-    let a = g.param("a".into(), vec![n, n], Init::Zeros);
-    let b = g.param("b".into(), vec![n, n], Init::Zeros);
-    g.apply1(product, &[a, b])?;
-    let store = ParamStore::new(gpu, &g)?;
-    let mut rng = Rng::new(0);
-    for i in 0..2 {
-        let values: Vec<f32> = (0..n * n).map(|_| rng.next_f32() - 0.5).collect();
-        store.write(gpu, i, &values)?;
-    }
-    let plan = Plan::new(gpu, &g, &store, &Externals::new())?;
-    plan.run(gpu);
-    gpu.wait()?;
-    let mut seconds = Vec::with_capacity(reps);
-    for _ in 0..reps.max(1) {
-        let start = Instant::now();
+struct GemmProbe {
+    plan: Plan,
+    _store: ParamStore,
+    n: usize,
+}
+
+impl GemmProbe {
+    fn new(gpu: &Gpu, product: MatMul, n: usize) -> Result<GemmProbe> {
+        let mut g = Graph::new(false);
+        let a = g.param("a".into(), vec![n, n], Init::Zeros);
+        let b = g.param("b".into(), vec![n, n], Init::Zeros);
+        g.apply1(product, &[a, b])?;
+        let store = ParamStore::new(gpu, &g)?;
+        let mut rng = Rng::new(0);
+        for i in 0..2 {
+            let values: Vec<f32> = (0..n * n).map(|_| rng.next_f32() - 0.5).collect();
+            store.write(gpu, i, &values)?;
+        }
+        let plan = Plan::new(gpu, &g, &store, &Externals::new())?;
         plan.run(gpu);
         gpu.wait()?;
-        seconds.push(start.elapsed().as_secs_f64());
+        Ok(GemmProbe {
+            plan,
+            _store: store,
+            n,
+        })
     }
-    seconds.sort_by(f64::total_cmp);
-    let median = seconds[seconds.len() / 2];
-    Ok(2.0 * (n as f64).powi(3) / median / 1e9)
+
+    /// Seconds of one product, submitted and waited for alone.
+    fn seconds(&self, gpu: &Gpu) -> Result<f64> {
+        let start = Instant::now();
+        self.plan.run(gpu);
+        gpu.wait()?;
+        Ok(start.elapsed().as_secs_f64())
+    }
+
+    /// GFLOP/s (2 per multiply-add) of a product that took `seconds`.
+    fn gflops(&self, seconds: f64) -> f64 {
+        2.0 * (self.n as f64).powi(3) / seconds / 1e9
+    }
+}
+
+/// GFLOP/s of the project's matrix product (see `GemmProbe`) on `n` x `n`
+/// by `n` x `n`: the median of `reps` timed products.
+pub fn gemm_gflops(gpu: &Gpu, product: MatMul, n: usize, reps: usize) -> Result<f64> {
+    let probe = GemmProbe::new(gpu, product, n)?;
+    let seconds = (0..reps.max(1))
+        .map(|_| probe.seconds(gpu))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(probe.gflops(median(seconds)))
 }
