@@ -1056,6 +1056,23 @@ fn activations_match_pytorch() {
     }
 }
 
+/// ReLU passes NaN through, as PyTorch's does (`torch.relu(nan)` is nan),
+/// on the GPU four elements at a time and one at a time, and on the CPU.
+#[test]
+fn relu_passes_nan_through() {
+    let gpu = gpu();
+    for len in [4, 3] {
+        let x = CpuTensor::new(&[1, len], vec![f32::NAN, -1.5, 2.0, -0.5][..len].to_vec());
+        let dy = CpuTensor::new(&[1, len], vec![1.0; len]);
+        let gpu_y = run_op(&gpu, Activation::Relu, &[&x], &dy).output;
+        let cpu_y = Activation::Relu.cpu_forward(&x).data;
+        for (what, y) in [("gpu", &gpu_y), ("cpu", &cpu_y)] {
+            assert!(y[0].is_nan(), "{what} relu(NaN) = {}", y[0]);
+            assert_eq!(&y[1..], &[0.0, 2.0, 0.0][..len - 1], "{what}");
+        }
+    }
+}
+
 /// Activations, their gradients and the sum against the CPU on samples of
 /// whole vec4s (48 elements: the four-at-a-time kernels) and not (75).
 #[test]

@@ -178,7 +178,14 @@ impl Activation {
     pub fn cpu_forward(self, x: &CpuTensor) -> CpuTensor {
         let f = |v: f32| match self {
             Activation::Sigmoid => 1.0 / (1.0 + (-v).exp()),
-            Activation::Relu => v.max(0.0),
+            // PyTorch's ReLU passes NaN through (f32::max would drop it).
+            Activation::Relu => {
+                if v < 0.0 {
+                    0.0
+                } else {
+                    v
+                }
+            }
         };
         CpuTensor::new(&x.shape, x.data.iter().map(|&v| f(v)).collect())
     }
