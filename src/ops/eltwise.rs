@@ -22,27 +22,28 @@ struct EltwiseParams {
     out_at: [u32; 2],
 }
 
-/// Records `entry` over every element of `out`, reading `(slot, tensor)` inputs.
-fn elementwise(
-    ctx: &mut PlanContext,
-    entry: &'static str,
-    inputs: &[(u32, TensorId)],
-    out: TensorId,
-) -> Result<()> {
-    with_params(ctx, entry, &EltwiseParams::default(), inputs, out)
-}
-
-/// `elementwise` with a form of the kernel that takes four elements per
-/// invocation (`quads`, with the `ACTIVATION` constant for `activation`;
-/// x, y, dy and out at slots 6 to 9), used where the samples and the
-/// layouts are whole vec4s.
+/// Records `entry` over every element of `out`, reading `(slot, tensor)`
+/// inputs, or where the samples and the layouts are whole vec4s its form
+/// that takes four elements per invocation (`quads`, with the `ACTIVATION`
+/// constant for `activation`; x, y, dy and out at slots 6 to 9).
 fn elementwise_quads(
     ctx: &mut PlanContext,
-    (entry, quads, activation): (&'static str, &'static str, Option<Activation>),
+    kernels: (&'static str, &'static str, Option<Activation>),
     inputs: &[(u32, TensorId)],
     out: TensorId,
 ) -> Result<()> {
     let params = sized(ctx, &EltwiseParams::default(), inputs, out);
+    record_quads_or_one_by_one(ctx, kernels, &params, inputs, out)
+}
+
+/// `elementwise_quads` with its sizes and layouts in `params`.
+fn record_quads_or_one_by_one(
+    ctx: &mut PlanContext,
+    (entry, quads, activation): (&'static str, &'static str, Option<Activation>),
+    params: &EltwiseParams,
+    inputs: &[(u32, TensorId)],
+    out: TensorId,
+) -> Result<()> {
     let layouts = [
         [params.sample, 0],
         params.x_at,
@@ -51,7 +52,7 @@ fn elementwise_quads(
         params.out_at,
     ];
     if layouts.concat().iter().any(|v| v % 4 != 0) {
-        return elementwise(ctx, entry, inputs, out);
+        return record_one_by_one(ctx, entry, params, inputs, out);
     }
     let mut storage: Vec<(u32, Binding)> = (inputs.iter())
         .map(|&(slot, t)| (slot + 5, ctx.binding(t)))
@@ -59,7 +60,7 @@ fn elementwise_quads(
     storage.push((9, ctx.binding(out)));
     let constants = [activation_constant(activation)];
     let kernel = (Shader::Eltwise, quads, &constants[..]);
-    ctx.dispatch_with(kernel, &params, &storage, params.len as usize / 4)
+    ctx.dispatch_with(kernel, params, &storage, params.len as usize / 4)
 }
 
 /// Records a pass that sets every element of `out` to zero.
@@ -83,23 +84,12 @@ pub(super) fn copy_into(
         out_at: [offset as u32, len],
         ..EltwiseParams::default()
     };
-    let (entry, (x_slot, out_slot), invocations) =
-        if len.is_multiple_of(4) && offset.is_multiple_of(4) {
-            ("copy_quads", (6, 9), len / 4)
-        } else {
-            ("copy", (1, 4), len)
-        };
-    let storage = [(x_slot, ctx.binding(x)), (out_slot, ctx.binding(out))];
-    ctx.dispatch(
-        Shader::Eltwise,
-        entry,
-        &params,
-        &storage,
-        invocations as usize,
-    )
+    let kernels = ("copy", "copy_quads", None);
+    record_quads_or_one_by_one(ctx, kernels, &params, &[(1, x)], out)
 }
 
-/// `elementwise` with dropout's parameters; fills in the sizes and layouts.
+/// Records `entry` over every element of `out` with dropout's parameters,
+/// one per invocation; fills in the sizes and layouts.
 fn with_params(
     ctx: &mut PlanContext,
     entry: &'static str,
@@ -108,12 +98,24 @@ fn with_params(
     out: TensorId,
 ) -> Result<()> {
     let params = sized(ctx, params, inputs, out);
+    record_one_by_one(ctx, entry, &params, inputs, out)
+}
+
+/// Records `entry` over the `params.len` elements of `out`, one per
+/// invocation.
+fn record_one_by_one(
+    ctx: &mut PlanContext,
+    entry: &'static str,
+    params: &EltwiseParams,
+    inputs: &[(u32, TensorId)],
+    out: TensorId,
+) -> Result<()> {
     let mut storage = ctx.bind(inputs);
     storage.push((4, ctx.binding(out)));
     ctx.dispatch(
         Shader::Eltwise,
         entry,
-        &params,
+        params,
         &storage,
         params.len as usize,
     )
