@@ -634,15 +634,16 @@ pub fn dispatch_split(
     let row_tiles = padded_rows(params.m) / tile_rows(params.m);
     let grid = [lane_groups, row_tiles, splits.div_ceil(k_lanes)];
     let lanes = (workgroup, k_lanes);
-    let constants = [("WINDOW_W", windows.window), ("WINDOW_STEP", windows.step)];
     if params.reads_pixel_quads() {
         let entry = ("conv_filter_gradient_pointwise", None);
-        // x as vec4s only.
-        let mut storage = with_quad_view(ctx, storage, (7, 14))?;
-        storage.retain(|&(slot, _)| slot != 7);
-        return record(ctx, entry, lanes, (params, &constants), &storage, grid);
+        // x bound as vec4s (x_quads) only.
+        let storage: Vec<(u32, Binding)> = (storage.iter())
+            .map(|(slot, b)| (if *slot == 7 { 14 } else { *slot }, b.clone()))
+            .collect();
+        return record(ctx, entry, lanes, (params, &[]), &storage, grid);
     }
     let entry = ("conv_filter_gradient", None);
+    let constants = [("WINDOW_W", windows.window), ("WINDOW_STEP", windows.step)];
     record(ctx, entry, lanes, (params, &constants), storage, grid)
 }
 
