@@ -79,8 +79,9 @@ fn conv2d_matches_pytorch() {
 /// slide by 1 to 3 along x in the blocked filter gradient and one too wide
 /// to slide (17 taps), 1x1 kernels on planes of whole vec4s (read four
 /// pixels a load) and not, 1x1 kernels with stride 2 (three quarters of dx
-/// zeroed, four floats a store where dx's samples are whole vec4s); with
-/// every kernel family.
+/// zeroed, four floats a store where dx's samples are whole vec4s), a
+/// stride-1 data gradient storing four floats at a time into 6 x 6 planes
+/// (rows of 6); with every kernel family.
 #[test]
 fn conv2d_matches_cpu_on_awkward_shapes() {
     let mut gpu = gpu();
@@ -88,8 +89,9 @@ fn conv2d_matches_cpu_on_awkward_shapes() {
     type Case = ([usize; 4], [usize; 4], (usize, usize), (usize, usize)); // x, weight, stride, padding
                                                                           // The filter gradient's lanes per column run (blocked::k_lanes): 8,
                                                                           // 4, 2 (192 1x1 taps) and 1 (256 taps).
-    let cases: [Case; 14] = [
+    let cases: [Case; 15] = [
         ([1, 1, 5, 5], [1, 1, 3, 3], (1, 1), (0, 0)),
+        ([2, 5, 6, 6], [3, 5, 3, 3], (1, 1), (1, 1)),
         ([2, 192, 3, 3], [5, 192, 1, 1], (1, 1), (0, 0)),
         ([2, 256, 3, 2], [3, 256, 1, 1], (1, 1), (0, 0)),
         ([2, 4, 8, 8], [3, 4, 1, 1], (2, 2), (0, 0)),

@@ -524,13 +524,20 @@ fn plan_blocked_backward_data(
                 ..BlockedParams::default()
             }
             .contiguous_output(rows.pixels * cols.pixels, p.dx_at);
-            let params = BlockedParams {
-                dst_plane: p.h * p.w,
-                dst_w: cols.pixels,
-                dst_row: p.stride_h * p.w,
-                dst_step: p.stride_w,
-                dst_first: ry * p.w + rx,
-                ..params
+            // A phase of a strided one is every stride-th pixel of dx;
+            // stride 1's is all of dx, whose planes may be whole vec4s
+            // where its rows are not (6 x 6).
+            let params = if whole_dx {
+                params
+            } else {
+                BlockedParams {
+                    dst_plane: p.h * p.w,
+                    dst_w: cols.pixels,
+                    dst_row: p.stride_h * p.w,
+                    dst_step: p.stride_w,
+                    dst_first: ry * p.w + rx,
+                    ..params
+                }
             };
             let storage = [
                 (1, packed_weight),
