@@ -122,6 +122,13 @@ fn forward(
     }
 }
 
+// A data gradient followed by the backward of the activation before the
+// convolution (graph::fusion) carries each result on through it as it
+// stores: ACTIVATION's backward, from the activation's output (the
+// convolution's input, bound as x), so the gradient between the two is
+// never written.
+override ACTIVATION_BACKWARD: bool = false;
+
 @compute @workgroup_size(WG)
 fn backward_data(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -170,6 +177,7 @@ fn backward_data(
     }
 
     let out_image = p.dx_at.x + (q / plane) * p.dx_at.y + r;
+    let act_image = p.x_at.x + (q / plane) * p.x_at.y + r;
     for (var c = 0u; c < TC; c++) {
         let ci = ci0 + c;
         if (ci >= p.c_in) {
@@ -177,7 +185,11 @@ fn backward_data(
         }
         for (var j = 0u; j < 4u; j++) {
             if (q0 + j < pixels) {
-                dx[out_image[j] + ci * plane] = acc[c][j];
+                var v = acc[c][j];
+                if (ACTIVATION_BACKWARD) {
+                    v = activation_backward(ACTIVATION, x[act_image[j] + ci * plane], v);
+                }
+                dx[out_image[j] + ci * plane] = v;
             }
         }
     }

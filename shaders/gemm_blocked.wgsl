@@ -69,7 +69,8 @@ struct Blocked {
     x_at: vec2<u32>,
     // conv_rows_filter_gradient: graph::Layout of dy.
     dy_at: vec2<u32>,
-    _pad: vec2<u32>,
+    // ACTIVATION_BACKWARD: graph::Layout of act_out.
+    act_at: vec2<u32>,
 }
 
 // Rows per tile in vec4s: 8 (32 rows), or 4 or 2 where the matrix has
@@ -201,6 +202,45 @@ override QUAD_STORES: bool = false;
 // (LeNet's 6 channels in an 8-row tile: a quarter of the multiply-adds).
 override LIVE_ROWS: u32 = 32u;
 
+// A data gradient followed by the backward of the activation before the
+// convolution (graph::fusion) carries each result on through it as it
+// stores: ACTIVATION's backward, from the activation's output act_out (the
+// convolution's input) at the same element, so the gradient between the
+// two is never written. Where this is false, stores apply ACTIVATION.
+override ACTIVATION_BACKWARD: bool = false;
+
+@group(0) @binding(15) var<storage, read> act_out: array<f32>;
+@group(0) @binding(16) var<storage, read> act_out_quads: array<vec4<f32>>;
+
+// Where element i of C (an NCHW tensor at out_at) lies in act_out (the same
+// shape at act_at): the same element of the same sample, a fixed distance
+// away where the sample strides are the same (everywhere but channel
+// slices of concatenations).
+fn act_index(i: u32) -> u32 {
+    if (p.act_at.y == p.out_at.y) {
+        return i - p.out_at.x + p.act_at.x;
+    }
+    let sample = quotient(i - p.out_at.x, p.out_at.y);
+    return i - p.out_at.x - sample * p.out_at.y + p.act_at.x + sample * p.act_at.y;
+}
+
+// Result v as element i of C stores it.
+fn finish(v: f32, i: u32) -> f32 {
+    if (ACTIVATION_BACKWARD) {
+        return activation_backward(ACTIVATION, act_out[act_index(i)], v);
+    }
+    return activate(v);
+}
+
+// Results v as elements i..i+3 of C store them (QUAD_STORES; act_out's
+// planes are C's, so its offsets are whole vec4s where C's are).
+fn finish4(v: vec4<f32>, i: u32) -> vec4<f32> {
+    if (ACTIVATION_BACKWARD) {
+        return activation_backward4(act_out_quads[act_index(i) / 4u], v);
+    }
+    return activate4(v);
+}
+
 // Stores block t, rows tile_row..tile_row + 3 of the tile whose first row
 // is r.
 fn store(t: mat4x4<f32>, at: u32, r: u32, tile_row: u32, columns: vec4<u32>) {
@@ -209,12 +249,14 @@ fn store(t: mat4x4<f32>, at: u32, r: u32, tile_row: u32, columns: vec4<u32>) {
         let live = tile_row + i < LIVE_ROWS && row < p.m;
         if (QUAD_STORES) {
             if (live && columns[0] != NO_COLUMN) {
-                c_quads[(at + row * p.dst_plane + columns[0]) / 4u] = activate4(t[i]);
+                let e = at + row * p.dst_plane + columns[0];
+                c_quads[e / 4u] = finish4(t[i], e);
             }
         } else {
             for (var j = 0u; j < 4u; j++) {
                 if (live && columns[j] != NO_COLUMN) {
-                    c[at + row * p.dst_plane + columns[j]] = activate(t[i][j]);
+                    let e = at + row * p.dst_plane + columns[j];
+                    c[e] = finish(t[i][j], e);
                 }
             }
         }

@@ -1691,3 +1691,222 @@ fn activation_backward_fuses_into_pool_gradients() {
         }
     }
 }
+
+/// Where the tensors around a fused data gradient live.
+#[derive(Clone, Copy, Debug)]
+enum FusedLayout {
+    /// Each in a buffer of its own.
+    Plain,
+    /// The activation's output is a channel slice of a concatenation, after
+    /// three other channels.
+    OutputSliced,
+    /// The gradient at the activation's input is a channel slice
+    /// (`ParallelConv2d` concatenates its outputs' gradients), before
+    /// three other channels.
+    GradientSliced,
+    /// Both, at different offsets with the same sample stride: the
+    /// gradient before the other three channels, the output after them.
+    BothSliced,
+}
+
+/// `conv2d(act(conv2d(x, w1, b1)), w2, b2)` (the first convolution 1x1)
+/// with ReLU and sigmoid: the second convolution's data gradient carries
+/// its result on through the activation's backward as it stores (no
+/// elementwise backward runs), so the gradient at the activation's output
+/// gets no memory; every gradient against the CPU references. The second
+/// convolution takes each data-gradient kernel: the gathering one with
+/// scalar stores (a 7 x 9 plane) and vec4 stores, the row kernel (at most 8
+/// input channels, rows of 12), pointwise reads, four phases of stride 2,
+/// and a 1x1 stride-2 kernel that leaves three phases zero; with the
+/// activation's output or the gradient a channel slice of a concatenation
+/// (a different sample stride from the other's); every kernel family.
+#[test]
+fn activation_backward_fuses_into_conv_data_gradients() {
+    let mut gpu = gpu();
+    let mut rng = Rng::new(41);
+    let cases: [FusedCase; 6] = [
+        ([2, 3, 7, 9], 5, [7, 3, 1]),
+        ([1, 2, 10, 16], 9, [6, 5, 1]),
+        ([2, 3, 12, 12], 6, [5, 3, 1]),
+        ([2, 3, 6, 6], 20, [9, 1, 1]),
+        ([3, 3, 9, 8], 5, [4, 3, 2]),
+        ([2, 3, 8, 8], 12, [5, 1, 2]),
+    ];
+    let layouts = [
+        FusedLayout::Plain,
+        FusedLayout::OutputSliced,
+        FusedLayout::GradientSliced,
+        FusedLayout::BothSliced,
+    ];
+    let activations = [Activation::Relu, Activation::Sigmoid];
+    for kernel in gemm_kernels(&gpu) {
+        gpu.tuning.gemm = kernel;
+        for (i, case) in cases.into_iter().enumerate() {
+            for (j, layout) in layouts.into_iter().enumerate() {
+                let fused = (activations[(i + j) % 2], layout);
+                let what = format!("{kernel:?}");
+                let entries = check_fused_data_gradient(&gpu, case, fused, &mut rng, &what);
+                // Only the other convolution's, whose gradient is a seed.
+                let on_its_own = match layout {
+                    FusedLayout::GradientSliced | FusedLayout::BothSliced => 1,
+                    _ => 0,
+                };
+                assert_eq!(
+                    unfused_activation_backward(&entries),
+                    on_its_own,
+                    "{what} {case:?} {layout:?}: {entries:?}"
+                );
+                let fused = match (kernel, i) {
+                    (GemmKernel::Strided, _) => "backward_data",
+                    (_, 2) => "conv_rows",
+                    _ => "conv_transposed",
+                };
+                assert!(
+                    entries.contains(&fused),
+                    "{what} {case:?}: {fused} did not run: {entries:?}"
+                );
+            }
+        }
+    }
+    // In batch chunks: under a 5,000-byte binding limit the activations (2 KB
+    // a sample, more where they are slices) bind one or two samples at a time.
+    gpu.tuning.binding_limit = 5_000;
+    for kernel in gemm_kernels(&gpu) {
+        gpu.tuning.gemm = kernel;
+        for (j, layout) in layouts.into_iter().enumerate() {
+            let case = ([5, 1, 8, 8], 8, [5, 3, 1]);
+            let fused = (activations[j % 2], layout);
+            let what = format!("{kernel:?} in batch chunks");
+            let entries = check_fused_data_gradient(&gpu, case, fused, &mut rng, &what);
+            let data_gradient = match kernel {
+                GemmKernel::Strided => "backward_data",
+                _ => "conv_transposed",
+            };
+            // Two data gradients, each once per chunk.
+            assert!(
+                entries.iter().filter(|e| **e == data_gradient).count() >= 6,
+                "{what} {layout:?}: {entries:?}"
+            );
+            if let FusedLayout::Plain | FusedLayout::OutputSliced = layout {
+                assert_eq!(unfused_activation_backward(&entries), 0, "{what}");
+            }
+        }
+    }
+}
+
+/// x, the activation's channels, the second convolution's (out channels,
+/// kernel, stride).
+type FusedCase = ([usize; 4], usize, [usize; 3]);
+
+/// Runs one case of `activation_backward_fuses_into_conv_data_gradients`
+/// against the CPU references; returns the entry points the plan ran.
+fn check_fused_data_gradient(
+    gpu: &Gpu,
+    (xs, mid, [out, k, stride]): FusedCase,
+    (activation, layout): (Activation, FusedLayout),
+    rng: &mut Rng,
+    what: &str,
+) -> Vec<&'static str> {
+    let case = format!(
+        "{what} {layout:?} x{xs:?} -> {mid} + {activation:?} -> {k}x{k} stride {stride} into {out}"
+    );
+    let conv2 = Conv2d {
+        stride: (stride, stride),
+        padding: (k / 2, k / 2),
+    };
+    // x, w1, b1, w2, b2, and the other 1x1 convolution's weight and bias.
+    let inputs = [
+        random(&xs, rng),
+        random(&[mid, xs[1], 1, 1], rng),
+        random(&[mid], rng),
+        random(&[out, mid, k, k], rng),
+        random(&[out], rng),
+        random(&[3, xs[1], 1, 1], rng),
+        random(&[3], rng),
+    ];
+    let [x, w1, b1, w2, b2, w3, b3] = &inputs;
+    let pointwise = Conv2d {
+        stride: (1, 1),
+        padding: (0, 0),
+    };
+    let a = activation.cpu_forward(&pointwise.cpu_forward(x, w1, &b1.data));
+    let y = conv2.cpu_forward(&a, w2, &b2.data);
+    let dy = random(&y.shape, rng);
+    let (da, dw2, db2) = conv2.cpu_backward(&a, w2, &dy);
+    let (mut dx, dw1, db1) = pointwise.cpu_backward(x, w1, &activation.cpu_backward(&a, &da));
+    // With ParallelConv2d the other convolution's output gets a gradient too.
+    let other = activation.cpu_forward(&pointwise.cpu_forward(x, w3, &b3.data));
+    let d_other = random(&other.shape, rng);
+    let (dx_other, dw3, db3) =
+        pointwise.cpu_backward(x, w3, &activation.cpu_backward(&other, &d_other));
+
+    let mut g = Graph::new(true);
+    let ids: Vec<_> = (inputs.iter().enumerate())
+        .map(|(i, t)| g.param(format!("input{i}"), t.shape.clone(), Init::Zeros))
+        .collect();
+    let mut seeds = Vec::new();
+    let a_id = match layout {
+        FusedLayout::Plain | FusedLayout::OutputSliced => {
+            let pre = g.apply1(pointwise, &ids[..3]).unwrap();
+            let a_id = g.apply1(activation, &[pre]).unwrap();
+            if let FusedLayout::OutputSliced = layout {
+                let other = g.apply1(pointwise, &[ids[0], ids[5], ids[6]]).unwrap();
+                g.concat(&[other, a_id]).unwrap();
+            }
+            a_id
+        }
+        FusedLayout::GradientSliced | FusedLayout::BothSliced => {
+            let op = ParallelConv2d {
+                conv: pointwise,
+                activation,
+            };
+            let parallel = [ids[0], ids[1], ids[2], ids[5], ids[6]];
+            let outputs = g.apply(op, &parallel).unwrap();
+            if let FusedLayout::BothSliced = layout {
+                g.concat(&[outputs[1], outputs[0]]).unwrap();
+            }
+            seeds.push((outputs[1], g.input(d_other.shape.clone(), DType::F32)));
+            outputs[0]
+        }
+    };
+    let y_id = g.apply1(conv2, &[a_id, ids[3], ids[4]]).unwrap();
+    seeds.insert(0, (y_id, g.input(dy.shape.clone(), DType::F32)));
+    autodiff::backward(&mut g, &seeds).unwrap();
+    let store = ParamStore::new(gpu, &g).unwrap();
+    for (i, t) in inputs.iter().enumerate() {
+        store.write(gpu, i, &t.data).unwrap();
+    }
+    let plan = Plan::new(gpu, &g, &store, &Externals::new()).unwrap();
+    for (&(_, id), seed) in seeds.iter().zip([&dy, &d_other]) {
+        plan.write_f32(gpu, &g, id, &seed.data).unwrap();
+    }
+    plan.run(gpu);
+    assert_op_close(
+        &format!("{case} y"),
+        &plan.read_f32(gpu, &g, y_id).unwrap(),
+        &y.data,
+    );
+    let mut want = vec![(3, &dw2.data), (4, &db2)];
+    if let FusedLayout::GradientSliced | FusedLayout::BothSliced = layout {
+        for (sum, v) in dx.data.iter_mut().zip(&dx_other.data) {
+            *sum += v;
+        }
+        want.extend([(5, &dw3.data), (6, &db3)]);
+    }
+    want.extend([(0, &dx.data), (1, &dw1.data), (2, &db1)]);
+    for (i, want) in want {
+        let got = store.read_grad(gpu, i).unwrap();
+        assert_op_close(&format!("{case} gradient of input {i}"), &got, want);
+    }
+    plan.entry_points()
+}
+
+/// Dispatches of an activation's backward on its own among `entries`.
+fn unfused_activation_backward(entries: &[&str]) -> usize {
+    let unfused = [
+        "relu_backward",
+        "sigmoid_backward",
+        "activation_backward_quads",
+    ];
+    entries.iter().filter(|e| unfused.contains(e)).count()
+}

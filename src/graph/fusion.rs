@@ -6,10 +6,10 @@
 //! activation's backward reads its output, not its input, so the backward
 //! nodes stay as they are.
 //!
-//! Backward: a pooling gradient that only an activation's backward reads
-//! carries the gradient on through the activation as it stores, reading the
-//! activation's output, so the gradient at the activation's output is never
-//! written or kept.
+//! Backward: a pooling gradient or a convolution's data gradient that only
+//! an activation's backward reads carries the gradient on through the
+//! activation as it stores, reading the activation's output, so the
+//! gradient at the activation's output is never written or kept.
 
 use super::{Graph, Node, Op, Storage, TensorId};
 use std::rc::Rc;

@@ -61,7 +61,7 @@ pub struct BlockedParams {
     pub out_at: [u32; 2],
     pub x_at: [u32; 2],
     pub dy_at: [u32; 2],
-    pub _pad: [u32; 2],
+    pub act_at: [u32; 2],
 }
 
 const _: () = assert!(std::mem::size_of::<BlockedParams>() == 128);
@@ -494,17 +494,19 @@ impl RowConv {
     }
 
     /// Records the padding pass and `conv_rows` (`conv_rows_bias` with a
-    /// bias) writing `y`; `packed_weight` is the kernel's A, k-major.
+    /// bias) writing `y`; `packed_weight` is the kernel's A, k-major. The
+    /// stores apply `activation`, or its backward given its output and
+    /// layout (`act_out`, a data gradient's `through`).
     pub fn plan(
         &self,
         ctx: &mut PlanContext,
         (workgroup, activation): (u32, Option<Activation>),
         packed_weight: Binding,
-        bias: Option<Binding>,
+        (bias, act_out): (Option<Binding>, Option<(Binding, [u32; 2])>),
         (x, y): (Binding, Binding),
     ) -> Result<()> {
         let padded = self.padded_rows(ctx, x)?;
-        let params = BlockedParams {
+        let mut params = BlockedParams {
             m: self.rows,
             n: self.samples * self.segments(),
             a_quads: padded_rows(self.rows) / 4,
@@ -512,6 +514,10 @@ impl RowConv {
         }
         .contiguous_output(self.out.0 * self.out.1, self.out_at);
         let mut storage = vec![(1, packed_weight), (4, y), (10, padded)];
+        if let Some((act_out, act_at)) = act_out {
+            storage.push((ACT_OUT, act_out));
+            params.act_at = act_at;
+        }
         let entry = match bias {
             Some(bias) => {
                 storage.push((3, bias));
@@ -676,8 +682,16 @@ fn with_quad_view(
     Ok(storage)
 }
 
+/// The slot of the activation output that a data gradient's stores carry
+/// their results through the backward of (the shader's `act_out`; its vec4
+/// view is the next slot).
+pub const ACT_OUT: u32 = 15;
+
 /// Records one of the kernels that read A (with `more` pipeline
-/// constants), from the shader the adapter's tuning picks.
+/// constants), from the shader the adapter's tuning picks. The stores
+/// apply `activation`, or its backward where its output is bound at
+/// `ACT_OUT` (laid out at `params.act_at`); kernels that store nothing
+/// leave both unused.
 fn record(
     ctx: &mut PlanContext,
     (entry, activation): (&'static str, Option<Activation>),
@@ -686,15 +700,21 @@ fn record(
     storage: &[(u32, Binding)],
     grid: [u32; 3],
 ) -> Result<()> {
+    let backward = storage.iter().any(|(slot, _)| *slot == ACT_OUT);
     let mut constants = vec![
         ("WG", workgroup),
         ("ROW_QUADS", tile_rows(params.m) / 4),
         ("LIVE_ROWS", params.m.min(tile_rows(params.m))),
         ("K_LANES", k_lanes),
         activation_constant(activation),
+        ("ACTIVATION_BACKWARD", backward as u32),
     ];
     constants.extend_from_slice(more);
-    let storage = with_quad_view(ctx, storage, (4, 13))?;
+    let mut storage = with_quad_view(ctx, storage, (4, 13))?;
+    if !backward {
+        storage.push((ACT_OUT, ctx.scratch(16)?));
+    }
+    let storage = with_quad_view(ctx, &storage, (ACT_OUT, ACT_OUT + 1))?;
     let shader = match ctx.gpu.tuning.gemm {
         GemmKernel::Blocked {
             subgroups: true, ..

@@ -5,7 +5,9 @@
 //! a channel sum.
 
 use super::blocked::{self, BlockedParams, PackParams, RowConv, TapWindows};
-use super::fused::{activation_constant, Activated, Epilogue};
+use super::fused::{
+    activation_constant, Activated, Epilogue, GradientEpilogue, WithActivationBackward,
+};
 use super::reduce::{chunked_splits, sum_splits, ReduceParams, MAX_LOOP_TRIPS};
 use super::{eltwise, expect_rank, Activation, ChannelSum, CpuTensor};
 use crate::gpu::{GemmKernel, Shader};
@@ -381,7 +383,7 @@ fn plan_blocked_forward(
         let storage = (ctx.binding(inputs[0]), ctx.binding(y));
         let bias = Some(ctx.binding(inputs[2]));
         let kernel = (workgroup, kernel.1);
-        return rows_conv.plan(ctx, kernel, packed_weight, bias, storage);
+        return rows_conv.plan(ctx, kernel, packed_weight, (bias, None), storage);
     }
     let params = BlockedParams {
         m: p.c_out,
@@ -403,7 +405,7 @@ fn plan_blocked_forward(
 
 /// dx from dy and the weight. Keeps the input shape, which the output shape
 /// alone does not determine (floor division).
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Conv2dBackwardData {
     pub conv: Conv2d,
     pub input: Shape,
@@ -427,17 +429,61 @@ impl Op for Conv2dBackwardData {
     }
 
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
-        let mut p = self
-            .conv
-            .params(&ctx.shape(outputs[0]), &ctx.shape(inputs[1]));
-        (p.dy_at, p.dx_at) = (ctx.layout(inputs[0]), ctx.layout(outputs[0]));
+        self.plan_through(ctx, inputs, outputs[0], None)
+    }
+
+    fn with_activation_backward(&self, activation: Activation) -> Option<Rc<dyn Op>> {
+        WithActivationBackward::op(self.clone(), activation)
+    }
+}
+
+impl GradientEpilogue for Conv2dBackwardData {
+    fn plan_activation_backward(
+        &self,
+        ctx: &mut PlanContext,
+        inputs: &[TensorId],
+        outputs: &[TensorId],
+        activation: Activation,
+    ) -> Result<()> {
+        self.plan_through(ctx, &inputs[..2], outputs[0], Some((activation, inputs[2])))
+    }
+}
+
+impl Conv2dBackwardData {
+    /// Records the data gradient into `dx`, carried on through the backward
+    /// of `through`'s activation, given its output (the convolution's
+    /// input), where there is one.
+    fn plan_through(
+        &self,
+        ctx: &mut PlanContext,
+        inputs: &[TensorId],
+        dx: TensorId,
+        through: Option<(Activation, TensorId)>,
+    ) -> Result<()> {
+        let mut p = self.conv.params(&ctx.shape(dx), &ctx.shape(inputs[1]));
+        (p.dy_at, p.dx_at) = (ctx.layout(inputs[0]), ctx.layout(dx));
+        let through = through.map(|(activation, y)| {
+            p.x_at = ctx.layout(y);
+            (activation, ctx.binding(y))
+        });
         if let GemmKernel::Blocked { workgroup, .. } = ctx.gpu.tuning.gemm {
-            return plan_blocked_backward_data(ctx, &p, workgroup, inputs, outputs[0]);
+            return plan_blocked_backward_data(ctx, &p, workgroup, inputs, (dx, through));
         }
         let pixels = (p.batch * p.h * p.w) as usize;
         let tile = channel_tile(p.c_in as usize);
-        let storage = ctx.bind(&[(2, inputs[1]), (5, inputs[0]), (6, outputs[0])]);
-        let (shader, entry, constants) = kernel("backward_data", tile);
+        let mut storage = ctx.bind(&[(2, inputs[1]), (5, inputs[0]), (6, dx)]);
+        let (shader, entry, [tile_constant]) = kernel("backward_data", tile);
+        // x is read only to carry the gradient through an activation.
+        let (activation, y) = match through {
+            Some((activation, y)) => (Some(activation), y),
+            None => (None, ctx.scratch(4)?),
+        };
+        storage.push((1, y));
+        let constants = [
+            tile_constant,
+            activation_constant(activation),
+            ("ACTIVATION_BACKWARD", activation.is_some() as u32),
+        ];
         ctx.dispatch_tiled(
             (shader, entry, &constants),
             &p,
@@ -453,14 +499,18 @@ impl Op for Conv2dBackwardData {
 /// land on that phase, flipped (`conv_transposed` in
 /// `shaders/gemm_blocked.wgsl`), rows = input channels. One phase when the
 /// stride is 1. Phases no tap reaches (a kernel narrower than its stride)
-/// are zeroed in one pass over dx first.
+/// are zeroed in one pass over dx first (which the backward of ReLU or a
+/// sigmoid leaves zero). With `through`, the stores carry the gradient on
+/// through the activation's backward, from its output at `p.x_at`.
 fn plan_blocked_backward_data(
     ctx: &mut PlanContext,
     p: &ConvParams,
     workgroup: u32,
     inputs: &[TensorId],
-    dx: TensorId,
+    (dx, through): (TensorId, Option<(Activation, Binding)>),
 ) -> Result<()> {
+    let activation = through.as_ref().map(|(activation, _)| *activation);
+    let act_out = through.map(|(_, y)| (y, p.x_at));
     let row_phases: Vec<Phase> = (0..p.stride_h)
         .map(|ry| Phase::new(ry, p.h, p.kh, p.stride_h, p.pad_h))
         .collect();
@@ -502,7 +552,8 @@ fn plan_blocked_backward_data(
                 };
                 if rows_conv.chosen(ctx, workgroup) {
                     let storage = (ctx.binding(inputs[0]), ctx.binding(dx));
-                    return rows_conv.plan(ctx, (workgroup, None), packed_weight, None, storage);
+                    let kernel = (workgroup, activation);
+                    return rows_conv.plan(ctx, kernel, packed_weight, (None, act_out), storage);
                 }
             }
             let params = BlockedParams {
@@ -521,6 +572,7 @@ fn plan_blocked_backward_data(
                 pad_h: rows.pad(),
                 pad_w: cols.pad(),
                 x_at: p.dy_at,
+                act_at: p.x_at,
                 ..BlockedParams::default()
             }
             .contiguous_output(rows.pixels * cols.pixels, p.dx_at);
@@ -539,12 +591,13 @@ fn plan_blocked_backward_data(
                     ..params
                 }
             };
-            let storage = [
+            let mut storage = vec![
                 (1, packed_weight),
                 (4, ctx.binding(dx)),
                 (7, ctx.binding(inputs[0])),
             ];
-            let kernel = ("conv_transposed", None);
+            storage.extend((act_out.clone()).map(|(y, _)| (blocked::ACT_OUT, y)));
+            let kernel = ("conv_transposed", activation);
             blocked::dispatch(ctx, kernel, workgroup, &params, &storage)?;
         }
     }

@@ -7,6 +7,7 @@
 use super::Activation;
 use crate::graph::{DType, Op, PlanContext, Shape, Tensor, TensorId};
 use anyhow::Result;
+use std::rc::Rc;
 
 /// Ops whose kernels can apply an activation as they store.
 pub trait Epilogue: Op + Copy + 'static {
@@ -89,9 +90,10 @@ pub struct WithActivationBackward<O> {
     pub activation: Activation,
 }
 
-impl<O> WithActivationBackward<O> {
-    pub fn new(op: O, activation: Activation) -> WithActivationBackward<O> {
-        WithActivationBackward { op, activation }
+impl<O: GradientEpilogue> WithActivationBackward<O> {
+    /// The fused op, as `Op::with_activation_backward` gives it.
+    pub fn op(op: O, activation: Activation) -> Option<Rc<dyn Op>> {
+        Some(Rc::new(WithActivationBackward { op, activation }))
     }
 }
 

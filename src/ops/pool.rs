@@ -469,10 +469,7 @@ impl Op for AvgPool2dBackward {
     }
 
     fn with_activation_backward(&self, activation: Activation) -> Option<Rc<dyn Op>> {
-        Some(Rc::new(WithActivationBackward::new(
-            self.clone(),
-            activation,
-        )))
+        WithActivationBackward::op(self.clone(), activation)
     }
 }
 
@@ -605,10 +602,7 @@ impl Op for MaxPool2dBackward {
     }
 
     fn with_activation_backward(&self, activation: Activation) -> Option<Rc<dyn Op>> {
-        Some(Rc::new(WithActivationBackward::new(
-            self.clone(),
-            activation,
-        )))
+        WithActivationBackward::op(self.clone(), activation)
     }
 }
 
