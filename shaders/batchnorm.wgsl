@@ -46,7 +46,7 @@ struct Norm {
 @group(0) @binding(14) var<storage, read_write> dbeta: array<f32>;
 @group(0) @binding(15) var<storage, read> dgamma_in: array<f32>;
 @group(0) @binding(16) var<storage, read> dbeta_in: array<f32>;
-// x, dy and out as vec4s, for the *_quads kernels.
+// x, dy and out as vec4s, for the *_quads kernels and QUADS.
 @group(0) @binding(17) var<storage, read> x_quads: array<vec4<f32>>;
 @group(0) @binding(18) var<storage, read> dy_quads: array<vec4<f32>>;
 @group(0) @binding(19) var<storage, read_write> out_quads: array<vec4<f32>>;
@@ -88,6 +88,30 @@ fn split_range(split: u32) -> vec2<u32> {
     return vec2<u32>(first, min(first + p.chunk, p.batch * p.spatial));
 }
 
+// The partial sums' terms: one value, or with QUADS four (positions,
+// sample strides and offsets whole vec4s, which p then counts), as a vec4
+// whose unused lanes are zero. CPU adapters access memory one lane at a
+// time, a vec4 at about the cost of a float.
+override QUADS: bool = false;
+
+fn x_term(at: u32) -> vec4<f32> {
+    if (QUADS) {
+        return x_quads[at];
+    }
+    return vec4<f32>(x[at], 0.0, 0.0, 0.0);
+}
+
+fn dy_term(at: u32) -> vec4<f32> {
+    if (QUADS) {
+        return dy_quads[at];
+    }
+    return vec4<f32>(dy[at], 0.0, 0.0, 0.0);
+}
+
+fn total(v: vec4<f32>) -> f32 {
+    return (v.x + v.y) + (v.z + v.w);
+}
+
 // partial[split, c] = (mean, M2, count) of channel c over the split: two passes, so
 // the squares are of deviations from the split's own mean (stable).
 @compute @workgroup_size(WG)
@@ -98,21 +122,23 @@ fn stats_partial(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wor
     }
     let c = id % p.channels;
     let range = split_range(id / p.channels);
-    var sum = 0.0;
+    var sum = vec4<f32>(0.0);
     var w = walk(p.x_at, c, range.x);
     for (var q = range.x; q < range.y; q++) {
-        sum += x[w.at];
+        sum += x_term(w.at);
         w = step(w, p.x_at);
     }
-    let m = sum / f32(max(range.y - range.x, 1u));
-    var m2 = 0.0;
+    let count = select(1u, 4u, QUADS) * (range.y - range.x);
+    let m = total(sum) / f32(max(count, 1u));
+    let lanes = select(vec4<f32>(1.0, 0.0, 0.0, 0.0), vec4<f32>(1.0), QUADS);
+    var m2 = vec4<f32>(0.0);
     w = walk(p.x_at, c, range.x);
     for (var q = range.x; q < range.y; q++) {
-        let d = x[w.at] - m;
+        let d = (x_term(w.at) - m) * lanes;
         m2 += d * d;
         w = step(w, p.x_at);
     }
-    partial[p.first_split * p.channels + id] = vec4<f32>(m, m2, f32(range.y - range.x), 0.0);
+    partial[p.first_split * p.channels + id] = vec4<f32>(m, total(m2), f32(count), 0.0);
 }
 
 // Per channel: merge the splits in order (Chan et al.), then the batch
@@ -175,18 +201,18 @@ fn backward_partial(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_
     let range = split_range(id / p.channels);
     let m = saved_mean[c];
     let s = saved_invstd[c];
-    var dxhat = 0.0;
-    var dsum = 0.0;
+    var dxhat = vec4<f32>(0.0);
+    var dsum = vec4<f32>(0.0);
     var wx = walk(p.x_at, c, range.x);
     var wdy = walk(p.dy_at, c, range.x);
     for (var q = range.x; q < range.y; q++) {
-        let g = dy[wdy.at];
-        dxhat += g * (x[wx.at] - m) * s;
+        let g = dy_term(wdy.at);
+        dxhat += g * (x_term(wx.at) - m) * s;
         dsum += g;
         wx = step(wx, p.x_at);
         wdy = step(wdy, p.dy_at);
     }
-    partial[p.first_split * p.channels + id] = vec4<f32>(dxhat, dsum, 0.0, 0.0);
+    partial[p.first_split * p.channels + id] = vec4<f32>(total(dxhat), total(dsum), 0.0, 0.0);
 }
 
 @compute @workgroup_size(WG)
@@ -217,44 +243,81 @@ fn backward_data(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wor
 }
 
 // The per-element kernels four elements at a time, where planes and layouts
-// are whole vec4s (the four share a channel): one vec4 load and store for
-// four elements; CPU adapters access memory one lane at a time.
-fn quads_len() -> u32 {
-    return p.batch * p.channels * p.spatial / 4u;
+// are whole vec4s: an invocation takes a run of up to RUN vec4s of one
+// (sample, channel) plane, so it loads the channel's parameters once and
+// steps through the run without dividing (CPU adapters load and divide one
+// lane at a time: one vec4 per invocation spent more on a quad's five
+// divisions and channel loads than on its data). Grid: RUN-vec4 runs of
+// every plane, planes in order. Each value is computed in the same order
+// as the per-element kernels do: folding gamma into invstd changed outputs
+// in the last bit, enough to flip ReLU inputs within rounding of zero
+// ahead of ResNet's max pool and move its gradients past PyTorch's.
+override RUN: u32 = 16u;
+
+struct Run {
+    channel: u32,
+    // The first of the run's vec4s in a tensor laid out at (0, channels *
+    // spatial) and at each of x, dy and out's layouts, as vec4s.
+    x: u32,
+    dy: u32,
+    out: u32,
+    len: u32,
+}
+
+fn runs_per_plane() -> u32 {
+    return (p.spatial / 4u + RUN - 1u) / RUN;
+}
+
+// Invocation id's run (len 0 past the last plane).
+fn run_of(id: u32) -> Run {
+    let runs = runs_per_plane();
+    let plane = quotient(id, runs);
+    let first = (id - plane * runs) * RUN;
+    let sample = quotient(plane, p.channels);
+    let c = plane - sample * p.channels;
+    let len = select(0u, min(RUN, p.spatial / 4u - first), plane < p.batch * p.channels);
+    let at = c * p.spatial / 4u + first;
+    let x = p.x_at.x / 4u + sample * (p.x_at.y / 4u) + at;
+    let dy = p.dy_at.x / 4u + sample * (p.dy_at.y / 4u) + at;
+    let out = p.out_at.x / 4u + sample * (p.out_at.y / 4u) + at;
+    return Run(c, x, dy, out, len);
 }
 
 @compute @workgroup_size(WG)
 fn normalize_quads(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = linear_index(gid, nwg);
-    if (i >= quads_len()) {
-        return;
+    let r = run_of(linear_index(gid, nwg));
+    let m = saved_mean[r.channel];
+    let s = saved_invstd[r.channel];
+    let g = gamma[r.channel];
+    let b = beta[r.channel];
+    for (var j = 0u; j < r.len; j++) {
+        out_quads[r.out + j] = activate4((x_quads[r.x + j] - m) * s * g + b);
     }
-    let c = channel_of(4u * i);
-    let v = x_quads[flat(p.x_at, 4u * i) / 4u];
-    out_quads[flat(p.out_at, 4u * i) / 4u] = activate4((v - saved_mean[c]) * saved_invstd[c] * gamma[c] + beta[c]);
 }
 
 @compute @workgroup_size(WG)
 fn normalize_eval_quads(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = linear_index(gid, nwg);
-    if (i >= quads_len()) {
-        return;
+    let r = run_of(linear_index(gid, nwg));
+    let m = running_mean[r.channel];
+    let deviation = sqrt(running_var[r.channel] + p.eps);
+    let g = gamma[r.channel];
+    let b = beta[r.channel];
+    for (var j = 0u; j < r.len; j++) {
+        out_quads[r.out + j] = activate4((x_quads[r.x + j] - m) / deviation * g + b);
     }
-    let c = channel_of(4u * i);
-    let v = x_quads[flat(p.x_at, 4u * i) / 4u];
-    out_quads[flat(p.out_at, 4u * i) / 4u] = activate4((v - running_mean[c]) / sqrt(running_var[c] + p.eps) * gamma[c] + beta[c]);
 }
 
 @compute @workgroup_size(WG)
 fn backward_data_quads(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = linear_index(gid, nwg);
-    if (i >= quads_len()) {
-        return;
-    }
-    let c = channel_of(4u * i);
+    let r = run_of(linear_index(gid, nwg));
     let count = f32(p.count);
-    let s = saved_invstd[c];
-    let xhat = (x_quads[flat(p.x_at, 4u * i) / 4u] - saved_mean[c]) * s;
-    let g = dy_quads[flat(p.dy_at, 4u * i) / 4u];
-    out_quads[flat(p.out_at, 4u * i) / 4u] = gamma[c] * s / count * (count * g - dbeta_in[c] - xhat * dgamma_in[c]);
+    let m = saved_mean[r.channel];
+    let s = saved_invstd[r.channel];
+    let scale = gamma[r.channel] * s / count;
+    let dbeta = dbeta_in[r.channel];
+    let dgamma = dgamma_in[r.channel];
+    for (var j = 0u; j < r.len; j++) {
+        let xhat = (x_quads[r.x + j] - m) * s;
+        out_quads[r.out + j] = scale * (count * dy_quads[r.dy + j] - dbeta - xhat * dgamma);
+    }
 }

@@ -913,18 +913,23 @@ fn batch_norm_matches_pytorch() {
 /// Batch 2 (the smallest with a variance), odd channel counts, a large
 /// spatial extent (many splits) and values far from zero (a naive
 /// E[x^2] - E[x]^2 would lose the variance); planes of whole vec4s (4 x 6,
-/// 16 x 12), which take the four-at-a-time kernels.
+/// 16 x 12, 10 x 10, and 32 x 40 in 160 splits), which take the
+/// four-at-a-time kernels, sums included: runs of 16 vec4s of a plane, the
+/// last one shorter (6, 25) or not (48, 320).
 #[test]
 fn batch_norm_matches_cpu_on_awkward_shapes() {
     let gpu = gpu();
     let mut rng = Rng::new(29);
     for shape in [
         vec![2, 3],
+        vec![2, 1],
         vec![2, 5, 3, 7],
         vec![3, 7, 1, 1],
         vec![16, 3, 61, 67],
         vec![3, 5, 4, 6],
         vec![2, 3, 16, 12],
+        vec![8, 3, 32, 40],
+        vec![3, 5, 10, 10],
     ] {
         let c = shape[1];
         let mut x = random(&shape, &mut rng);
@@ -952,6 +957,70 @@ fn batch_norm_matches_cpu_on_awkward_shapes() {
         );
         let eval = norm.cpu_eval(&x, &gamma, &beta, (&cpu.running_mean, &cpu.running_var));
         assert_op_close(&format!("{case} y_eval"), &r.y_eval, &eval.data);
+    }
+}
+
+/// Batch norm reading and writing channel slices of a concatenation:
+/// `a = bn(x1)` and `b = bn(x2)` written side by side into `cat(a, b)`,
+/// then `y = bn(b)`, which reads b three channels into it (an offset and a
+/// sample stride that are not those of a tensor of its own), on planes of
+/// whole vec4s (4 x 6: runs of vec4s) and not (5 x 5); y and the gradients
+/// of x2 and of both norms that b passes through against the CPU
+/// references.
+#[test]
+fn batch_norm_reads_and_writes_channel_slices() {
+    let gpu = gpu();
+    let mut rng = Rng::new(43);
+    let norm = BatchNorm::new(true);
+    for [h, w] in [[4, 6], [5, 5]] {
+        let x1 = random(&[3, 3, h, w], &mut rng);
+        let x2 = random(&[3, 5, h, w], &mut rng);
+        let [gamma1, beta1, _, _] = random_norm_parameters(3, &mut rng);
+        let [gamma2, beta2, _, _] = random_norm_parameters(5, &mut rng);
+        let [gamma3, beta3, _, _] = random_norm_parameters(5, &mut rng);
+        let fresh = |c: usize| (vec![0.0; c], vec![1.0; c]);
+        let (m5, v5) = fresh(5);
+        let b = norm.cpu_train(&x2, &gamma2, &beta2, (&m5, &v5)).y;
+        let y = norm.cpu_train(&b, &gamma3, &beta3, (&m5, &v5)).y;
+        let dy = random(&y.shape, &mut rng);
+        let (db, dgamma3, dbeta3) = norm.cpu_backward(&b, &gamma3, &dy);
+        let (dx2, dgamma2, dbeta2) = norm.cpu_backward(&x2, &gamma2, &db);
+
+        let mut g = Graph::new(true);
+        let (x1_id, x2_id) = (g.leaf(x1.shape.clone()), g.leaf(x2.shape.clone()));
+        let values = [&gamma1, &beta1, &gamma2, &beta2, &gamma3, &beta3];
+        let p: Vec<_> = (values.iter().enumerate())
+            .map(|(i, v)| g.param(format!("p{i}"), vec![v.len()], Init::Zeros))
+            .collect();
+        let mut norm_of = |x, (gamma, beta), c: usize| {
+            let mean = g.state(format!("mean{}", p.len()), vec![c], Init::Zeros);
+            let var = g.state(format!("var{}", p.len()), vec![c], Init::Ones);
+            g.apply(norm, &[x, gamma, beta, mean, var]).unwrap()[0]
+        };
+        let a = norm_of(x1_id, (p[0], p[1]), 3);
+        let b_id = norm_of(x2_id, (p[2], p[3]), 5);
+        let y_id = norm_of(b_id, (p[4], p[5]), 5);
+        g.concat(&[a, b_id]).unwrap();
+        let dy_id = g.input(dy.shape.clone(), DType::F32);
+        let grads = autodiff::backward(&mut g, &[(y_id, dy_id)]).unwrap();
+        let store = ParamStore::new(&gpu, &g).unwrap();
+        for (i, v) in values.iter().enumerate() {
+            store.write(&gpu, i, v).unwrap();
+        }
+        let plan = Plan::new(&gpu, &g, &store, &Externals::new()).unwrap();
+        for (id, t) in [(x1_id, &x1), (x2_id, &x2), (dy_id, &dy)] {
+            plan.write_f32(&gpu, &g, id, &t.data).unwrap();
+        }
+        plan.run(&gpu);
+        let case = format!("{h}x{w}");
+        let got_y = plan.read_f32(&gpu, &g, y_id).unwrap();
+        assert_op_close(&format!("{case} y"), &got_y, &y.data);
+        let got_dx2 = plan.read_f32(&gpu, &g, grads[&x2_id]).unwrap();
+        assert_op_close(&format!("{case} dx2"), &got_dx2, &dx2.data);
+        for (i, want) in [(2, &dgamma2), (3, &dbeta2), (4, &dgamma3), (5, &dbeta3)] {
+            let got = store.read_grad(&gpu, i).unwrap();
+            assert_op_close(&format!("{case} gradient of p{i}"), &got, want);
+        }
     }
 }
 

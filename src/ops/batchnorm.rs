@@ -91,7 +91,9 @@ impl BatchNorm {
 
     /// Records `entry` once per batch chunk of `batched` (x first), each
     /// chunk writing its `splits` partial sums per channel behind the
-    /// earlier chunks' into `partial`; returns the total number of splits.
+    /// earlier chunks' into `partial`, four values a term (`QUADS`, x and
+    /// dy also bound as vec4s at slots 17 and 18) where the positions and
+    /// layouts are whole vec4s; returns the total number of splits.
     fn record_partials(
         &self,
         ctx: &mut PlanContext,
@@ -109,9 +111,30 @@ impl BatchNorm {
         ctx.for_each_chunk(batched, |ctx, chunk| {
             let mut p = self.params(ctx, (x, dy, None), splits);
             p.first_split = (chunk * splits) as u32;
+            let quads = [[p.spatial, 0], p.x_at, p.dy_at]
+                .concat()
+                .iter()
+                .all(|v| v % 4 == 0);
+            if quads {
+                // Counted in vec4s.
+                p.spatial /= 4;
+                (p.x_at, p.dy_at) = (p.x_at.map(|v| v / 4), p.dy_at.map(|v| v / 4));
+                p.chunk = (p.batch * p.spatial).div_ceil(p.splits);
+            }
+            // x and dy also as vec4s where QUADS reads them so; otherwise
+            // never read, a stand-in (they may be smaller than a vec4).
             let mut b = ctx.bind(storage);
+            for &(slot, t) in storage.iter().filter(|(slot, _)| matches!(slot, 1 | 2)) {
+                let view = if quads {
+                    ctx.binding(t)
+                } else {
+                    ctx.scratch(16)?
+                };
+                b.push((as_quads(&(slot, t)).0, view));
+            }
             b.push((5, partial.clone()));
-            ctx.dispatch(Shader::BatchNorm, entry, &p, &b, splits * channels)
+            let kernel = (Shader::BatchNorm, entry, &[("QUADS", quads as u32)][..]);
+            ctx.dispatch_with(kernel, &p, &b, splits * channels)
         })?;
         Ok((partial, chunks * splits))
     }
@@ -426,6 +449,20 @@ impl Op for BatchNormBackwardData {
     }
 }
 
+/// The slot of `(slot, t)`'s vec4 view in the `*_quads` kernels: x, dy and
+/// out at 17, 18 and 19.
+fn as_quads(&(slot, t): &(u32, TensorId)) -> (u32, TensorId) {
+    match slot {
+        1 => (17, t),
+        2 => (18, t),
+        10 => (19, t),
+        _ => (slot, t),
+    }
+}
+
+/// Vec4s of one plane a `*_quads` per-element kernel's invocation takes.
+const RUN_QUADS: u32 = 16;
+
 /// Records a per-element kernel over x: its `quads` form (four elements of
 /// one channel per invocation; x, dy and out at slots 17, 18 and 19) where
 /// the planes and the layouts are whole vec4s, else `entry`.
@@ -435,19 +472,16 @@ fn record_elementwise(
     p: &NormParams,
     storage: &[(u32, TensorId)],
 ) -> Result<()> {
-    let constants = [activation_constant(activation)];
-    let len = (p.batch * p.channels * p.spatial) as usize;
+    let activation = activation_constant(activation);
+    let planes = (p.batch * p.channels) as usize;
     let in_quads = [[p.spatial, 0], p.x_at, p.dy_at, p.out_at].concat();
     if in_quads.iter().any(|v| v % 4 != 0) {
         let b = ctx.bind(storage);
-        return ctx.dispatch_with((Shader::BatchNorm, entry, &constants), p, &b, len);
+        let len = planes * p.spatial as usize;
+        return ctx.dispatch_with((Shader::BatchNorm, entry, &[activation]), p, &b, len);
     }
-    let as_quads = |&(slot, t): &(u32, TensorId)| match slot {
-        1 => (17, t),
-        2 => (18, t),
-        10 => (19, t),
-        _ => (slot, t),
-    };
     let b = ctx.bind(&storage.iter().map(as_quads).collect::<Vec<_>>());
-    ctx.dispatch_with((Shader::BatchNorm, quads, &constants), p, &b, len / 4)
+    let runs = (p.spatial / 4).div_ceil(RUN_QUADS) as usize;
+    let constants = [activation, ("RUN", RUN_QUADS)];
+    ctx.dispatch_with((Shader::BatchNorm, quads, &constants), p, &b, planes * runs)
 }
