@@ -71,7 +71,7 @@ fn relu_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wor
 fn add(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = linear_index(gid, nwg);
     if (i < p.len) {
-        out[at_out(i)] = x[at_x(i)] + y[at_y(i)];
+        out[at_out(i)] = activate(x[at_x(i)] + y[at_y(i)]);
     }
 }
 
@@ -143,7 +143,7 @@ fn activation_backward_quads(@builtin(global_invocation_id) gid: vec3<u32>, @bui
 fn add_quads(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = 4u * linear_index(gid, nwg);
     if (i < p.len) {
-        out_quads[at_out(i) / 4u] = x_quads[at_x(i) / 4u] + y_quads[at_y(i) / 4u];
+        out_quads[at_out(i) / 4u] = activate4(x_quads[at_x(i) / 4u] + y_quads[at_y(i) / 4u]);
     }
 }
 

@@ -1640,6 +1640,51 @@ fn check_activated(case: &str, r: &Activated, y: &CpuTensor, grads: [&[f32]; 3])
     );
 }
 
+/// `act(a + b)` (ResNet's `relu(y + shortcut)`) with ReLU and sigmoid, on
+/// planes of whole vec4s (4 x 4) and not (5 x 7): the activation runs in the
+/// sum's kernel, so the sum gets no memory; the output and both gradients
+/// against the CPU references.
+#[test]
+fn activations_fuse_into_add() {
+    let gpu = gpu();
+    let mut rng = Rng::new(47);
+    for shape in [[2, 3, 4, 4], [2, 3, 5, 7]] {
+        for activation in [Activation::Relu, Activation::Sigmoid] {
+            let (a, b) = (random(&shape, &mut rng), random(&shape, &mut rng));
+            let sum = CpuTensor::new(
+                &shape,
+                a.data.iter().zip(&b.data).map(|(x, y)| x + y).collect(),
+            );
+            let dy = random(&shape, &mut rng);
+            let (y, dsum) = activation_then(activation, false, &sum, &dy);
+            let mut g = Graph::new(true);
+            let (a_id, b_id) = (g.leaf(shape.to_vec()), g.leaf(shape.to_vec()));
+            let sum_id = g.apply1(d2l_wgpu::ops::Add, &[a_id, b_id]).unwrap();
+            let y_id = g.apply1(activation, &[sum_id]).unwrap();
+            let dy_id = g.input(shape.to_vec(), DType::F32);
+            let grads = autodiff::backward(&mut g, &[(y_id, dy_id)]).unwrap();
+            let store = ParamStore::new(&gpu, &g).unwrap();
+            let plan = Plan::new(&gpu, &g, &store, &Externals::new()).unwrap();
+            for (id, t) in [(a_id, &a), (b_id, &b), (dy_id, &dy)] {
+                plan.write_f32(&gpu, &g, id, &t.data).unwrap();
+            }
+            plan.run(&gpu);
+            let case = format!("add {shape:?} + {activation:?}");
+            let got = plan.read_f32(&gpu, &g, y_id).unwrap();
+            assert_op_close(&format!("{case} y"), &got, &y.data);
+            let got = plan.read_f32(&gpu, &g, grads[&a_id]).unwrap();
+            assert_op_close(&format!("{case} gradient"), &got, &dsum.data);
+            // Graph::new keeps a buffer per tensor: only the elided sum has none.
+            let unallocated = plan.unshared_activation_bytes - plan.activation_bytes;
+            assert_eq!(
+                unallocated,
+                4 * sum.data.len() as u64,
+                "{case}: the sum is not elided"
+            );
+        }
+    }
+}
+
 /// `act(F.batch_norm(x, ...))` for ReLU and sigmoid, training and eval: the
 /// activation runs in batch norm's normalising pass (the pre-activation gets
 /// no memory), and outputs and gradients match the CPU references.

@@ -1,11 +1,12 @@
 //! Elementwise ops: activations and dropout with their backward rules, and
 //! the gradient sum autodiff inserts where a tensor feeds several nodes.
 
-use super::fused::activation_constant;
+use super::fused::{activation_constant, Activated, Epilogue};
 use super::CpuTensor;
 use crate::gpu::Shader;
 use crate::graph::{Binding, DType, Graph, Op, PlanContext, Shape, Tensor, TensorId};
 use anyhow::{bail, Result};
+use std::rc::Rc;
 
 #[repr(C)]
 #[derive(Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
@@ -52,7 +53,7 @@ fn record_quads_or_one_by_one(
         params.out_at,
     ];
     if layouts.concat().iter().any(|v| v % 4 != 0) {
-        return record_one_by_one(ctx, entry, params, inputs, out);
+        return record_one_by_one(ctx, (entry, activation), params, inputs, out);
     }
     let mut storage: Vec<(u32, Binding)> = (inputs.iter())
         .map(|&(slot, t)| (slot + 5, ctx.binding(t)))
@@ -98,27 +99,23 @@ fn with_params(
     out: TensorId,
 ) -> Result<()> {
     let params = sized(ctx, params, inputs, out);
-    record_one_by_one(ctx, entry, &params, inputs, out)
+    record_one_by_one(ctx, (entry, None), &params, inputs, out)
 }
 
 /// Records `entry` over the `params.len` elements of `out`, one per
-/// invocation.
+/// invocation (with the `ACTIVATION` constant for `activation`).
 fn record_one_by_one(
     ctx: &mut PlanContext,
-    entry: &'static str,
+    (entry, activation): (&'static str, Option<Activation>),
     params: &EltwiseParams,
     inputs: &[(u32, TensorId)],
     out: TensorId,
 ) -> Result<()> {
     let mut storage = ctx.bind(inputs);
     storage.push((4, ctx.binding(out)));
-    ctx.dispatch(
-        Shader::Eltwise,
-        entry,
-        params,
-        &storage,
-        params.len as usize,
-    )
+    let constants = [activation_constant(activation)];
+    let kernel = (Shader::Eltwise, entry, &constants[..]);
+    ctx.dispatch_with(kernel, params, &storage, params.len as usize)
 }
 
 /// `params` with the sizes and the layouts of `inputs` and `out` filled in.
@@ -283,7 +280,7 @@ impl Op for ActivationBackward {
 }
 
 /// `a + b`; its gradient flows unchanged to both inputs.
-#[derive(Debug)]
+#[derive(Clone, Copy, Debug)]
 pub struct Add;
 
 impl Op for Add {
@@ -300,8 +297,11 @@ impl Op for Add {
     }
 
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
-        let kernel = ("add", "add_quads", None);
-        elementwise_quads(ctx, kernel, &[(1, inputs[0]), (2, inputs[1])], outputs[0])
+        self.plan_activated(ctx, inputs, outputs, None)
+    }
+
+    fn with_activation(&self, activation: Activation) -> Option<Rc<dyn Op>> {
+        Some(Rc::new(Activated::new(*self, activation)))
     }
 
     fn backward(
@@ -313,6 +313,20 @@ impl Op for Add {
         _needs: &[bool],
     ) -> Result<Vec<Option<TensorId>>> {
         Ok(vec![output_grads[0], output_grads[0]])
+    }
+}
+
+/// ResNet's `relu(y + shortcut)`: the sum is never written.
+impl Epilogue for Add {
+    fn plan_activated(
+        &self,
+        ctx: &mut PlanContext,
+        inputs: &[TensorId],
+        outputs: &[TensorId],
+        activation: Option<Activation>,
+    ) -> Result<()> {
+        let kernel = ("add", "add_quads", activation);
+        elementwise_quads(ctx, kernel, &[(1, inputs[0]), (2, inputs[1])], outputs[0])
     }
 }
 
