@@ -1,7 +1,7 @@
 //! Fusion at plan time, after autodiff has added the backward nodes.
 //!
-//! Forward: a convolution, linear layer or batch norm whose output only an
-//! activation reads applies the activation as it stores (the epilogue of
+//! Forward: a convolution, linear layer, batch norm or sum whose output only
+//! an activation reads applies the activation as it stores (the epilogue of
 //! its kernel), so the pre-activation tensor is never written or kept. The
 //! activation's backward reads its output, not its input, so the backward
 //! nodes stay as they are.

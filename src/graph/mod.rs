@@ -160,7 +160,7 @@ pub trait Op: std::fmt::Debug {
 
     /// This op with `activation` applied to its (first) output as its
     /// kernels store it, where they can (convolutions, linear layers, batch
-    /// norm); see `fusion`.
+    /// norm, sums); see `fusion`.
     fn with_activation(&self, _activation: Activation) -> Option<Rc<dyn Op>> {
         None
     }
