@@ -2,6 +2,7 @@
 //! training mode (batch statistics, running statistics updated) or
 //! evaluation mode (running statistics). Pairs with `shaders/batchnorm.wgsl`.
 
+use super::blocked::with_quad_view;
 use super::fused::{activation_constant, Activated, Epilogue};
 use super::reduce::chunked_splits;
 use super::{Activation, CpuTensor};
@@ -121,16 +122,10 @@ impl BatchNorm {
                 (p.x_at, p.dy_at) = (p.x_at.map(|v| v / 4), p.dy_at.map(|v| v / 4));
                 p.chunk = (p.batch * p.spatial).div_ceil(p.splits);
             }
-            // x and dy also as vec4s where QUADS reads them so; otherwise
-            // never read, a stand-in (they may be smaller than a vec4).
+            // x and dy also as vec4s, which QUADS reads.
             let mut b = ctx.bind(storage);
-            for &(slot, t) in storage.iter().filter(|(slot, _)| matches!(slot, 1 | 2)) {
-                let view = if quads {
-                    ctx.binding(t)
-                } else {
-                    ctx.scratch(16)?
-                };
-                b.push((as_quads(&(slot, t)).0, view));
+            for slot in [1, 2] {
+                b = with_quad_view(ctx, &b, (slot, quad_slot(slot)))?;
             }
             b.push((5, partial.clone()));
             let kernel = (Shader::BatchNorm, entry, &[("QUADS", quads as u32)][..]);
@@ -449,14 +444,14 @@ impl Op for BatchNormBackwardData {
     }
 }
 
-/// The slot of `(slot, t)`'s vec4 view in the `*_quads` kernels: x, dy and
-/// out at 17, 18 and 19.
-fn as_quads(&(slot, t): &(u32, TensorId)) -> (u32, TensorId) {
+/// The slot of a binding's vec4 view (x, dy and out at 17, 18 and 19),
+/// which the `*_quads` kernels and QUADS read.
+fn quad_slot(slot: u32) -> u32 {
     match slot {
-        1 => (17, t),
-        2 => (18, t),
-        10 => (19, t),
-        _ => (slot, t),
+        1 => 17,
+        2 => 18,
+        10 => 19,
+        _ => slot,
     }
 }
 
@@ -480,7 +475,12 @@ fn record_elementwise(
         let len = planes * p.spatial as usize;
         return ctx.dispatch_with((Shader::BatchNorm, entry, &[activation]), p, &b, len);
     }
-    let b = ctx.bind(&storage.iter().map(as_quads).collect::<Vec<_>>());
+    let b = ctx.bind(
+        &storage
+            .iter()
+            .map(|&(slot, t)| (quad_slot(slot), t))
+            .collect::<Vec<_>>(),
+    );
     let runs = (p.spatial / 4).div_ceil(RUN_QUADS) as usize;
     let constants = [activation, ("RUN", RUN_QUADS)];
     ctx.dispatch_with((Shader::BatchNorm, quads, &constants), p, &b, planes * runs)

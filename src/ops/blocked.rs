@@ -663,10 +663,11 @@ fn tiles(params: &BlockedParams, workgroup: u32) -> (u32, u32) {
     )
 }
 
-/// `storage` plus the vec4 view (`slots.1`) of the binding at `slots.0`:
-/// c_quads (13) of C (4), x_quads (14) of x (7). A binding smaller than a
-/// vec4 is never used as vec4s and binds a stand-in of one.
-fn with_quad_view(
+/// `storage` plus the vec4 view (`slots.1`) of the binding at `slots.0`
+/// (here c_quads (13) of C (4), x_quads (14) of x (7); batch norm's sums
+/// too). A binding smaller than a vec4 is never used as vec4s and binds a
+/// stand-in of one.
+pub(super) fn with_quad_view(
     ctx: &mut PlanContext,
     storage: &[(u32, Binding)],
     (slot, view_slot): (u32, u32),
