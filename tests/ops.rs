@@ -86,14 +86,16 @@ fn conv2d_matches_pytorch() {
 fn conv2d_matches_cpu_on_awkward_shapes() {
     let mut gpu = gpu();
     let mut rng = Rng::new(7);
+    // The filter gradient's lanes per column run (blocked::k_lanes): 8, 4,
+    // 2 (192 1x1 taps; pointwise, 5) and 1 (256 taps; pointwise, 128, its
+    // 4,500 terms in splits of 1,500: a panel of 8 k straddles two).
     type Case = ([usize; 4], [usize; 4], (usize, usize), (usize, usize)); // x, weight, stride, padding
-                                                                          // The filter gradient's lanes per column run (blocked::k_lanes): 8,
-                                                                          // 4, 2 (192 1x1 taps) and 1 (256 taps).
-    let cases: [Case; 15] = [
+    let cases: [Case; 16] = [
         ([1, 1, 5, 5], [1, 1, 3, 3], (1, 1), (0, 0)),
         ([2, 5, 6, 6], [3, 5, 3, 3], (1, 1), (1, 1)),
         ([2, 192, 3, 3], [5, 192, 1, 1], (1, 1), (0, 0)),
         ([2, 256, 3, 2], [3, 256, 1, 1], (1, 1), (0, 0)),
+        ([5, 128, 30, 30], [3, 128, 1, 1], (1, 1), (0, 0)),
         ([2, 4, 8, 8], [3, 4, 1, 1], (2, 2), (0, 0)),
         ([3, 5, 6, 6], [7, 5, 1, 1], (1, 1), (0, 0)),
         ([2, 3, 5, 5], [6, 3, 1, 1], (1, 1), (0, 0)),

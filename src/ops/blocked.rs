@@ -605,30 +605,50 @@ impl TapWindows {
     }
 }
 
-/// Lanes of a workgroup that share one column run of an `n`-column filter
-/// gradient, each summing its own pieces of K: the fewest (a power of two)
-/// that keep 90% of the lanes busy, or failing that the most busy lanes.
-/// LeNet's second layer has 10 runs: one lane per run leaves 6 of 16 lanes
-/// idle, four lanes per run none.
-pub fn k_lanes(n: u32, windows: TapWindows, workgroup: u32) -> u32 {
-    let runs = windows.column_lanes(n);
-    let busy = |k: u32| f64::from(runs * k) / f64::from(runs.div_ceil(workgroup / k) * workgroup);
-    let choices = (0..=workgroup.ilog2()).map(|e| 1 << e);
-    (choices.clone().find(|&k| busy(k) >= 0.9))
-        .unwrap_or_else(|| choices.fold(1, |best, k| if busy(k) > busy(best) { k } else { best }))
-}
-
 /// The most lanes per column run `conv_filter_gradient_pointwise` takes:
 /// a trip takes one panel of A, 8 / K_LANES k, four at a time.
-pub const MOST_PIXEL_QUAD_K_LANES: u32 = 2;
+const MOST_PIXEL_QUAD_K_LANES: u32 = 2;
+
+/// What each lane of `conv_filter_gradient_pointwise` pays for sharing its
+/// column run: lanes that walk different K splits take A's panel as a
+/// value per lane, not one broadcast for the workgroup, where B's loads
+/// are cheap vec4s. With 14 of 16 lanes busy either way, two lanes per run
+/// against one: DenseNet's 1x1 224 -> 112 filter gradient 104 -> 84 ms,
+/// NiN's 96 -> 96 438 -> 355 ms, GoogLeNet's 528 -> 256 59 -> 45 ms. (The
+/// window kernel, whose gathers cost more, lost 6-15% without sharing:
+/// VGG's 32 -> 64 and GoogLeNet's 5x5 16 -> 32.)
+const POINTWISE_SHARED_RUN_COST: f64 = 1.25;
+
+/// Lanes of a workgroup that share one column run of an `n`-column filter
+/// gradient, each summing its own pieces of K, at most `fit`: the fewest (a
+/// power of two) that keep 90% of the lanes busy, or failing that the most
+/// busy lanes. LeNet's second layer has 10 runs: one lane per run leaves 6
+/// of 16 lanes idle, four lanes per run none. The pointwise kernel
+/// (`pixel_quads`) takes at most `MOST_PIXEL_QUAD_K_LANES`, and shares runs
+/// only where that keeps `POINTWISE_SHARED_RUN_COST` times as many lanes
+/// busy as one lane per run.
+pub fn k_lanes(n: u32, windows: TapWindows, workgroup: u32, pixel_quads: bool, fit: u32) -> u32 {
+    let runs = windows.column_lanes(n);
+    let busy = |k: u32| f64::from(runs * k) / f64::from(runs.div_ceil(workgroup / k) * workgroup);
+    let (most, cost) = match pixel_quads {
+        true => (MOST_PIXEL_QUAD_K_LANES, POINTWISE_SHARED_RUN_COST),
+        false => (workgroup, 1.0),
+    };
+    let choices = (0..=most.min(workgroup).min(fit).ilog2()).map(|e| 1 << e);
+    let shared = (choices.clone().find(|&k| busy(k) >= 0.9))
+        .unwrap_or_else(|| choices.fold(1, |best, k| if busy(k) > busy(best) { k } else { best }));
+    match busy(shared) >= cost * busy(1) {
+        true => shared,
+        false => 1,
+    }
+}
 
 /// Records `conv_filter_gradient` over the column runs and row tiles of
 /// `params`' M x N output for each of `splits` pieces of K, in workgroups
-/// of `workgroup` lanes with `k_lanes` (a power of two, at most `k_lanes(n,
-/// windows, workgroup)`) lanes per run; the lane groups must fit one grid
+/// of `workgroup` lanes with `k_lanes` (a power of two, as `k_lanes`
+/// chooses) lanes per run; the lane groups must fit one grid
 /// dimension. Where `params.reads_pixel_quads()`, its pointwise form, with
-/// at most `MOST_PIXEL_QUAD_K_LANES` lanes per run and splits of whole
-/// vec4s of pixels.
+/// splits of whole vec4s of pixels.
 pub fn dispatch_split(
     ctx: &mut PlanContext,
     (workgroup, k_lanes): (u32, u32),
@@ -732,7 +752,27 @@ fn record(
 
 #[cfg(test)]
 mod tests {
-    use super::BlockedParams;
+    use super::{k_lanes, BlockedParams, TapWindows};
+
+    /// LeNet's second filter gradient (150 taps, 10 runs of 15) shares its
+    /// runs four lanes each, or as many as fit; the pointwise kernel shares
+    /// only where that keeps a quarter more lanes busy.
+    #[test]
+    fn filter_gradient_lanes_share_runs_where_that_pays() {
+        let lenet = TapWindows::new(5, 1);
+        assert_eq!(k_lanes(150, lenet, 8, false, 64), 4);
+        assert_eq!(k_lanes(150, lenet, 8, false, 2), 2);
+        let pointwise = TapWindows::new(1, 1);
+        // 14 runs: 14 of 16 lanes busy with one or two lanes a run.
+        assert_eq!(k_lanes(224, pointwise, 8, false, 64), 4);
+        assert_eq!(k_lanes(224, pointwise, 8, true, 64), 1);
+        // 33 runs: 92% busy with two lanes a run, 82% with one.
+        assert_eq!(k_lanes(528, pointwise, 8, false, 64), 2);
+        assert_eq!(k_lanes(528, pointwise, 8, true, 64), 1);
+        // 4 runs: half the lanes idle with one lane a run.
+        assert_eq!(k_lanes(64, pointwise, 8, true, 64), 2);
+        assert_eq!(k_lanes(64, pointwise, 8, true, 1), 1);
+    }
 
     /// Asserts that `test` holds for `params` and fails after each of
     /// `changes`.

@@ -725,7 +725,7 @@ impl Conv2dBackwardFilter {
         }
         let fit_binding = (ctx.gpu.max_binding() as usize / 4) / (len * chunks.len());
         // Each lane of a tile writes its own slice: no more lanes than slices fit.
-        let fit_lanes = 1 << fit_binding.max(1).ilog2();
+        let fit_lanes = 1 << fit_binding.clamp(1, u32::MAX as usize).ilog2();
         let windows = TapWindows::new(whole.kw, whole.stride_w);
         let pixel_quads = BlockedParams {
             pixels: pixels as u32,
@@ -733,13 +733,8 @@ impl Conv2dBackwardFilter {
             ..whole.blocked()
         }
         .reads_pixel_quads();
-        let most_lanes = match pixel_quads {
-            true => blocked::MOST_PIXEL_QUAD_K_LANES as usize,
-            false => fit_lanes,
-        };
-        let k_lanes = (blocked::k_lanes(taps as u32, windows, workgroup) as usize)
-            .min(fit_lanes)
-            .min(most_lanes);
+        let k_lanes =
+            blocked::k_lanes(taps as u32, windows, workgroup, pixel_quads, fit_lanes) as usize;
         let splits = longest
             .div_ceil(BLOCKED_SPLIT_TERMS)
             .next_multiple_of(k_lanes)
