@@ -27,6 +27,7 @@ struct Norm {
     out_at: vec2<u32>,
     count: u32, // (sample, position) pairs in the whole batch
     _pad: u32,
+    addend_at: vec2<u32>, // backward_data with ADDEND: the addend's layout
 }
 
 @group(0) @binding(0) var<uniform> p: Norm;
@@ -50,6 +51,12 @@ struct Norm {
 @group(0) @binding(17) var<storage, read> x_quads: array<vec4<f32>>;
 @group(0) @binding(18) var<storage, read> dy_quads: array<vec4<f32>>;
 @group(0) @binding(19) var<storage, read_write> out_quads: array<vec4<f32>>;
+
+// backward_data adds the gradient that reached x by another path as it
+// stores (graph::fusion): the sum of the two is never a pass of its own.
+override ADDEND: bool = false;
+@group(0) @binding(20) var<storage, read> addend: array<f32>;
+@group(0) @binding(21) var<storage, read> addend_quads: array<vec4<f32>>;
 
 // Where channel c's (sample, position) pairs from q on lie in a tensor laid
 // out as `l`: the loops over a split step through them without dividing
@@ -239,7 +246,12 @@ fn backward_data(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wor
     let count = f32(p.count);
     let s = saved_invstd[c];
     let xhat = (x[flat(p.x_at, i)] - saved_mean[c]) * s;
-    out[flat(p.out_at, i)] = gamma[c] * s / count * (count * dy[flat(p.dy_at, i)] - dbeta_in[c] - xhat * dgamma_in[c]);
+    let dx = gamma[c] * s / count * (count * dy[flat(p.dy_at, i)] - dbeta_in[c] - xhat * dgamma_in[c]);
+    if (ADDEND) {
+        out[flat(p.out_at, i)] = dx + addend[flat(p.addend_at, i)];
+    } else {
+        out[flat(p.out_at, i)] = dx;
+    }
 }
 
 // The per-element kernels four elements at a time, where planes and layouts
@@ -256,11 +268,12 @@ override RUN: u32 = 16u;
 
 struct Run {
     channel: u32,
-    // The first of the run's vec4s in a tensor laid out at (0, channels *
-    // spatial) and at each of x, dy and out's layouts, as vec4s.
+    // The first of the run's vec4s at each of x, dy, out and the addend's
+    // layouts, as vec4s.
     x: u32,
     dy: u32,
     out: u32,
+    addend: u32,
     len: u32,
 }
 
@@ -280,7 +293,8 @@ fn run_of(id: u32) -> Run {
     let x = p.x_at.x / 4u + sample * (p.x_at.y / 4u) + at;
     let dy = p.dy_at.x / 4u + sample * (p.dy_at.y / 4u) + at;
     let out = p.out_at.x / 4u + sample * (p.out_at.y / 4u) + at;
-    return Run(c, x, dy, out, len);
+    let addend = p.addend_at.x / 4u + sample * (p.addend_at.y / 4u) + at;
+    return Run(c, x, dy, out, addend, len);
 }
 
 @compute @workgroup_size(WG)
@@ -318,6 +332,11 @@ fn backward_data_quads(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(n
     let dgamma = dgamma_in[r.channel];
     for (var j = 0u; j < r.len; j++) {
         let xhat = (x_quads[r.x + j] - m) * s;
-        out_quads[r.out + j] = scale * (count * dy_quads[r.dy + j] - dbeta - xhat * dgamma);
+        let dx = scale * (count * dy_quads[r.dy + j] - dbeta - xhat * dgamma);
+        if (ADDEND) {
+            out_quads[r.out + j] = dx + addend_quads[r.addend + j];
+        } else {
+            out_quads[r.out + j] = dx;
+        }
     }
 }

@@ -1026,6 +1026,107 @@ fn batch_norm_reads_and_writes_channel_slices() {
     }
 }
 
+/// A tensor read by batch norm and by something else gets the sum of two
+/// gradients; batch norm's data gradient adds the other as it stores it
+/// (the sum gets no pass and batch norm's gradient no memory): the other
+/// gradient fed in directly, or a channel slice of a concatenation's
+/// gradient as in DenseNet (`cat(x, f(bn(x)))`), on planes of whole vec4s and
+/// not. Where the other gradient is computed after batch norm's (`relu(x)`
+/// built before `bn(x)`), the sum stays a pass of its own. dx against the
+/// CPU references.
+#[test]
+fn sums_fuse_into_batch_norm_data_gradients() {
+    #[derive(Debug, Clone, Copy)]
+    enum Other {
+        Direct,
+        Concatenated,
+        Later,
+    }
+    let gpu = gpu();
+    let mut rng = Rng::new(53);
+    let norm = BatchNorm::new(true);
+    for shape in [[2, 3, 4, 4], [2, 5, 3, 7]] {
+        for other in [Other::Direct, Other::Concatenated, Other::Later] {
+            let c = shape[1];
+            let x0 = random(&shape, &mut rng);
+            let x = Activation::Relu.cpu_forward(&x0);
+            let [gamma, beta, _, _] = random_norm_parameters(c, &mut rng);
+            let (dy, d_other) = (random(&shape, &mut rng), random(&shape, &mut rng));
+            let other_dx = match other {
+                Other::Later => Activation::Relu.cpu_backward(&x, &d_other),
+                _ => d_other.clone(),
+            };
+            let (bn_dx, _, _) = norm.cpu_backward(&x, &gamma, &dy);
+            let want: Vec<f32> = (bn_dx.data.iter().zip(&other_dx.data))
+                .map(|(a, b)| a + b)
+                .collect();
+
+            let mut g = Graph::new(true);
+            let x0_id = g.leaf(shape.to_vec());
+            let x_id = g.apply1(Activation::Relu, &[x0_id]).unwrap();
+            let later =
+                matches!(other, Other::Later).then(|| g.apply1(Activation::Relu, &[x_id]).unwrap());
+            let gamma_id = g.param("weight".into(), vec![c], Init::Zeros);
+            let beta_id = g.param("bias".into(), vec![c], Init::Zeros);
+            let mean = g.state("running_mean".into(), vec![c], Init::Zeros);
+            let var = g.state("running_var".into(), vec![c], Init::Ones);
+            let y_id = g
+                .apply1(norm, &[x_id, gamma_id, beta_id, mean, var])
+                .unwrap();
+            let (dy_id, d_other_id) = (
+                g.input(shape.to_vec(), DType::F32),
+                g.input(shape.to_vec(), DType::F32),
+            );
+            let seeds = match other {
+                Other::Direct => vec![(y_id, dy_id), (x_id, d_other_id)],
+                Other::Later => vec![(y_id, dy_id), (later.unwrap(), d_other_id)],
+                Other::Concatenated => {
+                    // A 1x1 pool (identity) between: batch norm cannot
+                    // write the concatenation it reads.
+                    let pooled = g.apply1(AvgPool2d::new(1, 1), &[y_id]).unwrap();
+                    let z = g.concat(&[x_id, pooled]).unwrap();
+                    let dz = g.input(vec![shape[0], 2 * c, shape[2], shape[3]], DType::F32);
+                    vec![(z, dz)]
+                }
+            };
+            let grads = autodiff::backward(&mut g, &seeds).unwrap();
+            let store = ParamStore::new(&gpu, &g).unwrap();
+            store.write(&gpu, 0, &gamma).unwrap();
+            store.write(&gpu, 1, &beta).unwrap();
+            let plan = Plan::new(&gpu, &g, &store, &Externals::new()).unwrap();
+            plan.write_f32(&gpu, &g, x0_id, &x0.data).unwrap();
+            match other {
+                Other::Concatenated => {
+                    let plane = shape[2] * shape[3];
+                    let dz: Vec<f32> = (0..shape[0])
+                        .flat_map(|n| {
+                            let sample = n * c * plane..(n + 1) * c * plane;
+                            [&d_other.data[sample.clone()], &dy.data[sample]].concat()
+                        })
+                        .collect();
+                    plan.write_f32(&gpu, &g, seeds[0].1, &dz).unwrap();
+                }
+                _ => {
+                    plan.write_f32(&gpu, &g, dy_id, &dy.data).unwrap();
+                    plan.write_f32(&gpu, &g, d_other_id, &d_other.data).unwrap();
+                }
+            }
+            plan.run(&gpu);
+            let case = format!("{shape:?} {other:?}");
+            let got = plan.read_f32(&gpu, &g, grads[&x_id]).unwrap();
+            assert_op_close(&format!("{case} dx"), &got, &want);
+            // Graph::new keeps a buffer per tensor: only batch norm's own
+            // gradient, where it is fused, has none.
+            let elided = match other {
+                Other::Later => 0,
+                _ => 4 * x.data.len() as u64,
+            };
+            let unallocated = plan.unshared_activation_bytes - plan.activation_bytes;
+            assert_eq!(unallocated, elided, "{case}: elided bytes");
+        }
+    }
+}
+
 /// Inverted dropout: the GPU keeps exactly the elements the CPU mirror of
 /// its hash keeps, scales them by 1 / (1 - p), keeps about 1 - p of them,
 /// routes the gradient through the same mask, and draws a new mask after

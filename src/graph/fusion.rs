@@ -9,7 +9,10 @@
 //! Backward: a pooling gradient or a convolution's data gradient that only
 //! an activation's backward reads carries the gradient on through the
 //! activation as it stores, reading the activation's output, so the
-//! gradient at the activation's output is never written or kept.
+//! gradient at the activation's output is never written or kept. A sum
+//! of two gradients (a tensor read twice) whose one addend is batch norm's
+//! data gradient, read by nothing else, is added as that gradient is stored
+//! (DenseNet's concatenations).
 
 use super::{Graph, Node, Op, Storage, TensorId};
 use std::rc::Rc;
@@ -38,6 +41,26 @@ pub fn fuse_activations(graph: &Graph) -> (Vec<Node>, Vec<bool>) {
                     )
                 })
             });
+        } else if node.op.is_sum() {
+            // Autodiff adds the newer gradient second: try it first.
+            for (t, addend) in [
+                (node.inputs[1], node.inputs[0]),
+                (node.inputs[0], node.inputs[1]),
+            ] {
+                let merged = fusion.merge_with_producer(i, t, |first| {
+                    let fused = first.op.with_addend()?;
+                    (first.outputs.len() == 1).then(|| {
+                        (
+                            fused,
+                            [&first.inputs[..], &[addend]].concat(),
+                            node.outputs.clone(),
+                        )
+                    })
+                });
+                if merged {
+                    break;
+                }
+            }
         }
     }
     let nodes = fusion.nodes.into_iter().flatten().collect();
@@ -81,28 +104,32 @@ impl Fusion<'_> {
 
     /// Replaces node `i` and the producer of its input `t` by one node,
     /// `fuse(producer)`'s (op, inputs, outputs), when only node `i` reads
-    /// `t`, `t` is the producer's first output, and `fuse` gives one.
+    /// `t`, `t` is the producer's first output, `fuse` gives one, and every
+    /// input of it exists where the producer runs. Says whether it did.
     fn merge_with_producer(
         &mut self,
         i: usize,
         t: TensorId,
         fuse: impl FnOnce(&Node) -> Option<(Rc<dyn Op>, Vec<TensorId>, Vec<TensorId>)>,
-    ) {
+    ) -> bool {
         if self.graph.tensor(t).storage != Storage::Activation || self.readers[t.0] != 1 {
-            return;
+            return false;
         }
         let Some(j) = self.producer[t.0] else {
-            return;
+            return false;
         };
         let Some(first) = &self.nodes[j] else {
-            return;
+            return false;
         };
         if first.outputs[0] != t {
-            return;
+            return false;
         }
         let Some((op, inputs, outputs)) = fuse(first) else {
-            return;
+            return false;
         };
+        if inputs.iter().any(|u| self.written_after(*u, j)) {
+            return false;
+        }
         self.nodes[j] = Some(Node {
             op,
             inputs,
@@ -110,5 +137,20 @@ impl Fusion<'_> {
         });
         self.nodes[i] = None;
         self.elided[t.0] = true;
+        true
+    }
+
+    /// Whether tensor `t`, or a tensor it is a view or slice of, is
+    /// written by a node after node `j`.
+    fn written_after(&self, mut t: TensorId, j: usize) -> bool {
+        loop {
+            if self.producer[t.0].is_some_and(|k| k > j) {
+                return true;
+            }
+            match self.graph.tensor(t).storage {
+                Storage::View(of) | Storage::ChannelSlice { of, .. } => t = of,
+                _ => return false,
+            }
+        }
     }
 }

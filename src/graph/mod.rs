@@ -179,6 +179,18 @@ pub trait Op: std::fmt::Debug {
         None
     }
 
+    /// Whether this op is the sum of its two inputs (`Add`).
+    fn is_sum(&self) -> bool {
+        false
+    }
+
+    /// This op with one more input added to its (single) output as its
+    /// kernels store it, where they can (batch norm's data gradient); see
+    /// `fusion`.
+    fn with_addend(&self) -> Option<Rc<dyn Op>> {
+        None
+    }
+
     /// Adds the nodes computing the input gradients from the output
     /// gradients; `needs[i]` says whether input `i` wants one.
     fn backward(

@@ -38,6 +38,7 @@ struct NormParams {
     out_at: [u32; 2],
     count: u32,
     _pad: u32,
+    addend_at: [u32; 2],
 }
 
 /// The CPU reference's results for one training forward.
@@ -87,6 +88,7 @@ impl BatchNorm {
             out_at: layout(out),
             count: (ctx.graph.shape(x)[0] * spatial) as u32,
             _pad: 0,
+            addend_at: [0, 0],
         }
     }
 
@@ -143,9 +145,11 @@ impl BatchNorm {
         (x, y): (TensorId, TensorId),
         storage: &[(u32, TensorId)],
     ) -> Result<()> {
+        let kernel = (kernel.0, activation_constant(kernel.1));
         ctx.for_each_chunk(&[x, y], |ctx, _| {
             let p = self.params(ctx, (x, None, Some(y)), 1);
-            record_elementwise(ctx, kernel, &p, storage)
+            let storage = ctx.bind(storage);
+            record_elementwise(ctx, kernel, &p, &storage)
         })
     }
 
@@ -314,7 +318,10 @@ impl Op for BatchNorm {
             &[x, dy, mean, invstd],
         )?;
         let dx = g.apply1(
-            BatchNormBackwardData { norm: *self },
+            BatchNormBackwardData {
+                norm: *self,
+                addend: false,
+            },
             &[x, dy, mean, invstd, gamma, sums[0], sums[1]],
         )?;
         Ok(vec![Some(dx), Some(sums[0]), Some(sums[1]), None, None])
@@ -411,15 +418,22 @@ impl Op for BatchNormBackwardParams {
     }
 }
 
-/// dx = gamma * invstd / m * (m * dy - dbeta - xhat * dgamma).
+/// dx = gamma * invstd / m * (m * dy - dbeta - xhat * dgamma), plus with
+/// `addend` one more input added as it stores: the gradient that reached
+/// x by another path (DenseNet's concatenations), whose sum with this one
+/// is then never a pass of its own (`fusion`).
 #[derive(Debug)]
 pub struct BatchNormBackwardData {
     norm: BatchNorm,
+    addend: bool,
 }
 
 impl Op for BatchNormBackwardData {
     fn describe(&self) -> String {
-        "batch_norm backward data".into()
+        match self.addend {
+            true => "batch_norm backward data + add".into(),
+            false => "batch_norm backward data".into(),
+        }
     }
 
     fn infer(&self, inputs: &[&Tensor]) -> Result<Vec<(Shape, DType)>> {
@@ -432,25 +446,52 @@ impl Op for BatchNormBackwardData {
         Some(&[2, 3, 4, 5, 6])
     }
 
+    fn with_addend(&self) -> Option<Rc<dyn Op>> {
+        (!self.addend).then(|| {
+            Rc::new(BatchNormBackwardData {
+                norm: self.norm,
+                addend: true,
+            }) as Rc<dyn Op>
+        })
+    }
+
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
         let (x, dy, dx) = (inputs[0], inputs[1], outputs[0]);
-        let p = self.norm.params(ctx, (x, Some(dy), Some(dx)), 1);
+        let mut p = self.norm.params(ctx, (x, Some(dy), Some(dx)), 1);
         let slots = [1, 2, 11, 12, 3, 15, 16];
-        let mut tensors: Vec<(u32, TensorId)> =
+        let tensors: Vec<(u32, TensorId)> =
             slots.iter().copied().zip(inputs.iter().copied()).collect();
-        tensors.push((10, dx));
-        let kernel = (("backward_data", "backward_data_quads"), None);
-        record_elementwise(ctx, kernel, &p, &tensors)
+        let mut storage = ctx.bind(&tensors);
+        storage.push((10, ctx.binding(dx)));
+        // Without an addend the kernels still bind one (a stand-in, never read).
+        let addend = match self.addend {
+            true => {
+                p.addend_at = ctx.layout(inputs[7]);
+                ctx.binding(inputs[7])
+            }
+            false => ctx.scratch(16)?,
+        };
+        storage.push((ADDEND, addend));
+        let kernel = (
+            ("backward_data", "backward_data_quads"),
+            ("ADDEND", self.addend as u32),
+        );
+        record_elementwise(ctx, kernel, &p, &storage)
     }
 }
 
-/// The slot of a binding's vec4 view (x, dy and out at 17, 18 and 19),
-/// which the `*_quads` kernels and QUADS read.
+/// The slot of the addend `BatchNormBackwardData` adds (its vec4 view is
+/// the next).
+const ADDEND: u32 = 20;
+
+/// The slot of a binding's vec4 view (x, dy, out and the addend at 17, 18,
+/// 19 and 21), which the `*_quads` kernels and QUADS read.
 fn quad_slot(slot: u32) -> u32 {
     match slot {
         1 => 17,
         2 => 18,
         10 => 19,
+        ADDEND => ADDEND + 1,
         _ => slot,
     }
 }
@@ -458,30 +499,31 @@ fn quad_slot(slot: u32) -> u32 {
 /// Vec4s of one plane a `*_quads` per-element kernel's invocation takes.
 const RUN_QUADS: u32 = 16;
 
-/// Records a per-element kernel over x: its `quads` form (four elements of
-/// one channel per invocation; x, dy and out at slots 17, 18 and 19) where
-/// the planes and the layouts are whole vec4s, else `entry`.
+/// Records a per-element kernel over x with its one override `constant`:
+/// its `quads` form (four elements of one channel per invocation; views at
+/// `quad_slot`s) where the planes and the layouts are whole vec4s, else
+/// `entry`.
 fn record_elementwise(
     ctx: &mut PlanContext,
-    ((entry, quads), activation): ((&'static str, &'static str), Option<Activation>),
+    ((entry, quads), constant): ((&'static str, &'static str), (&'static str, u32)),
     p: &NormParams,
-    storage: &[(u32, TensorId)],
+    storage: &[(u32, Binding)],
 ) -> Result<()> {
-    let activation = activation_constant(activation);
     let planes = (p.batch * p.channels) as usize;
-    let in_quads = [[p.spatial, 0], p.x_at, p.dy_at, p.out_at].concat();
+    let in_quads = [[p.spatial, 0], p.x_at, p.dy_at, p.out_at, p.addend_at].concat();
     if in_quads.iter().any(|v| v % 4 != 0) {
-        let b = ctx.bind(storage);
         let len = planes * p.spatial as usize;
-        return ctx.dispatch_with((Shader::BatchNorm, entry, &[activation]), p, &b, len);
+        return ctx.dispatch_with((Shader::BatchNorm, entry, &[constant]), p, storage, len);
     }
-    let b = ctx.bind(
-        &storage
-            .iter()
-            .map(|&(slot, t)| (quad_slot(slot), t))
-            .collect::<Vec<_>>(),
-    );
+    let storage: Vec<(u32, Binding)> = (storage.iter())
+        .map(|(slot, b)| (quad_slot(*slot), b.clone()))
+        .collect();
     let runs = (p.spatial / 4).div_ceil(RUN_QUADS) as usize;
-    let constants = [activation, ("RUN", RUN_QUADS)];
-    ctx.dispatch_with((Shader::BatchNorm, quads, &constants), p, &b, planes * runs)
+    let constants = [constant, ("RUN", RUN_QUADS)];
+    ctx.dispatch_with(
+        (Shader::BatchNorm, quads, &constants),
+        p,
+        &storage,
+        planes * runs,
+    )
 }

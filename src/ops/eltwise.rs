@@ -304,6 +304,10 @@ impl Op for Add {
         Some(Rc::new(Activated::new(*self, activation)))
     }
 
+    fn is_sum(&self) -> bool {
+        true
+    }
+
     fn backward(
         &self,
         _g: &mut Graph,
