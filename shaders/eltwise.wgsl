@@ -75,6 +75,18 @@ fn add(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) n
     }
 }
 
+// A sum of two gradients carried on through the backward of the activation
+// whose output is bound as dy (graph::fusion: ResNet's block outputs, where
+// the gradient sum feeds the block's ReLU backward): the sum is never
+// written.
+@compute @workgroup_size(WG)
+fn add_activation_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = linear_index(gid, nwg);
+    if (i < p.len) {
+        out[at_out(i)] = activation_backward(ACTIVATION, dy[at_dy(i)], x[at_x(i)] + y[at_y(i)]);
+    }
+}
+
 // A 32-bit integer hash (low bias, full avalanche).
 fn mix(x: u32) -> u32 {
     var h = x;
@@ -144,6 +156,14 @@ fn add_quads(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgro
     let i = 4u * linear_index(gid, nwg);
     if (i < p.len) {
         out_quads[at_out(i) / 4u] = activate4(x_quads[at_x(i) / 4u] + y_quads[at_y(i) / 4u]);
+    }
+}
+
+@compute @workgroup_size(WG)
+fn add_activation_backward_quads(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = 4u * linear_index(gid, nwg);
+    if (i < p.len) {
+        out_quads[at_out(i) / 4u] = activation_backward4(dy_quads[at_dy(i) / 4u], x_quads[at_x(i) / 4u] + y_quads[at_y(i) / 4u]);
     }
 }
 

@@ -1048,12 +1048,13 @@ fn sums_fuse_into_batch_norm_data_gradients() {
     for shape in [[2, 3, 4, 4], [2, 5, 3, 7]] {
         for other in [Other::Direct, Other::Concatenated, Other::Later] {
             let c = shape[1];
-            let x0 = random(&shape, &mut rng);
-            let x = Activation::Relu.cpu_forward(&x0);
+            let x = random(&shape, &mut rng);
             let [gamma, beta, _, _] = random_norm_parameters(c, &mut rng);
             let (dy, d_other) = (random(&shape, &mut rng), random(&shape, &mut rng));
             let other_dx = match other {
-                Other::Later => Activation::Relu.cpu_backward(&x, &d_other),
+                Other::Later => {
+                    Activation::Relu.cpu_backward(&Activation::Relu.cpu_forward(&x), &d_other)
+                }
                 _ => d_other.clone(),
             };
             let (bn_dx, _, _) = norm.cpu_backward(&x, &gamma, &dy);
@@ -1063,7 +1064,9 @@ fn sums_fuse_into_batch_norm_data_gradients() {
 
             let mut g = Graph::new(true);
             let x0_id = g.leaf(shape.to_vec());
-            let x_id = g.apply1(Activation::Relu, &[x0_id]).unwrap();
+            // x an op's output (a concatenation takes only those); not an
+            // activation, whose backward would take the sum in its turn.
+            let x_id = g.apply1(AvgPool2d::new(1, 1), &[x0_id]).unwrap();
             let later =
                 matches!(other, Other::Later).then(|| g.apply1(Activation::Relu, &[x_id]).unwrap());
             let gamma_id = g.param("weight".into(), vec![c], Init::Zeros);
@@ -1094,7 +1097,7 @@ fn sums_fuse_into_batch_norm_data_gradients() {
             store.write(&gpu, 0, &gamma).unwrap();
             store.write(&gpu, 1, &beta).unwrap();
             let plan = Plan::new(&gpu, &g, &store, &Externals::new()).unwrap();
-            plan.write_f32(&gpu, &g, x0_id, &x0.data).unwrap();
+            plan.write_f32(&gpu, &g, x0_id, &x.data).unwrap();
             match other {
                 Other::Concatenated => {
                     let plane = shape[2] * shape[3];
@@ -1115,14 +1118,12 @@ fn sums_fuse_into_batch_norm_data_gradients() {
             let case = format!("{shape:?} {other:?}");
             let got = plan.read_f32(&gpu, &g, grads[&x_id]).unwrap();
             assert_op_close(&format!("{case} dx"), &got, &want);
-            // Graph::new keeps a buffer per tensor: only batch norm's own
-            // gradient, where it is fused, has none.
+            // Batch norm's own gradient, where it takes the sum.
             let elided = match other {
                 Other::Later => 0,
                 _ => 4 * x.data.len() as u64,
             };
-            let unallocated = plan.unshared_activation_bytes - plan.activation_bytes;
-            assert_eq!(unallocated, elided, "{case}: elided bytes");
+            assert_elided(&plan, elided, &case);
         }
     }
 }
@@ -1676,6 +1677,13 @@ fn activation_then(
     (y, dpre)
 }
 
+/// Asserts that the tensors fusion left without memory take `bytes`: in a
+/// `Graph::new` plan every other tensor has a buffer of its own.
+fn assert_elided(plan: &Plan, bytes: u64, what: &str) {
+    let unallocated = plan.unshared_activation_bytes - plan.activation_bytes;
+    assert_eq!(unallocated, bytes, "{what}: bytes left without memory");
+}
+
 struct Activated {
     result: common::OpResult,
     /// Activation bytes a buffer per tensor would take, less those planned.
@@ -1777,13 +1785,58 @@ fn activations_fuse_into_add() {
             assert_op_close(&format!("{case} y"), &got, &y.data);
             let got = plan.read_f32(&gpu, &g, grads[&a_id]).unwrap();
             assert_op_close(&format!("{case} gradient"), &got, &dsum.data);
-            // Graph::new keeps a buffer per tensor: only the elided sum has none.
-            let unallocated = plan.unshared_activation_bytes - plan.activation_bytes;
-            assert_eq!(
-                unallocated,
+            assert_elided(
+                &plan,
                 4 * sum.data.len() as u64,
-                "{case}: the sum is not elided"
+                &format!("{case}: the sum"),
             );
+        }
+    }
+}
+
+/// `y = act(x)` read twice (`y` itself and `y + other`): its gradient is
+/// the sum of the two, which the activation's backward reads alone, so one
+/// pass adds them and carries the sum through the backward (ResNet's block
+/// outputs); ReLU and sigmoid, vec4 and scalar paths; dx against the CPU
+/// and the sum elided.
+#[test]
+fn activation_backward_fuses_into_gradient_sums() {
+    let gpu = gpu();
+    let mut rng = Rng::new(59);
+    for shape in [[2, 3, 4, 4], [2, 3, 5, 7]] {
+        for activation in [Activation::Relu, Activation::Sigmoid] {
+            let (x, other) = (random(&shape, &mut rng), random(&shape, &mut rng));
+            let (dy, dsum) = (random(&shape, &mut rng), random(&shape, &mut rng));
+            let y = activation.cpu_forward(&x);
+            let total = CpuTensor::new(
+                &shape,
+                dy.data.iter().zip(&dsum.data).map(|(a, b)| a + b).collect(),
+            );
+            let dx = activation.cpu_backward(&y, &total);
+            let mut g = Graph::new(true);
+            let (x_id, other_id) = (g.leaf(shape.to_vec()), g.leaf(shape.to_vec()));
+            let y_id = g.apply1(activation, &[x_id]).unwrap();
+            let sum_id = g.apply1(d2l_wgpu::ops::Add, &[y_id, other_id]).unwrap();
+            let (dy_id, dsum_id) = (
+                g.input(shape.to_vec(), DType::F32),
+                g.input(shape.to_vec(), DType::F32),
+            );
+            let grads = autodiff::backward(&mut g, &[(y_id, dy_id), (sum_id, dsum_id)]).unwrap();
+            let store = ParamStore::new(&gpu, &g).unwrap();
+            let plan = Plan::new(&gpu, &g, &store, &Externals::new()).unwrap();
+            for (id, t) in [
+                (x_id, &x),
+                (other_id, &other),
+                (dy_id, &dy),
+                (dsum_id, &dsum),
+            ] {
+                plan.write_f32(&gpu, &g, id, &t.data).unwrap();
+            }
+            plan.run(&gpu);
+            let case = format!("{shape:?} {activation:?}");
+            let got = plan.read_f32(&gpu, &g, grads[&x_id]).unwrap();
+            assert_op_close(&format!("{case} dx"), &got, &dx.data);
+            assert_elided(&plan, 4 * x.data.len() as u64, &format!("{case}: the sum"));
         }
     }
 }
@@ -1898,13 +1951,8 @@ fn activation_backward_fuses_into_pool_gradients() {
                 "{case}: kernels {:?}",
                 plan.entry_points()
             );
-            // Graph::new keeps a buffer per tensor: only the elided gradient has none.
-            let unallocated = plan.unshared_activation_bytes - plan.activation_bytes;
-            assert_eq!(
-                unallocated,
-                4 * x.data.len() as u64,
-                "{case}: the gradient at y is not elided"
-            );
+            let what = format!("{case}: the gradient at y");
+            assert_elided(&plan, 4 * x.data.len() as u64, &what);
         }
     }
 }

@@ -6,10 +6,10 @@
 //! activation's backward reads its output, not its input, so the backward
 //! nodes stay as they are.
 //!
-//! Backward: a pooling gradient or a convolution's data gradient that only
-//! an activation's backward reads carries the gradient on through the
-//! activation as it stores, reading the activation's output, so the
-//! gradient at the activation's output is never written or kept. A sum
+//! Backward: a pooling gradient, a convolution's data gradient or a sum of
+//! gradients that only an activation's backward reads carries the gradient
+//! on through the activation as it stores, reading the activation's output,
+//! so the gradient at the activation's output is never written or kept. A sum
 //! of two gradients (a tensor read twice) whose one addend is batch norm's
 //! data gradient, read by nothing else, is added as that gradient is stored
 //! (DenseNet's concatenations).

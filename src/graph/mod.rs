@@ -173,8 +173,7 @@ pub trait Op: std::fmt::Debug {
 
     /// This op followed by `activation`'s backward, with the activation's
     /// output as one more input, where its kernels can (pooling gradients,
-    /// convolution data gradients);
-    /// see `fusion`.
+    /// convolution data gradients, sums); see `fusion`.
     fn with_activation_backward(&self, _activation: Activation) -> Option<Rc<dyn Op>> {
         None
     }

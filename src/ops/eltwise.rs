@@ -1,7 +1,9 @@
 //! Elementwise ops: activations and dropout with their backward rules, and
 //! the gradient sum autodiff inserts where a tensor feeds several nodes.
 
-use super::fused::{activation_constant, Activated, Epilogue};
+use super::fused::{
+    activation_constant, Activated, Epilogue, GradientEpilogue, WithActivationBackward,
+};
 use super::CpuTensor;
 use crate::gpu::Shader;
 use crate::graph::{Binding, DType, Graph, Op, PlanContext, Shape, Tensor, TensorId};
@@ -308,6 +310,10 @@ impl Op for Add {
         true
     }
 
+    fn with_activation_backward(&self, activation: Activation) -> Option<Rc<dyn Op>> {
+        WithActivationBackward::op(*self, activation)
+    }
+
     fn backward(
         &self,
         _g: &mut Graph,
@@ -317,6 +323,27 @@ impl Op for Add {
         _needs: &[bool],
     ) -> Result<Vec<Option<TensorId>>> {
         Ok(vec![output_grads[0], output_grads[0]])
+    }
+}
+
+/// A sum of gradients that only an activation's backward reads (ResNet's
+/// block outputs: the gradient from the next block's convolution plus its
+/// shortcut's): one pass, the sum never written.
+impl GradientEpilogue for Add {
+    fn plan_activation_backward(
+        &self,
+        ctx: &mut PlanContext,
+        inputs: &[TensorId],
+        outputs: &[TensorId],
+        activation: Activation,
+    ) -> Result<()> {
+        let kernel = (
+            "add_activation_backward",
+            "add_activation_backward_quads",
+            Some(activation),
+        );
+        let inputs = [(1, inputs[0]), (2, inputs[1]), (3, inputs[2])];
+        elementwise_quads(ctx, kernel, &inputs, outputs[0])
     }
 }
 
