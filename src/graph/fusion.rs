@@ -43,11 +43,9 @@ pub fn fuse_activations(graph: &Graph) -> (Vec<Node>, Vec<bool>) {
             });
         } else if node.op.is_sum() {
             // Autodiff adds the newer gradient second: try it first.
-            for (t, addend) in [
-                (node.inputs[1], node.inputs[0]),
-                (node.inputs[0], node.inputs[1]),
-            ] {
-                let merged = fusion.merge_with_producer(i, t, |first| {
+            let (a, b) = (node.inputs[0], node.inputs[1]);
+            [(b, a), (a, b)].into_iter().any(|(t, addend)| {
+                fusion.merge_with_producer(i, t, |first| {
                     let fused = first.op.with_addend()?;
                     (first.outputs.len() == 1).then(|| {
                         (
@@ -56,11 +54,8 @@ pub fn fuse_activations(graph: &Graph) -> (Vec<Node>, Vec<bool>) {
                             node.outputs.clone(),
                         )
                     })
-                });
-                if merged {
-                    break;
-                }
-            }
+                })
+            });
         }
     }
     let nodes = fusion.nodes.into_iter().flatten().collect();

@@ -458,20 +458,16 @@ impl Op for BatchNormBackwardData {
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
         let (x, dy, dx) = (inputs[0], inputs[1], outputs[0]);
         let mut p = self.norm.params(ctx, (x, Some(dy), Some(dx)), 1);
-        let slots = [1, 2, 11, 12, 3, 15, 16];
+        let slots = [1, 2, 11, 12, 3, 15, 16, ADDEND];
         let tensors: Vec<(u32, TensorId)> =
             slots.iter().copied().zip(inputs.iter().copied()).collect();
         let mut storage = ctx.bind(&tensors);
         storage.push((10, ctx.binding(dx)));
-        // Without an addend the kernels still bind one (a stand-in, never read).
-        let addend = match self.addend {
-            true => {
-                p.addend_at = ctx.layout(inputs[7]);
-                ctx.binding(inputs[7])
-            }
-            false => ctx.scratch(16)?,
-        };
-        storage.push((ADDEND, addend));
+        match inputs.get(7) {
+            Some(&addend) => p.addend_at = ctx.layout(addend),
+            // The kernels bind an addend anyway: a stand-in, never read.
+            None => storage.push((ADDEND, ctx.scratch(16)?)),
+        }
         let kernel = (
             ("backward_data", "backward_data_quads"),
             ("ADDEND", self.addend as u32),
