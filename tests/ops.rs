@@ -1878,6 +1878,54 @@ fn activations_fuse_into_batch_norm() {
     }
 }
 
+/// DenseNet's `cat(x, f(relu(batch_norm(x))))`: batch norm reads a
+/// concatenated branch, and the concatenation's node comes after f. The
+/// branch is written before batch norm runs, so the ReLU still runs in
+/// batch norm's pass (the pre-activation gets no memory); y against the CPU.
+#[test]
+fn activations_fuse_into_batch_norm_of_a_concatenated_branch() {
+    let gpu = gpu();
+    let mut rng = Rng::new(59);
+    let shape = [2, 3, 4, 4];
+    let c = shape[1];
+    let x = random(&shape, &mut rng);
+    let [gamma, beta, rm, rv] = random_norm_parameters(c, &mut rng);
+    let norm = BatchNorm::new(true);
+    let y = Activation::Relu.cpu_forward(&norm.cpu_train(&x, &gamma, &beta, (&rm, &rv)).y);
+
+    let mut g = Graph::new(true);
+    let x0_id = g.leaf(shape.to_vec());
+    // x an op's output: a concatenation takes only those.
+    let x_id = g.apply1(AvgPool2d::new(1, 1), &[x0_id]).unwrap();
+    let gamma_id = g.param("weight".into(), vec![c], Init::Zeros);
+    let beta_id = g.param("bias".into(), vec![c], Init::Zeros);
+    let mean = g.state("running_mean".into(), vec![c], Init::Zeros);
+    let var = g.state("running_var".into(), vec![c], Init::Ones);
+    let pre = g
+        .apply1(norm, &[x_id, gamma_id, beta_id, mean, var])
+        .unwrap();
+    let y_id = g.apply1(Activation::Relu, &[pre]).unwrap();
+    let branch = g.apply1(AvgPool2d::new(1, 1), &[y_id]).unwrap();
+    g.concat(&[x_id, branch]).unwrap();
+    let store = ParamStore::new(&gpu, &g).unwrap();
+    store.write(&gpu, 0, &gamma).unwrap();
+    store.write(&gpu, 1, &beta).unwrap();
+    let plan = Plan::new(&gpu, &g, &store, &Externals::new()).unwrap();
+    plan.write_f32(&gpu, &g, x0_id, &x.data).unwrap();
+    plan.run(&gpu);
+    let got = plan.read_f32(&gpu, &g, y_id).unwrap();
+    assert_op_close(
+        "batch norm of a concatenated branch + relu: y",
+        &got,
+        &y.data,
+    );
+    assert_elided(
+        &plan,
+        4 * x.data.len() as u64,
+        "batch norm's pre-activation",
+    );
+}
+
 /// `pool(act(x))` with average and max pooling, ReLU and sigmoid: the
 /// activation's backward runs inside the pooling gradient's kernel (the
 /// gradient at the activation's output gets no memory); dx against the CPU.

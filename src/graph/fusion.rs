@@ -135,12 +135,14 @@ impl Fusion<'_> {
         true
     }
 
-    /// Whether tensor `t`, or a tensor it is a view or slice of, is
-    /// written by a node after node `j`.
+    /// Whether the node that writes tensor `t` runs after node `j`: its
+    /// producer, or where it has none (a gradient's slice, a view) the
+    /// writer of the tensor it is a slice or view of. A concatenated
+    /// branch's own producer writes it, not the concatenation's node after.
     fn written_after(&self, mut t: TensorId, j: usize) -> bool {
         loop {
-            if self.producer[t.0].is_some_and(|k| k > j) {
-                return true;
+            if let Some(k) = self.producer[t.0] {
+                return k > j;
             }
             match self.graph.tensor(t).storage {
                 Storage::View(of) | Storage::ChannelSlice { of, .. } => t = of,
