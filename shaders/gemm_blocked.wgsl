@@ -232,6 +232,16 @@ fn finish(v: f32, i: u32) -> f32 {
     return activate(v);
 }
 
+// The data gradient of a 1x1 convolution with stride 2 and no padding
+// (ResNet's shortcuts) reaches only dx's even rows and columns. Where dx is
+// twice dy in both axes, dy's rows an even width and dx's rows whole vec4s,
+// the one tapped phase stores the other three's zeros beside its results:
+// each two columns of a tile row (dx columns 2j and 2j + 2 of an even row)
+// as one vec4 with a zero after each, and the odd row below them as a vec4
+// of zeros. dx is written once, where a pass of zeros first wrote it all
+// and the phase then stored a float at a time.
+override ZERO_PHASES: bool = false;
+
 // Results v as elements i..i+3 of C store them (QUAD_STORES; act_out's
 // planes are C's, so its offsets are whole vec4s where C's are).
 fn finish4(v: vec4<f32>, i: u32) -> vec4<f32> {
@@ -251,6 +261,14 @@ fn store(t: mat4x4<f32>, at: u32, r: u32, tile_row: u32, columns: vec4<u32>) {
             if (live && columns[0] != NO_COLUMN) {
                 let e = at + row * p.dst_plane + columns[0];
                 c_quads[e / 4u] = finish4(t[i], e);
+            }
+        } else if (ZERO_PHASES) {
+            for (var j = 0u; j < 4u; j += 2u) {
+                if (live && columns[j] != NO_COLUMN) {
+                    let e = at + row * p.dst_plane + columns[j];
+                    c_quads[e / 4u] = finish4(vec4<f32>(t[i][j], 0.0, t[i][j + 1u], 0.0), e);
+                    c_quads[(e + p.dst_row / 2u) / 4u] = vec4<f32>(0.0);
+                }
             }
         } else {
             // Each value is finished outside the branch: a load of act_out

@@ -88,15 +88,21 @@ fn conv2d_matches_cpu_on_awkward_shapes() {
     let mut rng = Rng::new(7);
     // The filter gradient's lanes per column run (blocked::k_lanes): 8, 4,
     // 2 (192 1x1 taps; pointwise, 5) and 1 (256 taps; pointwise, 128, its
-    // 4,500 terms in splits of 1,500: a panel of 8 k straddles two).
+    // 4,500 terms in splits of 1,500: a panel of 8 k straddles two). 1x1
+    // stride-2 data gradients store the untapped phases' zeros beside their
+    // results where dy's rows are even ([2, 4, 8, 8]; [3, 5, 6, 4], whose
+    // last four columns hold one pair) and leave them to a pass of zeros
+    // where not (odd rows of dy: [2, 3, 6, 6]; dx not twice dy: 11 x 11).
     type Case = ([usize; 4], [usize; 4], (usize, usize), (usize, usize)); // x, weight, stride, padding
-    let cases: [Case; 16] = [
+    let cases: [Case; 18] = [
         ([1, 1, 5, 5], [1, 1, 3, 3], (1, 1), (0, 0)),
         ([2, 5, 6, 6], [3, 5, 3, 3], (1, 1), (1, 1)),
         ([2, 192, 3, 3], [5, 192, 1, 1], (1, 1), (0, 0)),
         ([2, 256, 3, 2], [3, 256, 1, 1], (1, 1), (0, 0)),
         ([5, 128, 30, 30], [3, 128, 1, 1], (1, 1), (0, 0)),
         ([2, 4, 8, 8], [3, 4, 1, 1], (2, 2), (0, 0)),
+        ([3, 5, 6, 4], [7, 5, 1, 1], (2, 2), (0, 0)),
+        ([2, 3, 6, 6], [4, 3, 1, 1], (2, 2), (0, 0)),
         ([3, 5, 6, 6], [7, 5, 1, 1], (1, 1), (0, 0)),
         ([2, 3, 5, 5], [6, 3, 1, 1], (1, 1), (0, 0)),
         ([2, 2, 4, 21], [3, 2, 2, 17], (1, 2), (0, 1)),
@@ -116,7 +122,15 @@ fn conv2d_matches_cpu_on_awkward_shapes() {
         gpu.tuning.gemm = kernel;
         let conv = Conv2d { stride, padding };
         let case = format!("{kernel:?} conv x{xs:?} w{ws:?} stride {stride:?} padding {padding:?}");
-        check_conv(&gpu, conv, (xs, ws), &mut rng, &case);
+        let entries = check_conv(&gpu, conv, (xs, ws), &mut rng, &case);
+        let shortcut = (ws[2], ws[3], stride) == (1, 1, (2, 2));
+        let stores_zeros = xs[2] % 2 == 0 && xs[3] % 4 == 0;
+        let blocked = matches!(kernel, GemmKernel::Blocked { .. });
+        assert_eq!(
+            entries.iter().any(|e| e.starts_with("zeros")),
+            blocked && shortcut && !stores_zeros,
+            "{case}: a pass of zeros: {entries:?}"
+        );
     }
 }
 

@@ -550,12 +550,12 @@ impl RowConv {
 /// along x (folded into z past the grid limit) and row tiles along y, or
 /// the other way round (lane groups along y and z) where the adapter's
 /// tuning walks this A row tiles first; the kernel applies `activation` to
-/// what it stores.
+/// what it stores, and takes `more` pipeline constants.
 pub fn dispatch(
     ctx: &mut PlanContext,
     (entry, activation): (&'static str, Option<Activation>),
     workgroup: u32,
-    params: &BlockedParams,
+    (params, more): (&BlockedParams, &[(&'static str, u32)]),
     storage: &[(u32, Binding)],
 ) -> Result<()> {
     let (lane_groups, row_tiles) = tiles(params, workgroup);
@@ -564,17 +564,18 @@ pub fn dispatch(
         GemmKernel::Blocked { rows_first_bytes, .. } if params.a_bytes() <= rows_first_bytes);
     let grid = if rows_first { [y, x, z] } else { [x, y, z] };
     let lanes = (workgroup, 1);
-    let quads = [
+    let mut constants = vec![
         ("QUAD_STORES", params.stores_whole_quads() as u32),
         ("POINTWISE", params.reads_whole_quads() as u32),
         ("ROWS_FIRST", rows_first as u32),
     ];
+    constants.extend_from_slice(more);
     let storage = with_quad_view(ctx, storage, (7, 14))?;
     record(
         ctx,
         (entry, activation),
         lanes,
-        (params, &quads),
+        (params, &constants),
         &storage,
         grid,
     )

@@ -341,6 +341,20 @@ impl ConvParams {
         })
     }
 
+    /// Whether the blocked data gradient's one tapped phase stores the
+    /// zeros of the three its 1x1 kernel with stride 2 leaves untapped (the
+    /// shader's `ZERO_PHASES`): dx exactly twice dy in both axes, dy's rows
+    /// an even width, so that each two of a phase row's pixels and the
+    /// row below them are two vec4s of dx, and dx's layout whole vec4s
+    /// (act_out's too: it has dx's planes).
+    fn stores_untapped_zeros(&self) -> bool {
+        let shortcut = (self.kh, self.kw, self.pad_h, self.pad_w) == (1, 1, 0, 0)
+            && (self.stride_h, self.stride_w) == (2, 2);
+        let doubled = self.h == 2 * self.ho && self.w == 2 * self.wo && self.wo.is_multiple_of(2);
+        let layouts = [self.dx_at, self.x_at].concat();
+        shortcut && doubled && layouts.iter().all(|v| v.is_multiple_of(4))
+    }
+
     /// The blocked kernels' uniform with this convolution's geometry: x is
     /// gathered at (oy * stride - pad + ky, ox * stride - pad + kx).
     fn blocked(&self) -> BlockedParams {
@@ -400,7 +414,7 @@ fn plan_blocked_forward(
         (4, ctx.binding(y)),
         (7, ctx.binding(inputs[0])),
     ];
-    blocked::dispatch(ctx, kernel, workgroup, &params, &storage)
+    blocked::dispatch(ctx, kernel, workgroup, (&params, &[]), &storage)
 }
 
 /// dx from dy and the weight. Keeps the input shape, which the output shape
@@ -499,8 +513,10 @@ impl Conv2dBackwardData {
 /// land on that phase, flipped (`conv_transposed` in
 /// `shaders/gemm_blocked.wgsl`), rows = input channels. One phase when the
 /// stride is 1. Phases no tap reaches (a kernel narrower than its stride)
-/// are zeroed in one pass over dx first (which the backward of ReLU or a
-/// sigmoid leaves zero). With `through`, the stores carry the gradient on
+/// are stored as zeros beside the tapped phase's results where the
+/// geometry allows (`ConvParams::stores_untapped_zeros`), else zeroed in
+/// one pass over dx first (which the backward of ReLU or a sigmoid leaves
+/// zero). With `through`, the stores carry the gradient on
 /// through the activation's backward, from its output at `p.x_at`.
 fn plan_blocked_backward_data(
     ctx: &mut PlanContext,
@@ -518,7 +534,8 @@ fn plan_blocked_backward_data(
         .map(|rx| Phase::new(rx, p.w, p.kw, p.stride_w, p.pad_w))
         .collect();
     let untapped = |phases: &[Phase]| phases.iter().any(|ph| ph.pixels > 0 && ph.taps == 0);
-    if untapped(&row_phases) || untapped(&col_phases) {
+    let zeros_stored = p.stores_untapped_zeros();
+    if (untapped(&row_phases) || untapped(&col_phases)) && !zeros_stored {
         eltwise::fill_zeros(ctx, dx)?;
     }
     for (ry, rows) in (0..).zip(&row_phases) {
@@ -598,7 +615,8 @@ fn plan_blocked_backward_data(
             ];
             storage.extend((act_out.clone()).map(|(y, _)| (blocked::ACT_OUT, y)));
             let kernel = ("conv_transposed", activation);
-            blocked::dispatch(ctx, kernel, workgroup, &params, &storage)?;
+            let zeros = [("ZERO_PHASES", zeros_stored as u32)];
+            blocked::dispatch(ctx, kernel, workgroup, (&params, &zeros), &storage)?;
         }
     }
     Ok(())

@@ -137,7 +137,13 @@ impl MatMul {
             }
             None => "matmul",
         };
-        blocked::dispatch(ctx, (entry, activation), workgroup, &params, &storage)
+        blocked::dispatch(
+            ctx,
+            (entry, activation),
+            workgroup,
+            (&params, &[]),
+            &storage,
+        )
     }
 
     /// CPU reference.
