@@ -92,9 +92,11 @@ fn conv2d_matches_cpu_on_awkward_shapes() {
     // stride-2 data gradients store the untapped phases' zeros beside their
     // results where dy's rows are even ([2, 4, 8, 8]; [3, 5, 6, 4], whose
     // last four columns hold one pair) and leave them to a pass of zeros
-    // where not (odd rows of dy: [2, 3, 6, 6]; dx not twice dy: 11 x 11).
+    // where not (odd rows of dy: [2, 3, 6, 6]; dx not twice dy: 11 x 11);
+    // a tile's four columns from two rows of dy (6 x 6), and several K
+    // splits of the filter gradient (30 x 30 at batch 5).
     type Case = ([usize; 4], [usize; 4], (usize, usize), (usize, usize)); // x, weight, stride, padding
-    let cases: [Case; 18] = [
+    let cases: [Case; 20] = [
         ([1, 1, 5, 5], [1, 1, 3, 3], (1, 1), (0, 0)),
         ([2, 5, 6, 6], [3, 5, 3, 3], (1, 1), (1, 1)),
         ([2, 192, 3, 3], [5, 192, 1, 1], (1, 1), (0, 0)),
@@ -103,6 +105,8 @@ fn conv2d_matches_cpu_on_awkward_shapes() {
         ([2, 4, 8, 8], [3, 4, 1, 1], (2, 2), (0, 0)),
         ([3, 5, 6, 4], [7, 5, 1, 1], (2, 2), (0, 0)),
         ([2, 3, 6, 6], [4, 3, 1, 1], (2, 2), (0, 0)),
+        ([3, 20, 12, 12], [36, 20, 1, 1], (2, 2), (0, 0)),
+        ([5, 16, 60, 60], [3, 16, 1, 1], (2, 2), (0, 0)),
         ([3, 5, 6, 6], [7, 5, 1, 1], (1, 1), (0, 0)),
         ([2, 3, 5, 5], [6, 3, 1, 1], (1, 1), (0, 0)),
         ([2, 2, 4, 21], [3, 2, 2, 17], (1, 2), (0, 1)),
