@@ -499,6 +499,15 @@ pub struct NodeCost {
 pub struct NodeTime {
     pub cost: NodeCost,
     pub seconds: f64,
+    /// GPU seconds of a run of `Plan::profile`'s reference plan around
+    /// this node (nodes with FLOPs, where there is a reference).
+    pub reference_seconds: Option<f64>,
+}
+
+/// What `Plan::profile` times as one compute pass.
+enum Profiled<'a> {
+    Dispatch(&'a Dispatch),
+    Reference(&'a Plan),
 }
 
 pub struct Plan {
@@ -798,8 +807,13 @@ impl Plan {
 
     /// GPU seconds of every node that dispatches work, from timestamp
     /// queries around one compute pass per dispatch (needs
-    /// `Features::TIMESTAMP_QUERY`).
-    pub fn profile(&self, gpu: &Gpu) -> Result<Vec<NodeTime>> {
+    /// `Features::TIMESTAMP_QUERY`). With a `reference` plan, a whole run
+    /// of it is timed the same way before each node with FLOPs and after
+    /// the last dispatch, and each such node carries the mean of the runs
+    /// just before and after it: a rate to compare the node's with, taken
+    /// under the same load (a shared machine's speed swings within
+    /// seconds).
+    pub fn profile(&self, gpu: &Gpu, reference: Option<&Plan>) -> Result<Vec<NodeTime>> {
         if !gpu
             .device
             .features()
@@ -808,9 +822,11 @@ impl Plan {
             bail!("adapter {:?} has no timestamp queries", gpu.info.name);
         }
         let seconds_per_tick = f64::from(gpu.queue.get_timestamp_period()) * 1e-9;
+        let (passes, run_before) = self.profiled_passes(reference);
         let mut seconds = vec![0.0; self.costs.len()];
-        // A query set holds at most 4096 queries: two per dispatch.
-        for chunk in self.dispatches.chunks(2048) {
+        let mut reference_runs = Vec::new();
+        // A query set holds at most 4096 queries: two per pass.
+        for chunk in passes.chunks(2048) {
             let count = 2 * chunk.len() as u32;
             let queries = gpu.device.create_query_set(&wgpu::QuerySetDescriptor {
                 label: Some("profile"),
@@ -824,34 +840,72 @@ impl Plan {
                 mapped_at_creation: false,
             });
             let mut encoder = gpu.device.create_command_encoder(&Default::default());
-            for (i, d) in chunk.iter().enumerate() {
+            for (i, timed) in chunk.iter().enumerate() {
+                let label = match timed {
+                    Profiled::Dispatch(d) => &d.label,
+                    Profiled::Reference(_) => "reference",
+                };
                 let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                    label: Some(&d.label),
+                    label: Some(label),
                     timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
                         query_set: &queries,
                         beginning_of_pass_write_index: Some(2 * i as u32),
                         end_of_pass_write_index: Some(2 * i as u32 + 1),
                     }),
                 });
-                d.record(&mut pass);
+                match timed {
+                    Profiled::Dispatch(d) => d.record(&mut pass),
+                    Profiled::Reference(plan) => plan.record(&mut pass),
+                }
             }
             encoder.resolve_query_set(&queries, 0..count, &resolved, 0);
             gpu.queue.submit([encoder.finish()]);
             let bytes = gpu.read_bytes(&resolved, 0, 8 * u64::from(count))?;
             let ticks: &[u64] = bytemuck::cast_slice(&bytes);
-            for (d, t) in chunk.iter().zip(ticks.chunks_exact(2)) {
-                seconds[d.node] += t[1].saturating_sub(t[0]) as f64 * seconds_per_tick;
+            for (timed, t) in chunk.iter().zip(ticks.chunks_exact(2)) {
+                let elapsed = t[1].saturating_sub(t[0]) as f64 * seconds_per_tick;
+                match timed {
+                    Profiled::Dispatch(d) => seconds[d.node] += elapsed,
+                    Profiled::Reference(_) => reference_runs.push(elapsed),
+                }
             }
         }
         let dispatching: std::collections::HashSet<usize> =
             self.dispatches.iter().map(|d| d.node).collect();
-        Ok((self.costs.iter().zip(seconds).enumerate())
+        let around = |run: usize| (reference_runs[run] + reference_runs[run + 1]) / 2.0;
+        Ok((self.costs.iter().zip(seconds).zip(run_before).enumerate())
             .filter(|(node, _)| dispatching.contains(node))
-            .map(|(_, (cost, seconds))| NodeTime {
+            .map(|(_, ((cost, seconds), run))| NodeTime {
                 cost: cost.clone(),
                 seconds,
+                reference_seconds: run.map(around),
             })
             .collect())
+    }
+
+    /// The passes `profile` times, in order: every dispatch, and with a
+    /// reference, a run of it before each node with FLOPs and after the
+    /// last. Also, per node, the reference run just before it.
+    fn profiled_passes<'a>(
+        &'a self,
+        reference: Option<&'a Plan>,
+    ) -> (Vec<Profiled<'a>>, Vec<Option<usize>>) {
+        let mut passes = Vec::new();
+        let mut run_before = vec![None; self.costs.len()];
+        let mut runs = 0;
+        for (i, d) in self.dispatches.iter().enumerate() {
+            let starts_node = i == 0 || self.dispatches[i - 1].node != d.node;
+            if let Some(plan) = reference.filter(|_| starts_node && self.costs[d.node].flops > 0) {
+                run_before[d.node] = Some(runs);
+                passes.push(Profiled::Reference(plan));
+                runs += 1;
+            }
+            passes.push(Profiled::Dispatch(d));
+        }
+        if let Some(plan) = reference.filter(|_| runs > 0) {
+            passes.push(Profiled::Reference(plan));
+        }
+        (passes, run_before)
     }
 
     /// One step: one command encoder, one compute pass, one submit.

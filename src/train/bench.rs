@@ -34,11 +34,16 @@ pub struct BenchReport {
 /// product's rate meanwhile.
 pub struct Profile {
     pub ops: Vec<OpProfile>,
-    /// SGEMM GFLOP/s (`A^T B`, `PROBE_SIZE`^3): the median of one product
-    /// timed after each profiled step, so that each op's rate compares with
-    /// the kernel's under the same load (a shared machine's speed drifts by
-    /// a third within minutes).
-    pub gemm_gflops: f64,
+    /// SGEMM's rate (`A^T B`, `PROBE_SIZE`^3), timed around each op with
+    /// FLOPs in each profiled step (see `OpProfile::sgemm_seconds`).
+    pub gemm: GemmRates,
+}
+
+/// GFLOP/s of the products timed during a profile.
+pub struct GemmRates {
+    pub median: f64,
+    pub slowest: f64,
+    pub fastest: f64,
 }
 
 /// The matrix size of the product that `Profile::gemm_gflops` times.
@@ -57,6 +62,11 @@ pub struct OpProfile {
     pub count: usize,
     pub seconds: f64,
     pub flops: u64,
+    /// Seconds the same FLOPs would take at SGEMM's rate, each node's at
+    /// the rate timed just before and after it: `sgemm_seconds / seconds`
+    /// is the op's rate as a share of SGEMM's under the same load (a
+    /// shared machine's speed swings by a third within seconds).
+    pub sgemm_seconds: f64,
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -95,31 +105,49 @@ fn time_steps(
 }
 
 /// Every node's median GPU time over `steps` profiled runs of `plan` (one
-/// run's times swing by a third on a shared machine), and the median rate
-/// of the matrix product timed once after each run.
+/// run's times swing by a third on a shared machine), beside the median
+/// time of the matrix product timed around it in each run.
 fn median_profile(gpu: &Gpu, plan: &Plan, steps: usize) -> Result<Profile> {
     let product = MatMul {
         transpose_a: true,
         transpose_b: false,
     };
     let probe = GemmProbe::new(gpu, product, PROBE_SIZE)?;
-    let (mut runs, mut gemm_seconds) = (Vec::new(), Vec::new());
-    for _ in 0..steps.max(1) {
-        runs.push(plan.profile(gpu)?);
-        gemm_seconds.push(probe.seconds(gpu)?);
-    }
+    let runs = (0..steps.max(1))
+        .map(|_| plan.profile(gpu, Some(&probe.plan)))
+        .collect::<Result<Vec<_>>>()?;
     let mut nodes = runs[0].clone();
     for (i, node) in nodes.iter_mut().enumerate() {
         node.seconds = median(runs.iter().map(|run| run[i].seconds).collect());
+        node.reference_seconds = (node.reference_seconds.is_some()).then(|| {
+            median(
+                runs.iter()
+                    .filter_map(|run| run[i].reference_seconds)
+                    .collect(),
+            )
+        });
     }
+    let mut around: Vec<f64> = (runs.iter().flatten())
+        .filter_map(|node| node.reference_seconds)
+        .collect();
+    if around.is_empty() {
+        around.push(probe.seconds(gpu)?);
+    }
+    around.sort_by(f64::total_cmp);
+    let gemm = GemmRates {
+        median: probe.gflops(median(around.clone())),
+        slowest: probe.gflops(around[around.len() - 1]),
+        fastest: probe.gflops(around[0]),
+    };
     Ok(Profile {
-        ops: by_op(nodes),
-        gemm_gflops: probe.gflops(median(gemm_seconds)),
+        ops: by_op(nodes, probe.flops()),
+        gemm,
     })
 }
 
-/// Sums the nodes with the same label, largest total first.
-fn by_op(times: Vec<NodeTime>) -> Vec<OpProfile> {
+/// Sums the nodes with the same label, largest total first; each node
+/// with a reference time compares with a product of `reference_flops`.
+fn by_op(times: Vec<NodeTime>, reference_flops: f64) -> Vec<OpProfile> {
     let mut rows: Vec<OpProfile> = Vec::new();
     let mut index: HashMap<String, usize> = HashMap::new();
     for t in times {
@@ -129,12 +157,15 @@ fn by_op(times: Vec<NodeTime>) -> Vec<OpProfile> {
                 count: 0,
                 seconds: 0.0,
                 flops: 0,
+                sgemm_seconds: 0.0,
             });
             rows.len() - 1
         });
         rows[i].count += 1;
         rows[i].seconds += t.seconds;
         rows[i].flops += t.cost.flops;
+        let per_flop = t.reference_seconds.unwrap_or(0.0) / reference_flops;
+        rows[i].sgemm_seconds += t.cost.flops as f64 * per_flop;
     }
     rows.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
     rows
@@ -204,9 +235,14 @@ impl GemmProbe {
         Ok(start.elapsed().as_secs_f64())
     }
 
-    /// GFLOP/s (2 per multiply-add) of a product that took `seconds`.
+    /// Floating-point operations of one product (2 per multiply-add).
+    fn flops(&self) -> f64 {
+        2.0 * (self.n as f64).powi(3)
+    }
+
+    /// GFLOP/s of a product that took `seconds`.
     fn gflops(&self, seconds: f64) -> f64 {
-        2.0 * (self.n as f64).powi(3) / seconds / 1e9
+        self.flops() / seconds / 1e9
     }
 }
 
@@ -218,4 +254,46 @@ pub fn gemm_gflops(gpu: &Gpu, product: MatMul, n: usize, reps: usize) -> Result<
         .map(|_| probe.seconds(gpu))
         .collect::<Result<Vec<_>>>()?;
     Ok(probe.gflops(median(seconds)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::by_op;
+    use crate::graph::{NodeCost, NodeTime};
+
+    fn node(label: &str, flops: u64, seconds: f64, reference_seconds: Option<f64>) -> NodeTime {
+        let label = label.to_string();
+        NodeTime {
+            cost: NodeCost { label, flops },
+            seconds,
+            reference_seconds,
+        }
+    }
+
+    /// Nodes with the same label share a row; each node's FLOPs are priced
+    /// at the SGEMM rate timed around that node, not an average rate.
+    #[test]
+    fn each_node_compares_with_the_sgemm_timed_around_it() {
+        // A reference product of 100 FLOPs: 1 s before the first conv, 4 s
+        // before the second (a slower spell).
+        let rows = by_op(
+            vec![
+                node("conv", 50, 2.0, Some(1.0)),
+                node("relu", 0, 0.5, None),
+                node("conv", 20, 3.0, Some(4.0)),
+            ],
+            100.0,
+        );
+        let conv = rows.iter().find(|r| r.label == "conv").unwrap();
+        assert_eq!((conv.count, conv.flops, conv.seconds), (2, 70, 5.0));
+        // 50 FLOPs at 1 s per 100, 20 at 4 s per 100.
+        assert!(
+            (conv.sgemm_seconds - (0.5 + 0.8)).abs() < 1e-12,
+            "{}",
+            conv.sgemm_seconds
+        );
+        let relu = rows.iter().find(|r| r.label == "relu").unwrap();
+        assert_eq!(relu.sgemm_seconds, 0.0);
+        assert_eq!(rows[0].label, "conv", "largest total first");
+    }
 }
