@@ -1006,17 +1006,31 @@ fn conv_filter_gradient(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_in
 // channels, and four consecutive pixels of a channel are one vec4 of x
 // (x_quads), so B's rows for four k are 16 vec4 loads transposed four
 // channels at a time, where the window kernel gathers every float on its
-// own and works out where it lives. A trip takes one panel of A: 8 k
+// own and works out where it lives. A, dy's channels at those pixels,
+// comes from dy the same way (bound as a, at p.dy_at: its planes have x's
+// pixels), not from a k-major copy, whose packing pass (a transpose of all
+// of dy) cost about a sixth of the op: dy_panel and dy_quad_rows, in
+// gemm_blocked_a.wgsl and gemm_blocked_a_subgroup.wgsl. A trip takes 8 k
 // (K_LANES 1) or 4 (K_LANES 2, the most this kernel takes).
 struct PixelQuad {
     at: u32,   // x_quads index of the four pixels in the first channel
     quad: u32, // which four of the sample's pixels
+    dy: u32,   // a's index of the four pixels in dy's first channel
 }
 
 fn next_pixel_quad(q: PixelQuad) -> PixelQuad {
     let wraps = q.quad + 1u == p.pixels / 4u;
     let next_sample = q.at + 1u + (p.x_at.y - p.pixels) / 4u;
-    return PixelQuad(select(q.at + 1u, next_sample, wraps), select(q.quad + 1u, 0u, wraps));
+    let next_dy = q.dy + 1u + (p.dy_at.y - p.pixels) / 4u;
+    return PixelQuad(select(q.at + 1u, next_sample, wraps), select(q.quad + 1u, 0u, wraps), select(q.dy + 1u, next_dy, wraps));
+}
+
+// The tile's row quad r (dy's channels 4r..4r+3, past the last one the
+// last, never stored) at the four pixels from a[at] on: column j is pixel j.
+fn dy_row_quad(at: u32, r: u32) -> mat4x4<f32> {
+    let plane = p.pixels / 4u;
+    let c = min(vec4<u32>(r * 4u) + vec4<u32>(0u, 1u, 2u, 3u), vec4<u32>(p.m - 1u));
+    return transpose(mat4x4<f32>(a[at + c.x * plane], a[at + c.y * plane], a[at + c.z * plane], a[at + c.w * plane]));
 }
 
 // Row s is pixel s of the four channels whose planes start `planes` (in
@@ -1026,19 +1040,17 @@ fn channel_pixels(at: u32, planes: vec4<u32>, live: bool) -> mat4x4<f32> {
     return transpose(m) * select(0.0, 1.0, live);
 }
 
-// t += A B for the four k of panel slots j0..j0+3, B's 16 columns being
-// the four channels of each of c0..c3.
-fn accumulate_pixels(t: ptr<function, Tile>, a_k: APanel, j0: u32, c0: mat4x4<f32>, c1: mat4x4<f32>, c2: mat4x4<f32>, c3: mat4x4<f32>) {
-    accumulate(t, panel_rows(a_k, j0), array<vec4<f32>, 4>(c0[0], c1[0], c2[0], c3[0]));
-    accumulate(t, panel_rows(a_k, j0 + 1u), array<vec4<f32>, 4>(c0[1], c1[1], c2[1], c3[1]));
-    accumulate(t, panel_rows(a_k, j0 + 2u), array<vec4<f32>, 4>(c0[2], c1[2], c2[2], c3[2]));
-    accumulate(t, panel_rows(a_k, j0 + 3u), array<vec4<f32>, 4>(c0[3], c1[3], c2[3], c3[3]));
-}
-
-// t += A B for the four k at pixel quad q.
-fn accumulate_quad(t: ptr<function, Tile>, a_k: APanel, j0: u32, q: PixelQuad, planes: array<vec4<u32>, 4>, live: bool) {
-    accumulate_pixels(t, a_k, j0, channel_pixels(q.at, planes[0], live), channel_pixels(q.at, planes[1], live),
-        channel_pixels(q.at, planes[2], live), channel_pixels(q.at, planes[3], live));
+// t += A B for the four k of pixel quad q, B's 16 columns being the four
+// channels of each of `planes`.
+fn accumulate_quad(t: ptr<function, Tile>, d: DyPanel, q: PixelQuad, planes: array<vec4<u32>, 4>, live: bool) {
+    let c0 = channel_pixels(q.at, planes[0], live);
+    let c1 = channel_pixels(q.at, planes[1], live);
+    let c2 = channel_pixels(q.at, planes[2], live);
+    let c3 = channel_pixels(q.at, planes[3], live);
+    accumulate(t, dy_quad_rows(d, 0u), array<vec4<f32>, 4>(c0[0], c1[0], c2[0], c3[0]));
+    accumulate(t, dy_quad_rows(d, 1u), array<vec4<f32>, 4>(c0[1], c1[1], c2[1], c3[1]));
+    accumulate(t, dy_quad_rows(d, 2u), array<vec4<f32>, 4>(c0[2], c1[2], c2[2], c3[2]));
+    accumulate(t, dy_quad_rows(d, 3u), array<vec4<f32>, 4>(c0[3], c1[3], c2[3], c3[3]));
 }
 
 @compute @workgroup_size(WG)
@@ -1059,14 +1071,14 @@ fn conv_filter_gradient_pointwise(@builtin(workgroup_id) wid: vec3<u32>, @builti
     let k1 = min(p.k, k0 + p.k_split);
     let sample = k0 / p.pixels;
     let quad = (k0 - sample * p.pixels) / 4u;
-    var q = PixelQuad((p.x_at.x + sample * p.x_at.y) / 4u + quad, quad);
+    let dy_at = (p.dy_at.x + sample * p.dy_at.y) / 4u + quad;
+    var q = PixelQuad((p.x_at.x + sample * p.x_at.y) / 4u + quad, quad, dy_at);
     var t: Tile;
     for (var kk = k0; kk < k1; kk += 8u / K_LANES) {
-        let a_k = a_panel(kk, wid.y * ROW_QUADS, a_lane);
-        accumulate_quad(&t, a_k, 0u, q, planes, true);
+        accumulate_quad(&t, dy_panel(q.dy, wid.y * ROW_QUADS, a_lane), q, planes, true);
         q = next_pixel_quad(q);
         if (K_LANES == 1u) {
-            accumulate_quad(&t, a_k, 4u, q, planes, kk + 4u < k1);
+            accumulate_quad(&t, dy_panel(q.dy, wid.y * ROW_QUADS, a_lane), q, planes, kk + 4u < k1);
             q = next_pixel_quad(q);
         }
     }

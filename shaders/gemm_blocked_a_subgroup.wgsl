@@ -57,3 +57,47 @@ fn panel_rows(panel: APanel, j: u32) -> array<vec4<f32>, 8> {
     }
     return rows;
 }
+
+// conv_filter_gradient_pointwise: the tile's rows of A at the
+// four k of a pixel quad, from dy at a[at] on. The lanes of a K split
+// share the loads: with K_LANES 1 lane l loads row quad l, with K_LANES 2
+// each of a split's four lanes loads two (m0, m1), and every lane takes
+// each row quad from the lane that loaded it.
+struct DyPanel {
+    slot: u32,
+    m0: mat4x4<f32>,
+    m1: mat4x4<f32>,
+}
+
+fn dy_panel(at: u32, quad0: u32, lane: u32) -> DyPanel {
+    let first = quad0 + (lane / K_LANES) * K_LANES;
+    var d = DyPanel(lane % K_LANES, dy_row_quad(at, first), mat4x4<f32>());
+    if (K_LANES == 2u) {
+        d.m1 = dy_row_quad(at, first + 1u);
+    }
+    return d;
+}
+
+// Row quad r at the quad's k j.
+fn dy_row(d: DyPanel, j: u32, r: u32) -> vec4<f32> {
+    let source = (r / K_LANES) * K_LANES + d.slot;
+    return subgroupShuffle(select(d.m0[j], d.m1[j], r % K_LANES == 1u), source);
+}
+
+// The tile's rows of A at the quad's k j.
+fn dy_quad_rows(d: DyPanel, j: u32) -> array<vec4<f32>, 8> {
+    var rows = array<vec4<f32>, 8>();
+    rows[0] = dy_row(d, j, 0u);
+    rows[1] = dy_row(d, j, 1u);
+    if (ROW_QUADS > 2u) {
+        rows[2] = dy_row(d, j, 2u);
+        rows[3] = dy_row(d, j, 3u);
+    }
+    if (ROW_QUADS > 4u) {
+        rows[4] = dy_row(d, j, 4u);
+        rows[5] = dy_row(d, j, 5u);
+        rows[6] = dy_row(d, j, 6u);
+        rows[7] = dy_row(d, j, 7u);
+    }
+    return rows;
+}

@@ -773,7 +773,12 @@ impl Conv2dBackwardFilter {
             (p.x_at, p.dy_at) = (ctx.layout(x), ctx.layout(dy));
             let dy_stored = ctx.binding(dy);
             let planes = (p.c_out, pixels as u32, p.batch);
-            let packed_dy = blocked::packed_channels_by_pixels(ctx, dy_stored, planes, p.dy_at)?;
+            // The pointwise kernel reads dy as it is: planes of x's pixels,
+            // whole vec4s, at offsets of whole planes.
+            let a = match pixel_quads {
+                true => dy_stored,
+                false => blocked::packed_channels_by_pixels(ctx, dy_stored, planes, p.dy_at)?,
+            };
             let params = BlockedParams {
                 m: p.c_out,
                 n: taps as u32,
@@ -782,10 +787,11 @@ impl Conv2dBackwardFilter {
                 pixels: pixels as u32,
                 k_split: k_split as u32,
                 first_split: (chunk * splits) as u32,
+                dy_at: p.dy_at,
                 ..p.blocked()
             }
             .contiguous_output(taps as u32, [0, 0]);
-            let storage = [(1, packed_dy), (4, partial.clone()), (7, ctx.binding(x))];
+            let storage = [(1, a), (4, partial.clone()), (7, ctx.binding(x))];
             // Every split, also those past a shorter chunk's terms: they
             // write zeros, where the final sum would otherwise read what
             // the shared scratch memory held.
