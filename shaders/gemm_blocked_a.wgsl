@@ -25,8 +25,8 @@ fn panel_rows(panel: APanel, j: u32) -> array<vec4<f32>, 8> {
     return rows_of_a(panel.k0 + j, panel.quad0);
 }
 
-// conv_filter_gradient_pointwise: the tile's rows of A at the
-// four k of a pixel quad, from dy at a[at] on; each lane loads them all.
+// conv_filter_gradient_pointwise: the tile's rows of A at the four k of a
+// pixel quad, from dy at a[at] on; each lane loads them all.
 struct DyPanel {
     m0: mat4x4<f32>, m1: mat4x4<f32>, m2: mat4x4<f32>, m3: mat4x4<f32>,
     m4: mat4x4<f32>, m5: mat4x4<f32>, m6: mat4x4<f32>, m7: mat4x4<f32>,

@@ -58,11 +58,11 @@ fn panel_rows(panel: APanel, j: u32) -> array<vec4<f32>, 8> {
     return rows;
 }
 
-// conv_filter_gradient_pointwise: the tile's rows of A at the
-// four k of a pixel quad, from dy at a[at] on. The lanes of a K split
-// share the loads: with K_LANES 1 lane l loads row quad l, with K_LANES 2
-// each of a split's four lanes loads two (m0, m1), and every lane takes
-// each row quad from the lane that loaded it.
+// conv_filter_gradient_pointwise: the tile's rows of A at the four k of a
+// pixel quad, from dy at a[at] on. The lanes of a K split share the loads:
+// with K_LANES 1 lane l loads row quad l, with K_LANES 2 each of a split's
+// four lanes loads two (m0, m1), and every lane takes each row quad from
+// the lane that loaded it.
 struct DyPanel {
     slot: u32,
     m0: mat4x4<f32>,
