@@ -500,7 +500,7 @@ pub struct NodeTime {
     pub cost: NodeCost,
     pub seconds: f64,
     /// GPU seconds of a run of `Plan::profile`'s reference plan around
-    /// this node (nodes with FLOPs, where there is a reference).
+    /// this node (nodes with FLOPs).
     pub reference_seconds: Option<f64>,
 }
 
@@ -807,13 +807,12 @@ impl Plan {
 
     /// GPU seconds of every node that dispatches work, from timestamp
     /// queries around one compute pass per dispatch (needs
-    /// `Features::TIMESTAMP_QUERY`). With a `reference` plan, a whole run
-    /// of it is timed the same way before each node with FLOPs and after
-    /// the last dispatch, and each such node carries the mean of the runs
-    /// just before and after it: a rate to compare the node's with, taken
-    /// under the same load (a shared machine's speed swings within
-    /// seconds).
-    pub fn profile(&self, gpu: &Gpu, reference: Option<&Plan>) -> Result<Vec<NodeTime>> {
+    /// `Features::TIMESTAMP_QUERY`). A whole run of the `reference` plan is
+    /// timed the same way before each node with FLOPs and after the last
+    /// dispatch, and each such node carries the mean of the runs just
+    /// before and after it: a rate to compare the node's with, taken under
+    /// the same load (a shared machine's speed swings within seconds).
+    pub fn profile(&self, gpu: &Gpu, reference: &Plan) -> Result<Vec<NodeTime>> {
         if !gpu
             .device
             .features()
@@ -883,27 +882,27 @@ impl Plan {
             .collect())
     }
 
-    /// The passes `profile` times, in order: every dispatch, and with a
-    /// reference, a run of it before each node with FLOPs and after the
-    /// last. Also, per node, the reference run just before it.
+    /// The passes `profile` times, in order: every dispatch, and a run of
+    /// `reference` before each node with FLOPs and after the last. Also,
+    /// per node, the reference run just before it.
     fn profiled_passes<'a>(
         &'a self,
-        reference: Option<&'a Plan>,
+        reference: &'a Plan,
     ) -> (Vec<Profiled<'a>>, Vec<Option<usize>>) {
         let mut passes = Vec::new();
         let mut run_before = vec![None; self.costs.len()];
         let mut runs = 0;
         for (i, d) in self.dispatches.iter().enumerate() {
             let starts_node = i == 0 || self.dispatches[i - 1].node != d.node;
-            if let Some(plan) = reference.filter(|_| starts_node && self.costs[d.node].flops > 0) {
+            if starts_node && self.costs[d.node].flops > 0 {
                 run_before[d.node] = Some(runs);
-                passes.push(Profiled::Reference(plan));
+                passes.push(Profiled::Reference(reference));
                 runs += 1;
             }
             passes.push(Profiled::Dispatch(d));
         }
-        if let Some(plan) = reference.filter(|_| runs > 0) {
-            passes.push(Profiled::Reference(plan));
+        if runs > 0 {
+            passes.push(Profiled::Reference(reference));
         }
         (passes, run_before)
     }

@@ -6,7 +6,7 @@ use super::{Session, TrainConfig};
 use crate::gpu::Gpu;
 use crate::graph::{Externals, Graph, Init, NodeTime, ParamStore, Plan};
 use crate::ops::MatMul;
-use anyhow::Result;
+use anyhow::{ensure, Result};
 use std::collections::HashMap;
 use std::time::Instant;
 
@@ -46,7 +46,7 @@ pub struct GemmRates {
     pub fastest: f64,
 }
 
-/// The matrix size of the product that `Profile::gemm_gflops` times.
+/// The matrix size of the product that `Profile::gemm` times.
 pub const PROBE_SIZE: usize = 1024;
 
 /// Medians over the timed steps.
@@ -114,7 +114,7 @@ fn median_profile(gpu: &Gpu, plan: &Plan, steps: usize) -> Result<Profile> {
     };
     let probe = GemmProbe::new(gpu, product, PROBE_SIZE)?;
     let runs = (0..steps.max(1))
-        .map(|_| plan.profile(gpu, Some(&probe.plan)))
+        .map(|_| plan.profile(gpu, &probe.plan))
         .collect::<Result<Vec<_>>>()?;
     let mut nodes = runs[0].clone();
     for (i, node) in nodes.iter_mut().enumerate() {
@@ -127,17 +127,17 @@ fn median_profile(gpu: &Gpu, plan: &Plan, steps: usize) -> Result<Profile> {
             )
         });
     }
-    let mut around: Vec<f64> = (runs.iter().flatten())
+    let around: Vec<f64> = (runs.iter().flatten())
         .filter_map(|node| node.reference_seconds)
         .collect();
-    if around.is_empty() {
-        around.push(probe.seconds(gpu)?);
-    }
-    around.sort_by(f64::total_cmp);
+    ensure!(
+        !around.is_empty(),
+        "the training step has no op with FLOPs to compare with SGEMM"
+    );
     let gemm = GemmRates {
-        median: probe.gflops(median(around.clone())),
-        slowest: probe.gflops(around[around.len() - 1]),
-        fastest: probe.gflops(around[0]),
+        fastest: probe.gflops(around.iter().copied().fold(f64::INFINITY, f64::min)),
+        slowest: probe.gflops(around.iter().copied().fold(0.0, f64::max)),
+        median: probe.gflops(median(around)),
     };
     Ok(Profile {
         ops: by_op(nodes, probe.flops()),
