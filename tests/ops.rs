@@ -216,6 +216,20 @@ fn pointwise_filter_gradient_matches_cpu() {
             );
         }
     }
+    // dy bound a sample at a time (33.8 KB), where a k-major copy of it
+    // (33 rows padded to 64: 65.5 KB) would not fit one binding: the
+    // pointwise kernel reads dy as it is, so it still takes it.
+    gpu.tuning.binding_limit = 40_000;
+    for kernel in gemm_kernels(&gpu) {
+        gpu.tuning.gemm = kernel;
+        let case = format!("{kernel:?} x[2, 8, 16, 16] w[33, 8, 1, 1] under 40,000-byte bindings");
+        let entries = check_conv(&gpu, conv, ([2, 8, 16, 16], [33, 8, 1, 1]), &mut rng, &case);
+        assert_eq!(
+            entries.contains(&"conv_filter_gradient_pointwise"),
+            matches!(kernel, GemmKernel::Blocked { .. }),
+            "{case}: {entries:?}"
+        );
+    }
 }
 
 /// Two convolutions, `conv(conv(x, wa), wb)`, whose activations bind in

@@ -345,14 +345,13 @@ impl ConvParams {
     /// zeros of the three its 1x1 kernel with stride 2 leaves untapped (the
     /// shader's `ZERO_PHASES`): dx exactly twice dy in both axes, dy's rows
     /// an even width, so that each two of a phase row's pixels and the
-    /// row below them are two vec4s of dx, and dx's layout whole vec4s
-    /// (act_out's too: it has dx's planes).
+    /// row below them are two vec4s of dx. dx's rows are then whole vec4s,
+    /// and so are its layout's offsets and act_out's, which are whole
+    /// planes of the same size.
     fn stores_untapped_zeros(&self) -> bool {
         let shortcut = (self.kh, self.kw, self.pad_h, self.pad_w) == (1, 1, 0, 0)
             && (self.stride_h, self.stride_w) == (2, 2);
-        let doubled = self.h == 2 * self.ho && self.w == 2 * self.wo && self.wo.is_multiple_of(2);
-        let layouts = [self.dx_at, self.x_at].concat();
-        shortcut && doubled && layouts.iter().all(|v| v.is_multiple_of(4))
+        shortcut && self.h == 2 * self.ho && self.w == 2 * self.wo && self.wo.is_multiple_of(2)
     }
 
     /// The blocked kernels' uniform with this convolution's geometry: x is
@@ -737,10 +736,6 @@ impl Conv2dBackwardFilter {
         let pixels = (whole.ho * whole.wo) as usize;
         let chunks = ctx.batch_chunks(&[x, dy])?;
         let longest = chunks.iter().map(|&(_, count)| count).max().unwrap_or(1) * pixels;
-        let packed_bytes = 4 * blocked::padded_rows(whole.c_out) as u64 * longest as u64;
-        if packed_bytes > ctx.gpu.max_binding() {
-            return Ok(false);
-        }
         let fit_binding = (ctx.gpu.max_binding() as usize / 4) / (len * chunks.len());
         // Each lane of a tile writes its own slice: no more lanes than slices fit.
         let fit_lanes = 1 << fit_binding.clamp(1, u32::MAX as usize).ilog2();
@@ -751,6 +746,11 @@ impl Conv2dBackwardFilter {
             ..whole.blocked()
         }
         .reads_pixel_quads();
+        // The window kernel reads dy packed k-major, in one binding.
+        let packed_bytes = 4 * blocked::padded_rows(whole.c_out) as u64 * longest as u64;
+        if !pixel_quads && packed_bytes > ctx.gpu.max_binding() {
+            return Ok(false);
+        }
         let k_lanes =
             blocked::k_lanes(taps as u32, windows, workgroup, pixel_quads, fit_lanes) as usize;
         let splits = longest
@@ -771,13 +771,15 @@ impl Conv2dBackwardFilter {
         ctx.for_each_chunk(&[x, dy], |ctx, chunk| {
             let mut p = self.conv.params(&ctx.shape(x), weight);
             (p.x_at, p.dy_at) = (ctx.layout(x), ctx.layout(dy));
-            let dy_stored = ctx.binding(dy);
-            let planes = (p.c_out, pixels as u32, p.batch);
             // The pointwise kernel reads dy as it is: planes of x's pixels,
             // whole vec4s, at offsets of whole planes.
+            let dy_stored = ctx.binding(dy);
             let a = match pixel_quads {
                 true => dy_stored,
-                false => blocked::packed_channels_by_pixels(ctx, dy_stored, planes, p.dy_at)?,
+                false => {
+                    let planes = (p.c_out, pixels as u32, p.batch);
+                    blocked::packed_channels_by_pixels(ctx, dy_stored, planes, p.dy_at)?
+                }
             };
             let params = BlockedParams {
                 m: p.c_out,
