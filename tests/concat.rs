@@ -278,3 +278,50 @@ fn an_op_that_cannot_read_a_slice_is_refused() {
         "{err:#}"
     );
 }
+
+/// A 1x1 stride-2 convolution (ResNet's shortcut) reading a slice of a
+/// concatenation: its filter gradient packs the slice's even pixels, whose
+/// samples lie a whole concatenation apart, not a slice apart.
+#[test]
+fn strided_pointwise_conv_reads_a_slice() {
+    let gpu = gpu();
+    let mut rng = Rng::new(14);
+    let shortcut = Conv2d {
+        stride: (2, 2),
+        padding: (0, 0),
+    };
+    let (a, b) = (
+        random(&[3, 5, 6, 8], &mut rng),
+        random(&[3, 2, 6, 8], &mut rng),
+    );
+    let (w, bias) = (random(&[4, 5, 1, 1], &mut rng), random(&[4], &mut rng));
+    let ra = Activation::Relu.cpu_forward(&a);
+    let y = shortcut.cpu_forward(&ra, &w, &bias.data);
+    let dy = random(&y.shape, &mut rng);
+    let (_, dw, _) = shortcut.cpu_backward(&ra, &w, &dy);
+
+    let mut g = Graph::new(false);
+    let a_id = g.input(a.shape.clone(), DType::F32);
+    let b_id = g.input(b.shape.clone(), DType::F32);
+    let w_id = g.param("w".into(), w.shape.clone(), Init::Zeros);
+    let bias_id = g.param("bias".into(), vec![4], Init::Zeros);
+    let ra_id = g.apply1(Activation::Relu, &[a_id]).unwrap();
+    let rb_id = g.apply1(Activation::Relu, &[b_id]).unwrap();
+    g.concat(&[ra_id, rb_id]).unwrap();
+    let y_id = g.apply1(shortcut, &[ra_id, w_id, bias_id]).unwrap();
+    let dy_id = g.input(dy.shape.clone(), DType::F32);
+    autodiff::backward(&mut g, &[(y_id, dy_id)]).unwrap();
+    let store = ParamStore::new(&gpu, &g).unwrap();
+    store.write(&gpu, 0, &w.data).unwrap();
+    store.write(&gpu, 1, &bias.data).unwrap();
+    let plan = Plan::new(&gpu, &g, &store, &Externals::new()).unwrap();
+    plan.write_f32(&gpu, &g, a_id, &a.data).unwrap();
+    plan.write_f32(&gpu, &g, b_id, &b.data).unwrap();
+    plan.write_f32(&gpu, &g, dy_id, &dy.data).unwrap();
+    plan.run(&gpu);
+    let got_y = plan.read_f32(&gpu, &g, y_id).unwrap();
+    assert_op_close("y", &got_y, &y.data);
+    assert_op_close("dw", &store.read_grad(&gpu, 0).unwrap(), &dw.data);
+    let entries = plan.entry_points();
+    assert!(entries.contains(&"pack_even_pixels"), "{entries:?}");
+}

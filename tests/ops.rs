@@ -94,9 +94,13 @@ fn conv2d_matches_cpu_on_awkward_shapes() {
     // last four columns hold one pair) and leave them to a pass of zeros
     // where not (odd rows of dy: [2, 3, 6, 6]; dx not twice dy: 11 x 11);
     // a tile's four columns from two rows of dy (6 x 6), and several K
-    // splits of the filter gradient (30 x 30 at batch 5).
+    // splits of the filter gradient (30 x 30 at batch 5). Where x's and
+    // y's rows are whole vec4s, the 1x1 stride-2 filter gradient reads x's
+    // even pixels packed ([2, 4, 8, 8]; [3, 6, 15, 24]: odd rows, three
+    // vec4s a row).
     type Case = ([usize; 4], [usize; 4], (usize, usize), (usize, usize)); // x, weight, stride, padding
-    let cases: [Case; 20] = [
+    let cases: [Case; 21] = [
+        ([3, 6, 15, 24], [10, 6, 1, 1], (2, 2), (0, 0)),
         ([1, 1, 5, 5], [1, 1, 3, 3], (1, 1), (0, 0)),
         ([2, 5, 6, 6], [3, 5, 3, 3], (1, 1), (1, 1)),
         ([2, 192, 3, 3], [5, 192, 1, 1], (1, 1), (0, 0)),
@@ -134,6 +138,13 @@ fn conv2d_matches_cpu_on_awkward_shapes() {
             entries.iter().any(|e| e.starts_with("zeros")),
             blocked && shortcut && !stores_zeros,
             "{case}: a pass of zeros: {entries:?}"
+        );
+        let even_rows_in_quads = xs[3] % 4 == 0 && xs[3].div_ceil(2) % 4 == 0;
+        let packs = entries.iter().filter(|e| **e == "pack_even_pixels").count();
+        assert_eq!(
+            packs,
+            (blocked && shortcut && even_rows_in_quads) as usize,
+            "{case}: passes that pack x's even pixels: {entries:?}"
         );
     }
 }
@@ -239,7 +250,9 @@ fn pointwise_filter_gradient_matches_cpu() {
 /// chunk must still write all of its splits (zeros past its terms), or the
 /// final sum picks up what the shared scratch memory held: here the second
 /// conv's partial sums, planned just before. The second conv is 3x3, then
-/// 1x1 (whose filter gradient reads the chunks of x four pixels at a time).
+/// 1x1 (whose filter gradient reads the chunks of x four pixels at a time),
+/// then 1x1 with stride 2 (each chunk's even pixels packed first, into
+/// memory the chunks share).
 #[test]
 fn conv2d_filter_gradient_in_uneven_batch_chunks() {
     let mut gpu = gpu();
@@ -249,9 +262,9 @@ fn conv2d_filter_gradient_in_uneven_batch_chunks() {
         stride: (1, 1),
         padding: (1, 1),
     };
-    for kernel_b in [3, 1] {
+    for (kernel_b, stride_b) in [(3, 1), (1, 1), (1, 2)] {
         let conv_b = Conv2d {
-            stride: (1, 1),
+            stride: (stride_b, stride_b),
             padding: (kernel_b / 2, kernel_b / 2),
         };
         let x = random(&[3, 15, 64, 64], &mut rng);
@@ -291,20 +304,22 @@ fn conv2d_filter_gradient_in_uneven_batch_chunks() {
             let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
             let got = store.read_grad(&gpu, i).unwrap();
             assert_close(
-                &format!("{kernel_b}x{kernel_b} {name}"),
+                &format!("{kernel_b}x{kernel_b} stride {stride_b} {name}"),
                 &got,
                 want,
                 1e-5 * scale,
                 1e-3,
             );
         }
-        if kernel_b == 1 {
-            let entries = plan.entry_points();
-            assert!(
-                entries.contains(&"conv_filter_gradient_pointwise"),
-                "{entries:?}"
-            );
-        }
+        let entries = plan.entry_points();
+        assert_eq!(
+            entries.contains(&"conv_filter_gradient_pointwise"),
+            kernel_b == 1,
+            "{entries:?}"
+        );
+        let packs = entries.iter().filter(|e| **e == "pack_even_pixels").count();
+        // One for each chunk of the filter gradient.
+        assert_eq!(packs, if stride_b == 2 { 2 } else { 0 }, "{entries:?}");
     }
 }
 

@@ -354,6 +354,44 @@ impl ConvParams {
         shortcut && self.h == 2 * self.ho && self.w == 2 * self.wo && self.wo.is_multiple_of(2)
     }
 
+    /// This convolution as the pointwise one over x's even pixels, for its
+    /// filter gradient, where it is a 1x1 kernel with stride 2 and no
+    /// padding (ResNet's shortcuts) whose x rows and output rows are whole
+    /// vec4s: `pack_even_pixels` then packs them, one sample after
+    /// another, into planes the size of y's. (x's layout offsets are whole
+    /// planes, so its rows start on vec4s wherever it lies.)
+    fn on_even_pixels(&self) -> Option<ConvParams> {
+        let shortcut = (self.kh, self.kw, self.pad_h, self.pad_w) == (1, 1, 0, 0)
+            && (self.stride_h, self.stride_w) == (2, 2);
+        let quads = [self.w, self.wo];
+        (shortcut && quads.iter().all(|v| v.is_multiple_of(4))).then_some(ConvParams {
+            h: self.ho,
+            w: self.wo,
+            stride_h: 1,
+            stride_w: 1,
+            x_at: [0, self.c_in * self.ho * self.wo],
+            ..*self
+        })
+    }
+
+    /// Records `pack_even_pixels` (see `on_even_pixels`) from `x` into
+    /// `packed`.
+    fn pack_even_pixels(&self, ctx: &mut PlanContext, x: Binding, packed: Binding) -> Result<()> {
+        let subsample = RowSubsample {
+            out_h: self.ho,
+            out_w: self.wo,
+            x_w: self.w,
+            plane: self.h * self.w,
+            channels: self.c_in,
+            rows: self.batch * self.c_in * self.ho,
+            at: self.x_at,
+        };
+        let storage = [(8, x), (9, packed)];
+        let rows = subsample.rows as usize;
+        let entry = "pack_even_pixels";
+        ctx.dispatch(Shader::GemmBlocked, entry, &subsample, &storage, rows)
+    }
+
     /// The blocked kernels' uniform with this convolution's geometry: x is
     /// gathered at (oy * stride - pad + ky, ox * stride - pad + kx).
     fn blocked(&self) -> BlockedParams {
@@ -371,6 +409,19 @@ impl ConvParams {
             ..BlockedParams::default()
         }
     }
+}
+
+/// The shader's `RowSubsample` uniform.
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct RowSubsample {
+    out_h: u32,
+    out_w: u32,
+    x_w: u32,
+    plane: u32,
+    channels: u32,
+    rows: u32,
+    at: [u32; 2],
 }
 
 /// The forward pass on CPU adapters: `y = W im2col(x) + bias` on the
@@ -739,11 +790,15 @@ impl Conv2dBackwardFilter {
         let fit_binding = (ctx.gpu.max_binding() as usize / 4) / (len * chunks.len());
         // Each lane of a tile writes its own slice: no more lanes than slices fit.
         let fit_lanes = 1 << fit_binding.clamp(1, u32::MAX as usize).ilog2();
-        let windows = TapWindows::new(whole.kw, whole.stride_w);
+        let even = whole.on_even_pixels();
+        let read = even.unwrap_or(ConvParams {
+            x_at: ctx.layout(x),
+            ..*whole
+        });
+        let windows = TapWindows::new(read.kw, read.stride_w);
         let pixel_quads = BlockedParams {
             pixels: pixels as u32,
-            x_at: ctx.layout(x),
-            ..whole.blocked()
+            ..read.blocked()
         }
         .reads_pixel_quads();
         // The window kernel reads dy packed k-major, in one binding.
@@ -768,9 +823,18 @@ impl Conv2dBackwardFilter {
         };
         let k_split = longest.div_ceil(splits).next_multiple_of(split_step);
         let partial = ctx.scratch(4 * (chunks.len() * splits * len) as u64)?;
+        let even_pixels = match even {
+            Some(_) => Some(ctx.scratch(4 * (longest * whole.c_in as usize) as u64)?),
+            None => None,
+        };
         ctx.for_each_chunk(&[x, dy], |ctx, chunk| {
             let mut p = self.conv.params(&ctx.shape(x), weight);
             (p.x_at, p.dy_at) = (ctx.layout(x), ctx.layout(dy));
+            let mut x_read = ctx.binding(x);
+            if let Some((packed, even)) = even_pixels.clone().zip(p.on_even_pixels()) {
+                p.pack_even_pixels(ctx, x_read, packed.clone())?;
+                (p, x_read) = (even, packed);
+            }
             // The pointwise kernel reads dy as it is: planes of x's pixels,
             // whole vec4s, at offsets of whole planes.
             let dy_stored = ctx.binding(dy);
@@ -793,7 +857,7 @@ impl Conv2dBackwardFilter {
                 ..p.blocked()
             }
             .contiguous_output(taps as u32, [0, 0]);
-            let storage = [(1, a), (4, partial.clone()), (7, ctx.binding(x))];
+            let storage = [(1, a), (4, partial.clone()), (7, x_read)];
             // Every split, also those past a shorter chunk's terms: they
             // write zeros, where the final sum would otherwise read what
             // the shared scratch memory held.
