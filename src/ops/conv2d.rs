@@ -349,32 +349,43 @@ impl ConvParams {
     /// and so are its layout's offsets and act_out's, which are whole
     /// planes of the same size.
     fn stores_untapped_zeros(&self) -> bool {
-        let shortcut = (self.kh, self.kw, self.pad_h, self.pad_w) == (1, 1, 0, 0)
-            && (self.stride_h, self.stride_w) == (2, 2);
-        shortcut && self.h == 2 * self.ho && self.w == 2 * self.wo && self.wo.is_multiple_of(2)
+        self.is_shortcut()
+            && self.h == 2 * self.ho
+            && self.w == 2 * self.wo
+            && self.wo.is_multiple_of(2)
     }
 
-    /// This convolution as the pointwise one over x's even pixels, for its
-    /// filter gradient, where it is a 1x1 kernel with stride 2 and no
-    /// padding (ResNet's shortcuts) whose x rows and output rows are whole
-    /// vec4s: `pack_even_pixels` then packs them, one sample after
-    /// another, into planes the size of y's. (x's layout offsets are whole
-    /// planes, so its rows start on vec4s wherever it lies.)
-    fn on_even_pixels(&self) -> Option<ConvParams> {
-        let shortcut = (self.kh, self.kw, self.pad_h, self.pad_w) == (1, 1, 0, 0)
-            && (self.stride_h, self.stride_w) == (2, 2);
-        let quads = [self.w, self.wo];
-        (shortcut && quads.iter().all(|v| v.is_multiple_of(4))).then_some(ConvParams {
+    /// A 1x1 kernel with stride 2 and no padding (ResNet's shortcuts),
+    /// which reads only x's even pixels of its even rows.
+    fn is_shortcut(&self) -> bool {
+        (self.kh, self.kw, self.pad_h, self.pad_w) == (1, 1, 0, 0)
+            && (self.stride_h, self.stride_w) == (2, 2)
+    }
+
+    /// Whether the filter gradient packs x's even pixels (`pack_even_pixels`)
+    /// and runs as the pointwise convolution over them (`on_even_pixels`):
+    /// a shortcut whose x rows and output rows are whole vec4s. (x's layout
+    /// offsets are whole planes, so its rows start on vec4s wherever it
+    /// lies.)
+    fn reads_even_pixels(&self) -> bool {
+        self.is_shortcut() && self.w.is_multiple_of(4) && self.wo.is_multiple_of(4)
+    }
+
+    /// This convolution as the pointwise one over x's even pixels as
+    /// `pack_even_pixels` packs them: one sample after another, in planes
+    /// the size of y's.
+    fn on_even_pixels(&self) -> ConvParams {
+        ConvParams {
             h: self.ho,
             w: self.wo,
             stride_h: 1,
             stride_w: 1,
             x_at: [0, self.c_in * self.ho * self.wo],
             ..*self
-        })
+        }
     }
 
-    /// Records `pack_even_pixels` (see `on_even_pixels`) from `x` into
+    /// Records `pack_even_pixels` (see `reads_even_pixels`) from `x` into
     /// `packed`.
     fn pack_even_pixels(&self, ctx: &mut PlanContext, x: Binding, packed: Binding) -> Result<()> {
         let subsample = RowSubsample {
@@ -790,11 +801,14 @@ impl Conv2dBackwardFilter {
         let fit_binding = (ctx.gpu.max_binding() as usize / 4) / (len * chunks.len());
         // Each lane of a tile writes its own slice: no more lanes than slices fit.
         let fit_lanes = 1 << fit_binding.clamp(1, u32::MAX as usize).ilog2();
-        let even = whole.on_even_pixels();
-        let read = even.unwrap_or(ConvParams {
-            x_at: ctx.layout(x),
-            ..*whole
-        });
+        let even = whole.reads_even_pixels();
+        let read = match even {
+            true => whole.on_even_pixels(),
+            false => ConvParams {
+                x_at: ctx.layout(x),
+                ..*whole
+            },
+        };
         let windows = TapWindows::new(read.kw, read.stride_w);
         let pixel_quads = BlockedParams {
             pixels: pixels as u32,
@@ -823,17 +837,16 @@ impl Conv2dBackwardFilter {
         };
         let k_split = longest.div_ceil(splits).next_multiple_of(split_step);
         let partial = ctx.scratch(4 * (chunks.len() * splits * len) as u64)?;
-        let even_pixels = match even {
-            Some(_) => Some(ctx.scratch(4 * (longest * whole.c_in as usize) as u64)?),
-            None => None,
-        };
+        let even_pixels = even
+            .then(|| ctx.scratch(4 * (longest * whole.c_in as usize) as u64))
+            .transpose()?;
         ctx.for_each_chunk(&[x, dy], |ctx, chunk| {
             let mut p = self.conv.params(&ctx.shape(x), weight);
             (p.x_at, p.dy_at) = (ctx.layout(x), ctx.layout(dy));
             let mut x_read = ctx.binding(x);
-            if let Some((packed, even)) = even_pixels.clone().zip(p.on_even_pixels()) {
+            if let Some(packed) = &even_pixels {
                 p.pack_even_pixels(ctx, x_read, packed.clone())?;
-                (p, x_read) = (even, packed);
+                (p, x_read) = (p.on_even_pixels(), packed.clone());
             }
             // The pointwise kernel reads dy as it is: planes of x's pixels,
             // whole vec4s, at offsets of whole planes.
