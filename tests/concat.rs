@@ -8,6 +8,7 @@ mod common;
 
 use common::{assert_op_close, gpu, random};
 use d2l_wgpu::graph::{autodiff, DType, Externals, Graph, Init, ParamStore, Plan, TensorId};
+use d2l_wgpu::nn::ConvParameters;
 use d2l_wgpu::ops::{Activation, AvgPool2d, BatchNorm, Conv2d, CpuTensor, MaxPool2d, PoolWindow};
 use d2l_wgpu::train::rng::Rng;
 
@@ -279,9 +280,10 @@ fn an_op_that_cannot_read_a_slice_is_refused() {
     );
 }
 
-/// A 1x1 stride-2 convolution (ResNet's shortcut) reading a slice of a
-/// concatenation: its filter gradient packs the slice's even pixels, whose
-/// samples lie a whole concatenation apart, not a slice apart.
+/// A 1x1 stride-2 convolution layer (ResNet's shortcut) reading a slice of
+/// a concatenation: the pool that picks its even pixels
+/// (`nn::ConvParameters::apply`) reads the slice's samples a whole
+/// concatenation apart, not a slice apart.
 #[test]
 fn strided_pointwise_conv_reads_a_slice() {
     let gpu = gpu();
@@ -308,7 +310,12 @@ fn strided_pointwise_conv_reads_a_slice() {
     let ra_id = g.apply1(Activation::Relu, &[a_id]).unwrap();
     let rb_id = g.apply1(Activation::Relu, &[b_id]).unwrap();
     g.concat(&[ra_id, rb_id]).unwrap();
-    let y_id = g.apply1(shortcut, &[ra_id, w_id, bias_id]).unwrap();
+    let layer = ConvParameters {
+        op: shortcut,
+        weight: w_id,
+        bias: bias_id,
+    };
+    let y_id = layer.apply(&mut g, ra_id).unwrap();
     let dy_id = g.input(dy.shape.clone(), DType::F32);
     autodiff::backward(&mut g, &[(y_id, dy_id)]).unwrap();
     let store = ParamStore::new(&gpu, &g).unwrap();
@@ -323,5 +330,5 @@ fn strided_pointwise_conv_reads_a_slice() {
     assert_op_close("y", &got_y, &y.data);
     assert_op_close("dw", &store.read_grad(&gpu, 0).unwrap(), &dw.data);
     let entries = plan.entry_points();
-    assert!(entries.contains(&"pack_even_pixels"), "{entries:?}");
+    assert!(entries.contains(&"avg_forward_even_pixels"), "{entries:?}");
 }

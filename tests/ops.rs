@@ -3,10 +3,11 @@
 
 mod common;
 
-use common::{assert_close, assert_op_close, gpu, random, run_op, Golden};
+use common::{assert_close, assert_op_close, gpu, random, run_graph, run_op, Golden};
 use d2l_wgpu::data::Dataset;
 use d2l_wgpu::gpu::{GemmKernel, Gpu};
-use d2l_wgpu::graph::{autodiff, DType, Externals, Graph, Init, Op, ParamStore, Plan};
+use d2l_wgpu::graph::{autodiff, DType, Externals, Graph, Init, Op, ParamStore, Plan, TensorId};
+use d2l_wgpu::nn::ConvParameters;
 use d2l_wgpu::ops::{
     dropout_keeps, Activation, AdvanceRng, AvgPool2d, BatchNorm, ChannelSum, Conv2d, CpuTensor,
     Dropout, GatherResize, Linear, MatMul, MaxPool2d, Optimizer, ParallelConv2d, PoolWindow,
@@ -94,10 +95,7 @@ fn conv2d_matches_cpu_on_awkward_shapes() {
     // last four columns hold one pair) and leave them to a pass of zeros
     // where not (odd rows of dy: [2, 3, 6, 6]; dx not twice dy: 11 x 11);
     // a tile's four columns from two rows of dy (6 x 6), and several K
-    // splits of the filter gradient (30 x 30 at batch 5). Where x's and
-    // y's rows are whole vec4s, the 1x1 stride-2 filter gradient reads x's
-    // even pixels packed ([2, 4, 8, 8]; [3, 6, 15, 24]: odd rows, three
-    // vec4s a row).
+    // splits of the filter gradient (30 x 30 at batch 5).
     type Case = ([usize; 4], [usize; 4], (usize, usize), (usize, usize)); // x, weight, stride, padding
     let cases: [Case; 21] = [
         ([3, 6, 15, 24], [10, 6, 1, 1], (2, 2), (0, 0)),
@@ -138,13 +136,6 @@ fn conv2d_matches_cpu_on_awkward_shapes() {
             entries.iter().any(|e| e.starts_with("zeros")),
             blocked && shortcut && !stores_zeros,
             "{case}: a pass of zeros: {entries:?}"
-        );
-        let even_rows_in_quads = xs[3] % 4 == 0 && xs[3].div_ceil(2) % 4 == 0;
-        let packs = entries.iter().filter(|e| **e == "pack_even_pixels").count();
-        assert_eq!(
-            packs,
-            (blocked && shortcut && even_rows_in_quads) as usize,
-            "{case}: passes that pack x's even pixels: {entries:?}"
         );
     }
 }
@@ -251,8 +242,7 @@ fn pointwise_filter_gradient_matches_cpu() {
 /// final sum picks up what the shared scratch memory held: here the second
 /// conv's partial sums, planned just before. The second conv is 3x3, then
 /// 1x1 (whose filter gradient reads the chunks of x four pixels at a time),
-/// then 1x1 with stride 2 (each chunk's even pixels packed first, into
-/// memory the chunks share).
+/// then 1x1 with stride 2.
 #[test]
 fn conv2d_filter_gradient_in_uneven_batch_chunks() {
     let mut gpu = gpu();
@@ -314,12 +304,9 @@ fn conv2d_filter_gradient_in_uneven_batch_chunks() {
         let entries = plan.entry_points();
         assert_eq!(
             entries.contains(&"conv_filter_gradient_pointwise"),
-            kernel_b == 1,
+            (kernel_b, stride_b) == (1, 1),
             "{entries:?}"
         );
-        let packs = entries.iter().filter(|e| **e == "pack_even_pixels").count();
-        // One for each chunk of the filter gradient.
-        assert_eq!(packs, if stride_b == 2 { 2 } else { 0 }, "{entries:?}");
     }
 }
 
@@ -707,6 +694,82 @@ fn avg_pool_matches_cpu_on_awkward_shapes() {
             &r.input_grads[0],
             &pool.cpu_backward(&xs, &dy).data,
         );
+    }
+}
+
+/// `x[:, :, ::2, ::2]` as `F.avg_pool2d(x, 1, 2)`, and its gradient: dy at
+/// x's even pixels, zeros elsewhere. Planes of even height whose output rows
+/// are whole vec4s take the `*_even_pixels` kernels, one output row per
+/// invocation (one, two and three vec4s a row here; 528,000 rows, more
+/// workgroups than one grid dimension holds); the rest the element
+/// kernels.
+#[test]
+fn even_pixels_match_cpu() {
+    let gpu = gpu();
+    let mut rng = Rng::new(31);
+    let pool = AvgPool2d(PoolWindow::EVEN_PIXELS);
+    for (xs, rows_kernel) in [
+        ([2, 3, 8, 8], true),
+        ([2, 33_000, 16, 8], true),
+        ([1, 1, 2, 16], true),
+        ([3, 2, 6, 24], true),
+        ([2, 2, 7, 16], false),
+        ([1, 3, 8, 12], false),
+    ] {
+        let x = random(&xs, &mut rng);
+        let y = pool.cpu_forward(&x);
+        let dy = random(&y.shape, &mut rng);
+        let r = run_op(&gpu, pool, &[&x], &dy);
+        assert_op_close(&format!("{xs:?} y"), &r.output, &y.data);
+        let dx = pool.cpu_backward(&xs, &dy);
+        assert_op_close(&format!("{xs:?} dx"), &r.input_grads[0], &dx.data);
+        let taken = ["avg_forward_even_pixels", "avg_backward_even_pixels"]
+            .map(|e| r.entry_points.contains(&e));
+        assert_eq!(taken, [rows_kernel; 2], "{xs:?}: {:?}", r.entry_points);
+    }
+}
+
+/// `nn.Conv2d(c_in, c_out, kernel_size=1, stride=2)` as the layer applies
+/// it (`nn::ConvParameters::apply`): x's even pixels picked by a pool, then
+/// the pointwise convolution, where `even_pixels_match_cpu`'s rows kernel
+/// takes the pool; else the strided convolution. Either way the strided
+/// convolution's CPU reference, forward and every gradient.
+#[test]
+fn strided_pointwise_conv_layer_matches_cpu() {
+    let gpu = gpu();
+    let mut rng = Rng::new(37);
+    let op = Conv2d {
+        stride: (2, 2),
+        padding: (0, 0),
+    };
+    for (xs, picks) in [
+        ([2, 3, 8, 16], true),
+        ([1, 5, 6, 8], true),
+        ([2, 3, 8, 12], false),
+        ([1, 2, 7, 16], false),
+    ] {
+        let x = random(&xs, &mut rng);
+        let w = random(&[6, xs[1], 1, 1], &mut rng);
+        let b = random(&[6], &mut rng).data;
+        let y = op.cpu_forward(&x, &w, &b);
+        let dy = random(&y.shape, &mut rng);
+        let layer = |g: &mut Graph, ids: &[TensorId]| {
+            let params = ConvParameters {
+                op,
+                weight: ids[1],
+                bias: ids[2],
+            };
+            params.apply(g, ids[0]).expect("the layer accepts x")
+        };
+        let bias = CpuTensor::new(&[6], b);
+        let r = run_graph(&gpu, layer, &[&x, &w, &bias], &dy);
+        let (dx, dw, db) = op.cpu_backward(&x, &w, &dy);
+        assert_op_close(&format!("{xs:?} y"), &r.output, &y.data);
+        assert_op_close(&format!("{xs:?} dx"), &r.input_grads[0], &dx.data);
+        assert_op_close(&format!("{xs:?} dw"), &r.input_grads[1], &dw.data);
+        assert_op_close(&format!("{xs:?} db"), &r.input_grads[2], &db);
+        let pooled = r.entry_points.iter().any(|e| e.starts_with("avg_forward"));
+        assert_eq!(pooled, picks, "{xs:?}: {:?}", r.entry_points);
     }
 }
 

@@ -42,6 +42,21 @@ impl PoolWindow {
         }
     }
 
+    /// The 1x1 window with stride 2: `x[:, :, ::2, ::2]`, the pixels a 1x1
+    /// convolution with stride 2 reads.
+    pub const EVEN_PIXELS: PoolWindow = PoolWindow {
+        kernel: (1, 1),
+        stride: (2, 2),
+        padding: (0, 0),
+    };
+
+    /// Whether the `*_even_pixels` kernels take this pool of `h` x `w`
+    /// planes (where the layouts are whole vec4s too): `EVEN_PIXELS` over
+    /// an even number of rows, each output row whole vec4s.
+    pub fn takes_even_pixels(&self, h: usize, w: usize) -> bool {
+        *self == PoolWindow::EVEN_PIXELS && h.is_multiple_of(2) && w.is_multiple_of(8)
+    }
+
     pub fn padding(self, padding: usize) -> PoolWindow {
         PoolWindow {
             padding: (padding, padding),
@@ -177,6 +192,28 @@ impl PoolWindow {
             return Ok(true);
         }
         Ok(false)
+    }
+
+    /// Records `entry`, one of the `*_even_pixels` kernels, one invocation
+    /// per output row, where it takes this pool of `input` (see
+    /// `takes_even_pixels`); says whether it did.
+    fn record_even_pixels(
+        &self,
+        ctx: &mut PlanContext,
+        entry: &'static str,
+        input: TensorId,
+        storage: &[(u32, TensorId)],
+    ) -> Result<bool> {
+        let p = self.bound_params(ctx, input, storage);
+        if !self.takes_even_pixels(p.h as usize, p.w as usize) {
+            return Ok(false);
+        }
+        let Some(bound) = bound_as_views(ctx, storage, &[(1, 11), (2, 6)]) else {
+            return Ok(false);
+        };
+        let rows = (p.planes * p.ho) as usize;
+        ctx.dispatch(Shader::Pool, entry, &p, &bound, rows)?;
+        Ok(true)
     }
 
     /// Records a window kernel where one takes the pool (`record_windows`),
@@ -414,6 +451,9 @@ impl Op for AvgPool2d {
 
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
         let storage = [(1, inputs[0]), (2, outputs[0])];
+        if (self.0).record_even_pixels(ctx, "avg_forward_even_pixels", inputs[0], &storage)? {
+            return Ok(());
+        }
         let entries =
             WindowEntries::forward("avg_forward", "avg_forward_2x2", "avg_forward_2x2_pairs");
         self.0.record(ctx, &entries, inputs[0], &storage)
@@ -458,6 +498,10 @@ impl Op for AvgPool2dBackward {
 
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
         let storage = [(1, inputs[0]), (2, outputs[0])];
+        let even_pixels = "avg_backward_even_pixels";
+        if (self.pool.0).record_even_pixels(ctx, even_pixels, outputs[0], &storage)? {
+            return Ok(());
+        }
         let entries = WindowEntries::backward(
             ("avg_backward", "avg_backward_2x2", "avg_backward_2x2_pairs"),
             None,

@@ -3,7 +3,7 @@
 #![allow(dead_code)] // each test binary uses a different subset
 
 use d2l_wgpu::gpu::{AdapterRequest, Gpu};
-use d2l_wgpu::graph::{autodiff, DType, Externals, Graph, Init, Op, ParamStore, Plan};
+use d2l_wgpu::graph::{autodiff, DType, Externals, Graph, Init, Op, ParamStore, Plan, TensorId};
 use d2l_wgpu::ops::CpuTensor;
 use d2l_wgpu::train::rng::Rng;
 use std::collections::HashMap;
@@ -226,13 +226,28 @@ pub struct OpResult {
 /// parameter (so autodiff asks for its gradient), the output gradient is
 /// seeded with `dy`, and the plan runs one step.
 pub fn run_op(gpu: &Gpu, op: impl Op + 'static, inputs: &[&CpuTensor], dy: &CpuTensor) -> OpResult {
+    run_graph(
+        gpu,
+        |g, ids| g.apply1(op, ids).expect("op accepts the inputs"),
+        inputs,
+        dy,
+    )
+}
+
+/// `run_op` for the graph `build` adds over the inputs' parameters.
+pub fn run_graph(
+    gpu: &Gpu,
+    build: impl FnOnce(&mut Graph, &[TensorId]) -> TensorId,
+    inputs: &[&CpuTensor],
+    dy: &CpuTensor,
+) -> OpResult {
     let mut g = Graph::new(true);
     let ids: Vec<_> = inputs
         .iter()
         .enumerate()
         .map(|(i, t)| g.param(format!("input{i}"), t.shape.clone(), Init::Zeros))
         .collect();
-    let y = g.apply1(op, &ids).expect("op accepts the inputs");
+    let y = build(&mut g, &ids);
     assert_eq!(g.shape(y), dy.shape.as_slice(), "dy shape");
     let dy_id = g.input(dy.shape.clone(), DType::F32);
     autodiff::backward(&mut g, &[(y, dy_id)]).expect("backward graph");
