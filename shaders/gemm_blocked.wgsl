@@ -1,5 +1,5 @@
 // Register-tiled kernels for CPU adapters: C[M, N] = A[M, K] * B[K, N] with a
-// 32 x 16 tile of C per invocation (8 or 16 rows for smaller M). lavapipe
+// 32 x 16 tile of C per invocation (8, 16 or 24 rows for smaller M). lavapipe
 // runs a workgroup as 8-wide SIMD: the rows of a tile are the same for the
 // whole workgroup, so A's vec4 loads are broadcasts, and each invocation
 // takes its own 16 columns of B as four vec4s. Per k that is 12 loads for
@@ -73,8 +73,9 @@ struct Blocked {
     act_at: vec2<u32>,
 }
 
-// Rows per tile in vec4s: 8 (32 rows), or 4 or 2 where the matrix has
-// fewer rows (LeNet's 6 and 16 channels) and full tiles would be padding.
+// Rows per tile in vec4s: 8 (32 rows), 6 for 33 to 48 rows (two tiles),
+// or 4 or 2 where the matrix has fewer rows (LeNet's 6 and 16 channels)
+// and full tiles would be padding.
 override ROW_QUADS: u32 = 8u;
 
 // conv_filter_gradient: lanes of a workgroup that share the same columns and
@@ -119,6 +120,8 @@ fn accumulate(t: ptr<function, Tile>, a: array<vec4<f32>, 8>, b: array<vec4<f32>
     if (ROW_QUADS > 4u) {
         (*t).t40 += outer(a[4], b[0]); (*t).t41 += outer(a[4], b[1]); (*t).t42 += outer(a[4], b[2]); (*t).t43 += outer(a[4], b[3]);
         (*t).t50 += outer(a[5], b[0]); (*t).t51 += outer(a[5], b[1]); (*t).t52 += outer(a[5], b[2]); (*t).t53 += outer(a[5], b[3]);
+    }
+    if (ROW_QUADS > 6u) {
         (*t).t60 += outer(a[6], b[0]); (*t).t61 += outer(a[6], b[1]); (*t).t62 += outer(a[6], b[2]); (*t).t63 += outer(a[6], b[3]);
         (*t).t70 += outer(a[7], b[0]); (*t).t71 += outer(a[7], b[1]); (*t).t72 += outer(a[7], b[2]); (*t).t73 += outer(a[7], b[3]);
     }
@@ -141,6 +144,8 @@ fn rows_of_a(kk: u32, quad0: u32) -> array<vec4<f32>, 8> {
     if (ROW_QUADS > 4u) {
         rows[4] = a[first + min(quad0 + 4u, last)];
         rows[5] = a[first + min(quad0 + 5u, last)];
+    }
+    if (ROW_QUADS > 6u) {
         rows[6] = a[first + min(quad0 + 6u, last)];
         rows[7] = a[first + min(quad0 + 7u, last)];
     }
@@ -309,6 +314,8 @@ fn store_tile(t: Tile, at: u32, row_quad0: u32, columns: array<vec4<u32>, 4>) {
     if (ROW_QUADS > 4u) {
         store(t.t40, at, r, 16u, c0); store(t.t41, at, r, 16u, c1); store(t.t42, at, r, 16u, c2); store(t.t43, at, r, 16u, c3);
         store(t.t50, at, r, 20u, c0); store(t.t51, at, r, 20u, c1); store(t.t52, at, r, 20u, c2); store(t.t53, at, r, 20u, c3);
+    }
+    if (ROW_QUADS > 6u) {
         store(t.t60, at, r, 24u, c0); store(t.t61, at, r, 24u, c1); store(t.t62, at, r, 24u, c2); store(t.t63, at, r, 24u, c3);
         store(t.t70, at, r, 28u, c0); store(t.t71, at, r, 28u, c1); store(t.t72, at, r, 28u, c2); store(t.t73, at, r, 28u, c3);
     }

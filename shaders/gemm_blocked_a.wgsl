@@ -43,6 +43,8 @@ fn dy_panel(at: u32, quad0: u32, lane: u32) -> DyPanel {
     if (ROW_QUADS > 4u) {
         d.m4 = dy_row_quad(at, quad0 + 4u);
         d.m5 = dy_row_quad(at, quad0 + 5u);
+    }
+    if (ROW_QUADS > 6u) {
         d.m6 = dy_row_quad(at, quad0 + 6u);
         d.m7 = dy_row_quad(at, quad0 + 7u);
     }

@@ -52,6 +52,8 @@ fn panel_rows(panel: APanel, j: u32) -> array<vec4<f32>, 8> {
     if (ROW_QUADS > 4u) {
         rows[4] = subgroupShuffle(panel.q4, source);
         rows[5] = subgroupShuffle(panel.q5, source);
+    }
+    if (ROW_QUADS > 6u) {
         rows[6] = subgroupShuffle(panel.q6, source);
         rows[7] = subgroupShuffle(panel.q7, source);
     }
@@ -96,6 +98,8 @@ fn dy_quad_rows(d: DyPanel, j: u32) -> array<vec4<f32>, 8> {
     if (ROW_QUADS > 4u) {
         rows[4] = dy_row(d, j, 4u);
         rows[5] = dy_row(d, j, 5u);
+    }
+    if (ROW_QUADS > 6u) {
         rows[6] = dy_row(d, j, 6u);
         rows[7] = dy_row(d, j, 7u);
     }

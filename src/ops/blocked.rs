@@ -13,14 +13,17 @@ const TILE_COLUMNS: u32 = 16;
 
 /// Rows of C per workgroup: 32, or 8 or 16 for matrices with that few rows
 /// (LeNet's 6 and 16 channels), where a 32-row tile would be mostly padding;
-/// 16 for 33 to 48 rows, which take three 16-row tiles where two of 32 would
-/// leave a quarter or more of the rows padding (GoogLeNet's 5x5 16 -> 48
-/// convolution on lavapipe: forward 7.9-8.0 -> 7.5-7.6 ms, filter gradient
-/// 7.9-8.3 -> 6.8 ms).
+/// 24 for 33 to 48 rows, which take two 24-row tiles where two of 32 would
+/// leave a quarter or more of the rows padding and three of 16 gather B
+/// three times (GoogLeNet's 5x5 16 -> 48 convolution at batch 128 on
+/// lavapipe, against 16-row tiles: forward 7.7-7.8 -> 6.6-6.7 ms, filter
+/// gradient 6.9-7.2 -> 6.6-6.8 ms; its 48 -> 128 data gradient 17.3 -> 13.4
+/// ms in the model; 32-row tiles took 7.9-8.0 and 7.9-8.3 ms).
 fn tile_rows(rows: u32) -> u32 {
     match rows {
         0..=8 => 8,
-        9..=16 | 33..=48 => 16,
+        9..=16 => 16,
+        33..=48 => 24,
         _ => 32,
     }
 }
@@ -760,11 +763,11 @@ mod tests {
     use super::{k_lanes, padded_rows, BlockedParams, TapWindows};
 
     /// Rows pad to the tile that wastes least: LeNet's 6 and 16 channels
-    /// to 8 and 16, 33 to 48 rows to 16-row tiles, more to 32-row ones.
+    /// to 8 and 16, 33 to 48 rows to 24-row tiles, more to 32-row ones.
     #[test]
     fn rows_pad_to_the_tile_that_wastes_least() {
-        let padded = [6, 16, 20, 33, 48, 49, 112].map(padded_rows);
-        assert_eq!(padded, [8, 16, 32, 48, 48, 64, 128]);
+        let padded = [6, 16, 20, 33, 40, 48, 49, 112].map(padded_rows);
+        assert_eq!(padded, [8, 16, 32, 48, 48, 48, 64, 128]);
     }
 
     /// LeNet's second filter gradient (150 taps, 10 runs of 15) shares its
