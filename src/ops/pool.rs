@@ -451,7 +451,8 @@ impl Op for AvgPool2d {
 
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
         let storage = [(1, inputs[0]), (2, outputs[0])];
-        if (self.0).record_even_pixels(ctx, "avg_forward_even_pixels", inputs[0], &storage)? {
+        let entry = "avg_forward_even_pixels";
+        if self.0.record_even_pixels(ctx, entry, inputs[0], &storage)? {
             return Ok(());
         }
         let entries =
@@ -498,8 +499,8 @@ impl Op for AvgPool2dBackward {
 
     fn plan(&self, ctx: &mut PlanContext, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()> {
         let storage = [(1, inputs[0]), (2, outputs[0])];
-        let even_pixels = "avg_backward_even_pixels";
-        if (self.pool.0).record_even_pixels(ctx, even_pixels, outputs[0], &storage)? {
+        let (pool, entry) = (self.pool.0, "avg_backward_even_pixels");
+        if pool.record_even_pixels(ctx, entry, outputs[0], &storage)? {
             return Ok(());
         }
         let entries = WindowEntries::backward(
