@@ -375,17 +375,9 @@ impl ConvParams {
     /// and so are its layout's offsets and act_out's, which are whole
     /// planes of the same size.
     fn stores_untapped_zeros(&self) -> bool {
-        self.is_shortcut()
-            && self.h == 2 * self.ho
-            && self.w == 2 * self.wo
-            && self.wo.is_multiple_of(2)
-    }
-
-    /// A 1x1 kernel with stride 2 and no padding (ResNet's shortcuts),
-    /// which reads only x's even pixels of its even rows.
-    fn is_shortcut(&self) -> bool {
-        (self.kh, self.kw, self.pad_h, self.pad_w) == (1, 1, 0, 0)
-            && (self.stride_h, self.stride_w) == (2, 2)
+        let shortcut = (self.kh, self.kw, self.pad_h, self.pad_w) == (1, 1, 0, 0)
+            && (self.stride_h, self.stride_w) == (2, 2);
+        shortcut && self.h == 2 * self.ho && self.w == 2 * self.wo && self.wo.is_multiple_of(2)
     }
 
     /// The blocked kernels' uniform with this convolution's geometry: x is
@@ -773,14 +765,11 @@ impl Conv2dBackwardFilter {
         let fit_binding = (ctx.gpu.max_binding() as usize / 4) / (len * chunks.len());
         // Each lane of a tile writes its own slice: no more lanes than slices fit.
         let fit_lanes = 1 << fit_binding.clamp(1, u32::MAX as usize).ilog2();
-        let read = ConvParams {
-            x_at: ctx.layout(x),
-            ..*whole
-        };
-        let windows = TapWindows::new(read.kw, read.stride_w);
+        let windows = TapWindows::new(whole.kw, whole.stride_w);
         let pixel_quads = BlockedParams {
             pixels: pixels as u32,
-            ..read.blocked()
+            x_at: ctx.layout(x),
+            ..whole.blocked()
         }
         .reads_pixel_quads();
         // The window kernel reads dy packed k-major, in one binding.
@@ -808,7 +797,6 @@ impl Conv2dBackwardFilter {
         ctx.for_each_chunk(&[x, dy], |ctx, chunk| {
             let mut p = self.conv.params(&ctx.shape(x), weight);
             (p.x_at, p.dy_at) = (ctx.layout(x), ctx.layout(dy));
-            let x_read = ctx.binding(x);
             // The pointwise kernel reads dy as it is: planes of x's pixels,
             // whole vec4s, at offsets of whole planes.
             let dy_stored = ctx.binding(dy);
@@ -831,7 +819,7 @@ impl Conv2dBackwardFilter {
                 ..p.blocked()
             }
             .contiguous_output(taps as u32, [0, 0]);
-            let storage = [(1, a), (4, partial.clone()), (7, x_read)];
+            let storage = [(1, a), (4, partial.clone()), (7, ctx.binding(x))];
             // Every split, also those past a shorter chunk's terms: they
             // write zeros, where the final sum would otherwise read what
             // the shared scratch memory held.
