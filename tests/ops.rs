@@ -750,8 +750,8 @@ fn strided_pointwise_conv_layer_matches_cpu() {
     ] {
         let x = random(&xs, &mut rng);
         let w = random(&[6, xs[1], 1, 1], &mut rng);
-        let b = random(&[6], &mut rng).data;
-        let y = op.cpu_forward(&x, &w, &b);
+        let b = random(&[6], &mut rng);
+        let y = op.cpu_forward(&x, &w, &b.data);
         let dy = random(&y.shape, &mut rng);
         let layer = |g: &mut Graph, ids: &[TensorId]| {
             let params = ConvParameters {
@@ -761,8 +761,7 @@ fn strided_pointwise_conv_layer_matches_cpu() {
             };
             params.apply(g, ids[0]).expect("the layer accepts x")
         };
-        let bias = CpuTensor::new(&[6], b);
-        let r = run_graph(&gpu, layer, &[&x, &w, &bias], &dy);
+        let r = run_graph(&gpu, layer, &[&x, &w, &b], &dy);
         let (dx, dw, db) = op.cpu_backward(&x, &w, &dy);
         assert_op_close(&format!("{xs:?} y"), &r.output, &y.data);
         assert_op_close(&format!("{xs:?} dx"), &r.input_grads[0], &dx.data);
